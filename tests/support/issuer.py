@@ -1,0 +1,1 @@
+"""Test support: issuer (fixtures are added by the module's owner)."""

@@ -1,0 +1,1 @@
+"""Test support: upstreams (fixtures are added by the module's owner)."""
