@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from gateway.config import RouteConfig
+    from gateway.config_types import RouteConfig
 
 
 @dataclass(frozen=True, slots=True)

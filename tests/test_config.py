@@ -1,0 +1,140 @@
+"""Config loading: defaults, substitution, durations and every refusal with its file, line and key."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from gateway.config import load, load_text, parse_duration
+from gateway.errors import ConfigError
+
+MINIMAL = """\
+issuers:
+  - name: customers
+    issuer: https://login.example.com
+    audiences: [api]
+upstreams:
+  orders:
+    targets: [http://127.0.0.1:8081]
+routes:
+  - name: orders
+    match: {path: "/orders/{id}", methods: [GET]}
+    upstream: orders
+"""
+
+
+def problems(text: str) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        load_text(textwrap.dedent(text), "gw.yaml")
+    return info.value.problems
+
+
+def test_minimal_file_gets_documented_defaults() -> None:
+    c = load_text(MINIMAL, "gw.yaml")
+    assert (c.server.host, c.server.port, c.server.workers) == ("0.0.0.0", 8080, 1)
+    assert c.server.max_header_bytes == 16384 and c.server.shutdown_grace == 20.0
+    assert (c.admin.host, c.admin.port, c.admin.scope) == ("127.0.0.1", 9090, "gateway:admin")
+    issuer = c.issuers[0]
+    assert issuer.algorithms == ("RS256", "ES256") and issuer.leeway == 30.0
+    assert issuer.jwks_refresh == 600.0 and issuer.jwks_min_refetch == 30.0
+    assert (issuer.claims.subject, issuer.claims.scopes, issuer.claims.tenant) == ("sub", "scope", "tenant_id")
+    assert c.revocation.backend == "redis" and c.revocation.on_backend_error == "deny"
+    route = c.routes[0]
+    assert route.auth.required and route.auth.issuers == ("customers",)
+    assert route.forward.identity == "headers"
+    assert c.upstreams["orders"].retries.attempts == 2
+    assert c.internal_token is None
+
+
+def test_shipped_example_files_are_valid() -> None:
+    root = Path(__file__).parent.parent / "config"
+    example = load(root / "gateway.yaml")
+    assert len(example.routes) == 4 and example.internal_token is not None
+    demo = load(root / "demo.yaml")
+    assert {r.name for r in demo.routes} >= {"public-hello", "orders-read"}
+
+
+@pytest.mark.parametrize(("text", "seconds"), [("250ms", 0.25), ("30s", 30), ("5m", 300), ("24h", 86400)])
+def test_durations(text: str, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+
+
+def test_env_substitution(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ORDERS_URL", "http://10.0.0.5:9000")
+    monkeypatch.delenv("NOPE", raising=False)
+    text = MINIMAL.replace("http://127.0.0.1:8081", '"${ORDERS_URL}"') + "server: {workers: ${NOPE:-3}}\n"
+    c = load_text(text)
+    assert c.upstreams["orders"].targets == ("http://10.0.0.5:9000",)
+    assert c.server.workers == 3
+    missing = problems(MINIMAL.replace("http://127.0.0.1:8081", '"${NOPE}"'))
+    assert missing == ["gw.yaml:7: upstreams.orders.targets[0]: environment variable NOPE is not set "
+                       "(write ${NOPE:-default})"]
+
+
+def test_unknown_key_names_file_line_key_and_choices() -> None:
+    found = problems(MINIMAL + "    colour: blue\n")
+    assert len(found) == 1
+    assert found[0].startswith("gw.yaml:12: routes[0].colour: unknown key; known: name, match, upstream")
+
+
+def test_wrong_types_and_bad_durations() -> None:
+    found = problems(MINIMAL + "server: {workers: many, shutdown_grace: 20}\n")
+    assert "gw.yaml:12: server.workers: expected a whole number, got 'many'" in found
+    assert any(p.startswith("gw.yaml:12: server.shutdown_grace: expected a duration") for p in found)
+
+
+def test_unknown_upstream_lists_known_ones() -> None:
+    found = problems(MINIMAL.replace("upstream: orders", "upstream: billing"))
+    assert found == ["gw.yaml:11: routes[0].upstream: unknown upstream 'billing'; known: orders"]
+
+
+def test_unknown_issuer_in_route() -> None:
+    found = problems(MINIMAL + "    auth: {issuers: [staff]}\n")
+    assert found == ["gw.yaml:12: routes[0].auth.issuers[0]: unknown issuer 'staff'; known: customers"]
+
+
+@pytest.mark.parametrize("alg", ["none", "HS256", "hs512"])
+def test_none_and_hmac_algorithms_refused(alg: str) -> None:
+    found = problems(MINIMAL.replace("audiences: [api]", f"audiences: [api]\n    algorithms: [RS256, {alg}]"))
+    assert len(found) == 1 and found[0].startswith("gw.yaml:5: issuers[0].algorithms:")
+    assert "refused" in found[0]
+
+
+def test_shadowed_route_is_an_error() -> None:
+    text = MINIMAL.replace("routes:\n", "routes:\n  - name: all\n    match: {path_prefix: /orders/}\n"
+                                       "    upstream: orders\n")
+    found = problems(text)
+    assert len(found) == 1
+    assert found[0].startswith("gw.yaml:12: routes[1]: route 'orders' can never match: route 'all' (line 9)")
+
+
+def test_claim_binding_must_name_a_path_parameter() -> None:
+    found = problems(MINIMAL + '    auth: {claims: {tenant: "{path.tenant}"}}\n')
+    assert found == ["gw.yaml:12: routes[0].auth.claims.tenant: path parameter 'tenant' is not defined by "
+                     "the route's path; defined: id"]
+
+
+def test_token_forwarding_needs_internal_token() -> None:
+    found = problems(MINIMAL + "    forward: {identity: token, audience: orders}\n")
+    assert len(found) == 1 and "needs the internal_token section" in found[0]
+
+
+def test_several_problems_reported_together_and_required_sections() -> None:
+    found = problems("server: {listen: nowhere}\n")
+    assert "gw.yaml:1: server.listen: expected HOST:PORT like 0.0.0.0:8080, got 'nowhere'" in found
+    assert {p.split(": ")[1] for p in found} >= {"issuers", "upstreams", "routes"}
+
+
+def test_yaml_syntax_error_and_missing_file(tmp_path: Path) -> None:
+    assert problems("routes: [\n")[0].startswith("gw.yaml:2: (yaml):")
+    with pytest.raises(ConfigError) as info:
+        load(tmp_path / "absent.yaml")
+    assert "cannot read" in info.value.problems[0]
+
+
+def test_public_route_cannot_have_rules() -> None:
+    found = problems(MINIMAL + "    auth: {required: false, scopes: [x]}\n")
+    assert found == ["gw.yaml:12: routes[0].auth.scopes: a public route (required: false) cannot have rules; "
+                     "remove it or set required: true"]
