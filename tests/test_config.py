@@ -64,7 +64,7 @@ def test_durations(text: str, seconds: float) -> None:
 def test_env_substitution(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ORDERS_URL", "http://10.0.0.5:9000")
     monkeypatch.delenv("NOPE", raising=False)
-    text = MINIMAL.replace("http://127.0.0.1:8081", '"${ORDERS_URL}"') + "server: {workers: ${NOPE:-3}}\n"
+    text = MINIMAL.replace("http://127.0.0.1:8081", '"${ORDERS_URL}"') + "server:\n  workers: ${NOPE:-3}\n"
     c = load_text(text)
     assert c.upstreams["orders"].targets == ("http://10.0.0.5:9000",)
     assert c.server.workers == 3
