@@ -295,7 +295,7 @@ class _Builder:
                 r.error(m["targets"].value[i], f"{key}.targets[{i}]",
                         f"expected http(s)://host:port, got {target!r}")
             targets.append(target.rstrip("/"))
-        if "targets" in m and not targets:
+        if "targets" in m and isinstance(m["targets"], yaml.SequenceNode) and not m["targets"].value:
             r.error(m["targets"], f"{key}.targets", "at least one target is required")
         d = UpstreamConfig(name=name, targets=())
         t = r.mapping(m.get("timeouts"), f"{key}.timeouts", ("connect", "read"))
