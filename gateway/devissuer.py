@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -83,6 +84,7 @@ class DevIssuer:
         self.max_age: int | None = None  # Cache-Control max-age on the JWKS response
         self.down = False  # answer 503 to everything
         self.jwks_body: bytes | None = None  # served instead of the real JWKS (e.g. garbage)
+        self.delay = 0.0  # seconds to wait before answering the JWKS (slow issuer)
         self._runner: web.AppRunner | None = None
         self._base = ""
 
@@ -225,6 +227,8 @@ class DevIssuer:
 
     async def _jwks(self, request: web.Request) -> web.Response:
         self.jwks_hits += 1
+        if self.delay:
+            await asyncio.sleep(self.delay)
         if self.down:
             return web.Response(status=503)
         headers = {} if self.max_age is None else {"Cache-Control": f"public, max-age={self.max_age}"}

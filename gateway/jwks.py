@@ -1,0 +1,207 @@
+"""Per-issuer JWKS cache: discovery, background refresh, keep-last-good, single-flight refetch on unknown kid."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import re
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import aiohttp
+import jwt
+
+from gateway import metrics
+from gateway.config_types import IssuerConfig
+
+log = logging.getLogger("gateway.jwks")
+
+FETCH_TIMEOUT = 5.0
+MAX_BODY = 1 << 20  # a JWKS is a few KB; refuse to buffer anything absurd
+MAX_AGE_MIN, MAX_AGE_MAX = 60.0, 86400.0  # SPEC: Cache-Control max-age honoured within [1m, 24h]
+_MAX_AGE = re.compile(r"(?:^|,)\s*max-age\s*=\s*\"?(\d+)\"?\s*(?:,|$)", re.IGNORECASE)
+
+# The algorithm families a key type can serve; anything else is skipped (RFC 8725 s3.1: a key is
+# bound to one algorithm; a symmetric "oct" key must never come from a public JWKS).
+_RSA_ALGS = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512"})
+_ASYMMETRIC_ALGS = _RSA_ALGS | {"ES256", "ES384", "ES512", "EdDSA"}
+
+
+class FetchError(Exception):
+    """A discovery or JWKS fetch failed (network, status, or an unusable document)."""
+
+
+def parse_max_age(cache_control: str | None) -> float | None:
+    if not cache_control or "no-store" in cache_control.lower():
+        return None
+    m = _MAX_AGE.search(cache_control)
+    return float(m.group(1)) if m else None
+
+
+def parse_jwks(doc: Any, allowed: frozenset[str]) -> list[jwt.PyJWK]:
+    """Usable signing keys of a JWKS document; unusable members are skipped, not fatal."""
+    if not isinstance(doc, dict) or not isinstance(doc.get("keys"), list):
+        raise FetchError("not a JWK Set (no 'keys' list)")
+    rsa_hint = [a for a in allowed if a in _RSA_ALGS]
+    keys: list[jwt.PyJWK] = []
+    for member in doc["keys"]:
+        if not isinstance(member, dict) or member.get("use", "sig") != "sig":
+            continue
+        if member.get("kty") not in ("RSA", "EC", "OKP"):
+            continue
+        alg = member.get("alg")
+        if alg is None and member.get("kty") == "RSA" and len(rsa_hint) == 1:
+            # An RSA JWK without "alg" (Azure AD publishes these) fits any RS/PS algorithm; bind it to
+            # the issuer's only allowed RSA algorithm rather than PyJWT's RS256 default.
+            alg = rsa_hint[0]
+        try:
+            key = jwt.PyJWK(member, alg)
+        except (jwt.PyJWTError, ValueError, TypeError, KeyError):
+            continue
+        if key.algorithm_name in _ASYMMETRIC_ALGS and key.algorithm_name in allowed:
+            keys.append(key)
+    if not keys:
+        raise FetchError("no usable signing key in the JWK Set")
+    return keys
+
+
+class JwksCache:
+    """The keys of one issuer. Lookups of known kids never wait on I/O."""
+
+    def __init__(
+        self,
+        issuer: IssuerConfig,
+        session: aiohttp.ClientSession,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        fetch_timeout: float = FETCH_TIMEOUT,
+        retry_backoff: tuple[float, float] = (1.0, 60.0),
+    ) -> None:
+        self.issuer = issuer
+        self._session = session
+        self._clock = clock
+        self._timeout = aiohttp.ClientTimeout(total=fetch_timeout)
+        self._backoff_first, self._backoff_max = retry_backoff
+        self._backoff = self._backoff_first
+        self._allowed = frozenset(issuer.algorithms)
+        self._jwks_uri = issuer.jwks_uri
+        self._by_kid: Mapping[str, jwt.PyJWK] = {}
+        self._keys: tuple[jwt.PyJWK, ...] = ()
+        self._inflight: asyncio.Task[bool] | None = None
+        self._last_refetch = float("-inf")
+        self._refresher: asyncio.Task[None] | None = None
+        self._ok_counter = metrics.jwks_refresh_total.labels(issuer=issuer.name, result="ok")
+        self._error_counter = metrics.jwks_refresh_total.labels(issuer=issuer.name, result="error")
+        self._keys_gauge = metrics.jwks_keys.labels(issuer=issuer.name)
+        self.ready = False  # keys fetched at least once
+        self.next_refresh_in = issuer.jwks_refresh  # seconds until the background refresher runs again
+
+    @property
+    def key_count(self) -> int:
+        return len(self._keys)
+
+    async def start(self) -> None:
+        """First fetch (failure is logged and counted, not raised), then the background refresher."""
+        await self._refresh_shared()
+        self._refresher = asyncio.create_task(self._refresh_loop(), name=f"jwks-refresh-{self.issuer.name}")
+
+    async def close(self) -> None:
+        for task in (self._refresher, self._inflight):
+            if task is not None and not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._refresher = self._inflight = None
+
+    async def key_for(self, kid: str | None, alg: str | None = None) -> jwt.PyJWK | None:
+        """The key for `kid`; an unknown kid refetches once (shared, at most once per jwks_min_refetch).
+        kid=None: the only key fitting `alg`, if exactly one does (no refetch)."""
+        if kid is None:
+            fitting = [k for k in self._keys if alg is None or k.algorithm_name == alg]
+            return fitting[0] if len(fitting) == 1 else None
+        key = self._by_kid.get(kid)
+        if key is not None:
+            return key
+        if self._inflight is None:
+            now = self._clock()
+            # Habit 6/8: an unknown kid may be a rotation, so fetch once; but kids are attacker-chosen,
+            # so at most one refetch per cooldown, whatever the request rate (Envoy jwks_async_fetcher).
+            if now - self._last_refetch < self.issuer.jwks_min_refetch:
+                return None
+            self._last_refetch = now
+        await self._refresh_shared()
+        return self._by_kid.get(kid)
+
+    # ----- fetching ------------------------------------------------------------------------------
+
+    async def _refresh_shared(self) -> bool:
+        """Join the fetch in flight or start one: concurrent callers share a single request."""
+        if self._inflight is None:
+            self._inflight = asyncio.create_task(self._refresh())
+            self._inflight.add_done_callback(self._clear_inflight)
+        return await asyncio.shield(self._inflight)
+
+    def _clear_inflight(self, task: asyncio.Task[bool]) -> None:
+        if self._inflight is task:
+            self._inflight = None
+
+    async def _refresh(self) -> bool:
+        try:
+            keys, max_age = await self._fetch()
+        except Exception as exc:  # noqa: BLE001 - any failure: count, log, keep the keys, retry later
+            self._error_counter.inc()
+            # Keep the last good keys (habit 8: PyJWKClient drops its cache here; we must not).
+            self.next_refresh_in = self._backoff
+            self._backoff = min(self._backoff * 2, self._backoff_max)
+            log.warning(
+                "jwks fetch failed",
+                extra={"issuer": self.issuer.name, "error": f"{type(exc).__name__}: {exc}",
+                       "keys_kept": len(self._keys), "retry_in": self.next_refresh_in},
+            )
+            return False
+        by_kid: dict[str, jwt.PyJWK] = {}
+        for key in keys:
+            if key.key_id is not None:
+                by_kid.setdefault(key.key_id, key)
+        self._keys, self._by_kid = tuple(keys), by_kid
+        self.ready = True
+        self._backoff = self._backoff_first
+        self.next_refresh_in = (
+            self.issuer.jwks_refresh if max_age is None else min(max(max_age, MAX_AGE_MIN), MAX_AGE_MAX)
+        )
+        self._ok_counter.inc()
+        self._keys_gauge.set(len(keys))
+        return True
+
+    async def _fetch(self) -> tuple[list[jwt.PyJWK], float | None]:
+        if self._jwks_uri is None:
+            doc, _ = await self._get_json(self.issuer.issuer.rstrip("/") + "/.well-known/openid-configuration")
+            if not isinstance(doc, dict) or doc.get("issuer") != self.issuer.issuer:
+                # OIDC Discovery s4.3: the document's issuer must equal the configured one exactly.
+                raise FetchError("discovery document issuer does not match the configured issuer")
+            uri = doc.get("jwks_uri")
+            if not isinstance(uri, str) or not uri.startswith(("https://", "http://")):
+                raise FetchError("discovery document has no usable jwks_uri")
+            self._jwks_uri = uri
+        doc, cache_control = await self._get_json(self._jwks_uri)
+        return parse_jwks(doc, self._allowed), parse_max_age(cache_control)
+
+    async def _get_json(self, url: str) -> tuple[Any, str | None]:
+        async with self._session.get(url, timeout=self._timeout, allow_redirects=False) as resp:
+            if resp.status != 200:
+                raise FetchError(f"HTTP {resp.status} from {url}")
+            body = await resp.content.read(MAX_BODY + 1)
+            if len(body) > MAX_BODY:
+                raise FetchError(f"response from {url} larger than {MAX_BODY} bytes")
+            try:
+                return json.loads(body), resp.headers.get("Cache-Control")
+            except ValueError as exc:
+                raise FetchError(f"invalid JSON from {url}") from exc
+
+    async def _refresh_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.next_refresh_in)
+            await self._refresh_shared()
