@@ -1,0 +1,307 @@
+"""Path normalisation and the route table: compiled once from config, match() is pure per request."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from types import MappingProxyType
+from urllib.parse import unquote, unquote_to_bytes
+
+from gateway.config_types import RouteConfig
+from gateway.errors import BadPath, MethodNotAllowed, NotFound
+from gateway.model import RouteMatch
+
+# RFC 3986 s2.3: only unreserved characters may be decoded without changing what the URI means.
+_UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+# A path that is already canonical (no escapes, no dot/empty segments, no dot-only segment with
+# `;` parameters) skips the slow path; the test suite checks both paths agree on random input.
+_FAST = re.compile(r"(?:/(?!\.\.?(?:/|$))(?!\.*;)[A-Za-z0-9\-._~!$&'()*+,;=:@]+)*/?")
+# Literal characters that can never be in a safe path: RFC 3986 s7.3 (backslash is a separator on
+# many servers), NUL and other controls (request smuggling, truncation in C-based upstreams).
+_FORBIDDEN = re.compile(r"[\x00-\x1f\x7f\\]")
+_BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
+_ESCAPE = re.compile(r"%([0-9A-Fa-f]{2})")
+# Anything outside RFC 3986 pchar / "/" / "%" is re-encoded, so the output is plain ASCII.
+_NOT_PCHAR = re.compile(r"[^A-Za-z0-9\-._~!$&'()*+,;=:@/%]")
+_PARAM = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_NO_PARAMS: Mapping[str, str] = MappingProxyType({})
+
+
+def normalize_path(raw: str) -> str:
+    """The canonical form of a request path (no query string); raises BadPath when it is unsafe."""
+    if raw[:1] == "/" and _FAST.fullmatch(raw):
+        return raw
+    return _normalize_slow(raw)
+
+
+def _escape_sub(m: re.Match[str]) -> str:
+    byte = int(m.group(1), 16)
+    char = chr(byte)
+    if char in _UNRESERVED:
+        return char
+    # RFC 3986 s7.3: an encoded "/" or "\" is one segment to us and a separator to many upstreams
+    # (Tomcat ALLOW_ENCODED_SLASH, IIS, Windows); there is no safe reading, so refuse.
+    if byte in (0x2F, 0x5C) or byte < 0x20 or byte == 0x7F:
+        raise BadPath()
+    return "%" + m.group(1).upper()
+
+
+def _encode_literal(m: re.Match[str]) -> str:
+    try:
+        data = m.group(0).encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        raise BadPath() from None
+    return "".join(f"%{b:02X}" for b in data)
+
+
+def _normalize_slow(raw: str) -> str:
+    if raw[:1] != "/" or _FORBIDDEN.search(raw) or _BAD_ESCAPE.search(raw):
+        raise BadPath()
+    path = _ESCAPE.sub(_escape_sub, _NOT_PCHAR.sub(_encode_literal, raw))
+    try:
+        # RFC 3629 s10: invalid or overlong UTF-8 (%C0%AE is an overlong ".") is refused, not guessed at.
+        unquote_to_bytes(path).decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadPath() from None
+    segments = path.split("/")
+    out: list[str] = []
+    for seg in segments[1:]:
+        if seg == "" or seg == ".":
+            continue  # `//` collapses; RFC 3986 s5.2.4 removes "." segments
+        if seg == "..":
+            if not out:
+                raise BadPath()  # above the root: refuse rather than clamp (the client meant something else)
+            out.pop()
+            continue
+        # Tomcat/Spring strip `;params` from each segment before resolving dots, so `..;x` is `..`
+        # to them and a plain segment to us (CVE-2020-1957 style bypass); `/;x/admin` is `/admin`.
+        # Refuse any segment that is only dots (or nothing) before its first `;` (or encoded %3B).
+        plain = seg.replace("%3B", ";")
+        semi = plain.find(";")
+        if semi != -1 and plain[:semi].strip(".") == "":
+            raise BadPath()
+        out.append(seg)
+    trailing = segments[-1] in ("", ".", "..")
+    if not out:
+        return "/"
+    return "/" + "/".join(out) + ("/" if trailing else "")
+
+
+def _split_template(template: str) -> list[str]:
+    return template[1:].split("/")
+
+
+def template_params(template: str) -> tuple[str, ...]:
+    """The `{name}` parameters of a path template, in order."""
+    return tuple(_PARAM.findall(template))
+
+
+def check_template(template: str) -> str | None:
+    """An error message for a path template that cannot be used, or None when it is good."""
+    if not template.startswith("/"):
+        return f"a path template must start with '/', got {template!r}"
+    seen: set[str] = set()
+    for seg in _split_template(template):
+        if "{" not in seg and "}" not in seg:
+            continue
+        m = _PARAM.fullmatch(seg)
+        if m is None:
+            if _PARAM.search(seg):
+                return f"a parameter must be a whole segment, got {seg!r} in {template!r}"
+            return f"bad parameter syntax {seg!r}: write {{name}} with letters, digits and '_'"
+        if m.group(1) in seen:
+            return f"duplicate parameter {{{m.group(1)}}} in {template!r}"
+        seen.add(m.group(1))
+    literal = _PARAM.sub("p", template)
+    try:
+        canonical = normalize_path(literal)
+    except BadPath:
+        return f"{template!r} is not a safe path (encoded '/' or '\\', control characters, '..' or ';')"
+    if canonical != literal:
+        return f"{template!r} is not in normal form; it would never match (normal form: {canonical!r})"
+    return None
+
+
+def check_prefix(prefix: str) -> str | None:
+    """An error message for a path_prefix / strip_prefix that cannot be used, or None."""
+    if "{" in prefix or "}" in prefix:
+        return f"a prefix cannot have parameters, got {prefix!r}"
+    return check_template(prefix)
+
+
+def _norm_host(host: str) -> str:
+    host = host.strip().lower()
+    if host.startswith("["):
+        end = host.find("]")
+        host = host[: end + 1] if end != -1 else host
+    elif host.count(":") == 1:
+        host = host.partition(":")[0]
+    # "api.example.com." is the same name (RFC 1034 s3.1); without this a trailing dot would skip a
+    # host-bound route and fall through to a broader one.
+    return host[:-1] if host.endswith(".") else host
+
+
+def _prefix_base(prefix: str) -> str:
+    """`/api/orders/` and `/api/orders` both become `/api/orders`; `/` becomes ``."""
+    return normalize_path(prefix).rstrip("/")
+
+
+_EXACT, _TEMPLATE, _PREFIX = 0, 1, 2
+
+
+@dataclass(frozen=True, slots=True)
+class _Compiled:
+    index: int
+    route: RouteConfig
+    kind: int
+    key: str  # exact path, or prefix base
+    regex: re.Pattern[str] | None
+    names: tuple[str, ...]
+    host: str | None
+    methods: frozenset[str] | None
+    strip: str  # strip_prefix base, "" for none
+
+    def params(self, path: str) -> Mapping[str, str] | None:
+        if self.kind == _EXACT:
+            return _NO_PARAMS if path == self.key else None
+        if self.kind == _PREFIX:
+            base = self.key  # "" for the prefix "/", which matches every path
+            if path.startswith(base) and (len(path) == len(base) or path[len(base)] == "/"):
+                return _NO_PARAMS
+            return None
+        assert self.regex is not None
+        m = self.regex.fullmatch(path)
+        if m is None:
+            return None
+        values = [unquote(v, errors="strict") for v in m.groups()]
+        if any("/" in v for v in values):
+            raise BadPath()  # cannot happen after normalisation (%2F is refused); fail closed anyway
+        return dict(zip(self.names, values, strict=True))
+
+    def upstream_path(self, path: str) -> str:
+        base = self.strip
+        if not base:
+            return path
+        if path == base:
+            return "/"
+        if path.startswith(base) and path[len(base)] == "/":
+            return path[len(base):]
+        return path
+
+
+def _compile(index: int, route: RouteConfig) -> _Compiled:
+    if (route.path is None) == (route.path_prefix is None):
+        raise ValueError(f"route {route.name!r}: exactly one of path or path_prefix is required")
+    host = _norm_host(route.host) if route.host else None
+    methods = frozenset(m.upper() for m in route.methods) if route.methods is not None else None
+    strip = _prefix_base(route.strip_prefix) if route.strip_prefix else ""
+    if route.path_prefix is not None:
+        problem = check_prefix(route.path_prefix)
+        if problem:
+            raise ValueError(f"route {route.name!r}: {problem}")
+        return _Compiled(index, route, _PREFIX, _prefix_base(route.path_prefix), None, (), host, methods, strip)
+    assert route.path is not None
+    problem = check_template(route.path)
+    if problem:
+        raise ValueError(f"route {route.name!r}: {problem}")
+    names = template_params(route.path)
+    if not names:
+        return _Compiled(index, route, _EXACT, route.path, None, (), host, methods, strip)
+    pattern = "/" + "/".join(
+        "([^/]+)" if _PARAM.fullmatch(seg) else re.escape(seg) for seg in _split_template(route.path)
+    )
+    return _Compiled(index, route, _TEMPLATE, route.path, re.compile(pattern), names, host, methods, strip)
+
+
+class RouteTable:
+    """Routes compiled once; match() walks the candidates for a path in file order."""
+
+    def __init__(self, routes: Sequence[RouteConfig]) -> None:
+        compiled = [_compile(i, r) for i, r in enumerate(routes)]
+        dynamic = tuple(c for c in compiled if c.kind != _EXACT)
+        self._dynamic = dynamic
+        # Exact paths without parameters are a dict lookup; each key holds its exact routes merged
+        # with the dynamic ones in file order, so first-match-wins needs no per-request sorting.
+        exact: dict[str, list[_Compiled]] = {}
+        for c in compiled:
+            if c.kind == _EXACT:
+                exact.setdefault(c.key, []).append(c)
+        self._exact = {
+            key: tuple(sorted([*cs, *dynamic], key=lambda c: c.index)) for key, cs in exact.items()
+        }
+        self._any_host = any(c.host is not None for c in compiled)
+        self.routes = tuple(routes)
+
+    def match(self, method: str, path: str, host: str) -> RouteMatch:
+        """The first route matching path, host and method; `path` may be raw (it is normalised here)."""
+        path = normalize_path(path)
+        if self._any_host:
+            host = _norm_host(host)
+        allowed: set[str] | None = None
+        for c in self._exact.get(path, self._dynamic):
+            if c.host is not None and c.host != host:
+                continue
+            params = c.params(path)
+            if params is None:
+                continue
+            if c.methods is None or method in c.methods:
+                return RouteMatch(route=c.route, params=params, path=path, upstream_path=c.upstream_path(path))
+            if allowed is None:
+                allowed = set()
+            allowed.update(c.methods)
+        if allowed:
+            raise MethodNotAllowed(tuple(sorted(allowed)))
+        raise NotFound()
+
+
+def _covers(earlier: _Compiled, later: _Compiled) -> bool:
+    """True only when every path `later` matches is certainly matched by `earlier`."""
+    if earlier.kind == _PREFIX:
+        base = earlier.key
+        if not base:
+            return True
+        if later.kind == _PREFIX:
+            return later.key == base or later.key.startswith(base + "/")
+        want = base[1:].split("/")
+        have = _split_template(later.route.path or "")
+        # Each prefix segment must be the same literal (a parameter may be anything) in the template.
+        return len(have) >= len(want) and all(w == h for w, h in zip(want, have, strict=False))
+    if later.kind == _PREFIX:
+        return False  # an exact template never matches every depth under a prefix
+    mine = _split_template(earlier.route.path or "")
+    theirs = _split_template(later.route.path or "")
+    if len(mine) != len(theirs):
+        return False
+    for m, t in zip(mine, theirs, strict=True):
+        if _PARAM.fullmatch(m):
+            if t == "":  # a parameter matches one non-empty segment, not a trailing slash
+                return False
+        elif m != t:
+            return False
+    return True
+
+
+def find_shadowed(routes: Sequence[RouteConfig]) -> list[tuple[int, int]]:
+    """(shadowed_index, earlier_index) for each route an earlier one completely hides (the first such)."""
+    compiled: list[_Compiled | None] = []
+    for i, route in enumerate(routes):
+        try:
+            compiled.append(_compile(i, route))
+        except (ValueError, BadPath):
+            compiled.append(None)  # invalid routes are reported elsewhere; never guess about them
+    out: list[tuple[int, int]] = []
+    for j, later in enumerate(compiled):
+        if later is None:
+            continue
+        for earlier in compiled[:j]:
+            if earlier is None:
+                continue
+            if earlier.host is not None and earlier.host != later.host:
+                continue
+            if earlier.methods is not None and (later.methods is None or not later.methods <= earlier.methods):
+                continue
+            if _covers(earlier, later):
+                out.append((j, earlier.index))
+                break
+    return out

@@ -1,0 +1,439 @@
+"""Path normalisation (attacks included), route matching, shadowing and template checks."""
+
+from __future__ import annotations
+
+import posixpath
+import re
+from collections.abc import Sequence
+from urllib.parse import unquote
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gateway.config_types import RouteConfig
+from gateway.errors import BadPath, GatewayError, MethodNotAllowed, NotFound
+from gateway.model import RouteMatch
+from gateway.routes import (
+    RouteTable,
+    _normalize_slow,
+    check_prefix,
+    check_template,
+    find_shadowed,
+    normalize_path,
+    template_params,
+)
+
+
+def route(name: str, path: str | None = None, prefix: str | None = None, **kw: object) -> RouteConfig:
+    return RouteConfig(name=name, upstream="up", path=path, path_prefix=prefix, **kw)  # type: ignore[arg-type]
+
+
+# -- normalisation ----------------------------------------------------------------------------------
+
+BAD = [
+    "/a/../../etc", "/..", "/../x", "/a/b/../../..",
+    "/%2e%2e/x", "/%2E%2E/x", "/.%2e/x", "/%2e./x", "/a/%2e%2e/%2e%2e/%2e%2e",
+    "/a/%2f/b", "/a/%2F", "/a%2fb", "/a/%5c", "/a/%5C/b", "/a\\b", "/a/\\",
+    "/a/..;/b", "/a/..;x/b", "/a/.;/b", "/a/.;x", "/a/%2e%2e;x", "/a/%2E;/b", "/a/...;/b",
+    "/a/..%3bx/b", "/a/..%3B/b", "/a/;x/b", "/;/admin", "/;jsessionid=1/admin",
+    "/a%00", "/a/%00/b", "/a\x00", "/a\tb", "/a\r\nb", "/a/%0d%0a", "/a\x7f", "/%7F", "/%1f",
+    "/%", "/%4", "/%zz", "/a%g0", "/%%41",
+    "a/b", "", "*", "http://evil/x",
+    "/%c0%ae%c0%ae/etc", "/%ff", "/%e2%82",  # invalid / overlong UTF-8
+]
+
+
+@pytest.mark.parametrize("raw", BAD)
+def test_unsafe_paths_are_refused(raw: str) -> None:
+    with pytest.raises(BadPath) as info:
+        normalize_path(raw)
+    assert info.value.status == 400 and info.value.code == "invalid_request"
+
+
+GOOD = [
+    ("/", "/"),
+    ("//", "/"),
+    ("///a//b///", "/a/b/"),
+    ("//a", "/a"),
+    ("/a/./b", "/a/b"),
+    ("/a/b/../c", "/a/c"),
+    ("/a/b/..", "/a/"),
+    ("/a/.", "/a/"),
+    ("/.", "/"),
+    ("/a/..", "/"),
+    ("/a/%2e/b", "/a/b"),
+    ("/a/b/%2E%2e/c", "/a/c"),
+    ("/%7e", "/~"),
+    ("/%7Euser", "/~user"),
+    ("/%41", "/A"),
+    ("/%61%62%2D%5f%2E%30", "/ab-_.0"),
+    ("/a%2ab", "/a%2Ab"),  # reserved "*" stays encoded, hex upper-cased
+    ("/a%3a%40", "/a%3A%40"),
+    ("/%252e", "/%252e"),  # double encoding is decoded once only: a literal "%2e" segment
+    ("/%252e%252e/x", "/%252e%252e/x"),
+    ("/%252f", "/%252f"),
+    ("/a;v=1/b", "/a;v=1/b"),  # parameters on a normal segment are kept
+    ("/a/...", "/a/..."),
+    ("/a/..a/a..", "/a/..a/a.."),
+    ("/caf\u00e9", "/caf%C3%A9"),
+    ("/a b", "/a%20b"),
+    ("/%e2%82%ac", "/%E2%82%AC"),
+]
+
+
+@pytest.mark.parametrize(("raw", "want"), GOOD)
+def test_normalised_form(raw: str, want: str) -> None:
+    assert normalize_path(raw) == want
+    assert normalize_path(want) == want
+    assert _normalize_slow(raw) == want
+
+
+# Segments an attacker composes paths from (the brief's alphabet, plus a few neighbours).
+ATTACK = st.sampled_from(
+    [".", "..", "%2e", "%2E%2e", ";", "a", "%41", "%2f", "\\", "", "b", "..;", "%252e", "~", "%7E", "a;x", "%3B"]
+)
+attack_paths = st.lists(ATTACK, max_size=8).map(lambda segs: "/" + "/".join(segs))
+any_paths = st.text(alphabet="/.%;2eEfF5cC4a1~\\\x00 bB3", max_size=24)
+
+
+def _outcome(fn: object, *args: object) -> object:
+    try:
+        return fn(*args)  # type: ignore[operator]
+    except GatewayError as exc:
+        return (type(exc).__name__, exc.headers.get("Allow"))
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.one_of(attack_paths, any_paths, st.text(max_size=20).map(lambda s: "/" + s)))
+def test_normalise_is_idempotent_and_stays_under_root(raw: str) -> None:
+    try:
+        out = normalize_path(raw)
+    except BadPath:
+        with pytest.raises(BadPath):
+            _normalize_slow(raw)
+        return
+    assert _normalize_slow(raw) == out  # the fast path agrees with the full one
+    assert normalize_path(out) == out
+    assert out.startswith("/") and out.isascii()
+    segs = out[1:].split("/")
+    assert ".." not in segs and "." not in segs
+    assert "" not in segs[:-1]  # only a trailing slash may leave an empty segment
+    # What an upstream sees after decoding once: no new separators, dot segments or controls.
+    decoded = unquote(out)
+    assert "\\" not in decoded and not any(ord(c) < 0x20 for c in decoded)
+    dsegs = decoded[1:].split("/")
+    assert len(dsegs) == len(segs) and ".." not in dsegs and "." not in dsegs
+    # ... nor after stripping `;params` the way Tomcat and Spring do.
+    stripped = [s.split(";", 1)[0] for s in dsegs]
+    assert ".." not in stripped and "." not in stripped and "" not in stripped[:-1]
+
+
+@given(st.lists(st.sampled_from(["a", "b", ".", "..", ""]), max_size=10))
+def test_dot_segments_agree_with_posix_resolution(segs: list[str]) -> None:
+    raw = "/" + "/".join(segs)
+    depth, escapes = 0, False
+    for s in segs:
+        if s == "..":
+            depth -= 1
+            escapes = escapes or depth < 0
+        elif s not in ("", "."):
+            depth += 1
+    if escapes:
+        with pytest.raises(BadPath):
+            normalize_path(raw)
+    else:
+        assert (normalize_path(raw).rstrip("/") or "/") == posixpath.normpath(re.sub("/+", "/", raw))
+
+
+# -- matching ---------------------------------------------------------------------------------------
+
+TABLE_ROUTES = [
+    route("orders-read", "/api/tenants/{tenant}/orders/{id}", methods=("GET", "HEAD"), strip_prefix="/api"),
+    route("orders-write", "/api/tenants/{tenant}/orders/{id}", methods=("PUT", "DELETE")),
+    route("health", "/health", methods=("GET",)),
+    route("admin", prefix="/admin/", host="admin.example.com"),
+    route("orders-prefix", prefix="/api/orders/", methods=("POST",), strip_prefix="/api/orders"),
+    route("users", prefix="/api/users", strip_prefix="/api"),
+    route("first", "/dup/{x}"),
+    route("second", "/dup/a"),
+    route("slash", "/s/"),
+    route("tilde", "/~home/{p}"),
+]
+TABLE = RouteTable(TABLE_ROUTES)
+
+
+def test_exact_template_binds_decoded_params() -> None:
+    m = TABLE.match("GET", "/api/tenants/t%201/orders/42", "x")
+    assert m.route.name == "orders-read"
+    assert m.params == {"tenant": "t 1", "id": "42"}
+    assert m.path == "/api/tenants/t%201/orders/42"
+    assert m.upstream_path == "/tenants/t%201/orders/42"
+
+
+def test_param_matches_exactly_one_nonempty_segment() -> None:
+    for path in ("/api/tenants/t/orders", "/api/tenants/t/orders/1/2", "/api/tenants/t/orders/1/"):
+        with pytest.raises(NotFound):
+            TABLE.match("GET", path, "x")
+    t = RouteTable([route("one", "/a/{x}")])
+    with pytest.raises(NotFound):
+        t.match("GET", "/a/", "h")  # the trailing slash is not an empty parameter
+    # `//` collapses, so an empty tenant is not possible: this is /api/tenants/orders/1 (no match)
+    with pytest.raises(NotFound):
+        TABLE.match("GET", "/api/tenants//orders/1", "x")
+
+
+def test_match_normalises_raw_path_and_rejects_tricks() -> None:
+    m = TABLE.match("GET", "/api/x/../tenants/%74/./orders/%31", "x")
+    assert (m.path, dict(m.params)) == ("/api/tenants/t/orders/1", {"tenant": "t", "id": "1"})
+    with pytest.raises(BadPath):
+        TABLE.match("GET", "/api/tenants/a%2fb/orders/1", "x")
+    with pytest.raises(BadPath):
+        TABLE.match("GET", "/health/..;/admin/x", "admin.example.com")
+
+
+def test_exact_path_and_method_rules() -> None:
+    assert TABLE.match("GET", "/health", "h").route.name == "health"
+    with pytest.raises(MethodNotAllowed) as info:
+        TABLE.match("HEAD", "/health", "h")  # HEAD is not implied by GET
+    assert info.value.allow == ("GET",) and info.value.headers["Allow"] == "GET"
+    assert info.value.status == 405
+    with pytest.raises(NotFound):
+        TABLE.match("GET", "/health/", "h")
+    with pytest.raises(NotFound):
+        TABLE.match("GET", "/Health", "h")
+
+
+def test_405_allow_is_union_of_matching_routes_sorted() -> None:
+    with pytest.raises(MethodNotAllowed) as info:
+        TABLE.match("PATCH", "/api/tenants/t/orders/1", "x")
+    assert info.value.allow == ("DELETE", "GET", "HEAD", "PUT")
+    assert TABLE.match("DELETE", "/api/tenants/t/orders/1", "x").route.name == "orders-write"
+
+
+def test_prefix_matches_on_segment_boundary() -> None:
+    for path in ("/api/orders", "/api/orders/", "/api/orders/x/y"):
+        assert TABLE.match("POST", path, "x").route.name == "orders-prefix"
+    for path in ("/api/ordersx", "/api/orders%20"):
+        with pytest.raises(NotFound):
+            TABLE.match("POST", path, "x")
+    for path in ("/api/users", "/api/users/7"):
+        assert TABLE.match("GET", path, "x").route.name == "users"
+    with pytest.raises(NotFound):
+        TABLE.match("GET", "/api/usersx", "x")
+
+
+def test_strip_prefix() -> None:
+    assert TABLE.match("POST", "/api/orders", "x").upstream_path == "/"
+    assert TABLE.match("POST", "/api/orders/", "x").upstream_path == "/"
+    assert TABLE.match("POST", "/api/orders/a/b", "x").upstream_path == "/a/b"
+    assert TABLE.match("GET", "/api/users/7", "x").upstream_path == "/users/7"
+    assert TABLE.match("GET", "/health", "x").upstream_path == "/health"
+    t = RouteTable([route("r", prefix="/", strip_prefix="/api/")])
+    assert t.match("GET", "/apix/1", "h").upstream_path == "/apix/1"  # not on a segment boundary
+    assert t.match("GET", "/api", "h").upstream_path == "/"
+
+
+def test_host_is_case_insensitive_and_ignores_port() -> None:
+    for host in ("admin.example.com", "ADMIN.Example.com:8443", "admin.example.com."):
+        assert TABLE.match("GET", "/admin/x", host).route.name == "admin"
+    with pytest.raises(NotFound):
+        TABLE.match("GET", "/admin/x", "api.example.com")
+    t = RouteTable([route("v6", "/a", host="[::1]:8080")])
+    assert t.match("GET", "/a", "[::1]").route.name == "v6"
+
+
+def test_first_match_in_file_order_wins() -> None:
+    assert TABLE.match("GET", "/dup/a", "x").route.name == "first"
+    t = RouteTable([route("exact-first", "/dup/a"), route("tmpl", "/dup/{x}")])
+    assert t.match("GET", "/dup/a", "x").route.name == "exact-first"
+    assert t.match("GET", "/dup/b", "x").route.name == "tmpl"
+    t = RouteTable([route("pre", prefix="/dup"), route("exact", "/dup/a")])
+    assert t.match("GET", "/dup/a", "x").route.name == "pre"
+
+
+def test_trailing_slash_and_unreserved_literals() -> None:
+    assert TABLE.match("GET", "/s/", "x").route.name == "slash"
+    assert TABLE.match("GET", "//s//", "x").route.name == "slash"
+    with pytest.raises(NotFound):
+        TABLE.match("GET", "/s", "x")
+    m = TABLE.match("GET", "/%7Ehome/%41", "x")
+    assert (m.route.name, dict(m.params)) == ("tilde", {"p": "A"})
+
+
+def test_empty_table_and_no_route() -> None:
+    with pytest.raises(NotFound):
+        RouteTable([]).match("GET", "/", "x")
+    with pytest.raises(NotFound):
+        TABLE.match("GET", "/nothing", "x")
+
+
+def test_invalid_routes_are_refused_at_construction() -> None:
+    with pytest.raises(ValueError, match="exactly one"):
+        RouteTable([route("both", "/a", prefix="/a")])
+    with pytest.raises(ValueError, match="normal form"):
+        RouteTable([route("bad", "/a/%7e")])
+
+
+# Routes spread over the attack alphabet, so random paths hit all of them.
+PROP_ROUTES = [
+    route("aa", "/a/A/"),
+    route("param", "/A/{x}"),
+    route("pre-a", prefix="/a", methods=("GET",)),
+    route("semi", "/a;x/{y}"),
+    route("lit", "/%252e/{z}"),
+    route("tilde", prefix="/~"),
+    route("twolevel", "/{p}/{q}", host="h"),
+    route("catch", prefix="/", methods=("POST",)),
+]
+PROP_TABLE = RouteTable(PROP_ROUTES)
+
+
+@settings(max_examples=300, deadline=None)
+@given(attack_paths, st.sampled_from(["GET", "POST", "PUT"]), st.sampled_from(["h", "H:80", "x"]))
+def test_match_is_stable_under_renormalisation(raw: str, method: str, host: str) -> None:
+    first = _outcome(normalize_path, raw)
+    if isinstance(first, str):
+        assert _outcome(PROP_TABLE.match, method, first, host) == _outcome(
+            PROP_TABLE.match, method, normalize_path(first), host
+        )
+        assert _outcome(PROP_TABLE.match, method, raw, host) == _outcome(PROP_TABLE.match, method, first, host)
+    else:
+        assert _outcome(PROP_TABLE.match, method, raw, host) == ("BadPath", None)
+
+
+_TOKEN = re.compile(r"%[0-9A-Fa-f]{2}|.", re.DOTALL)
+
+
+@st.composite
+def equivalent_spellings(draw: st.DrawFn) -> tuple[str, str]:
+    """A raw path and another raw spelling of the same path (dots, slashes, escapes, hex case)."""
+    base = draw(attack_paths)
+    parts: list[str] = []
+    for tok in _TOKEN.findall(base):
+        if len(tok) == 3:  # an escape: either hex case means the same byte
+            parts.append(tok.lower() if draw(st.booleans()) else tok.upper())
+        elif (tok.isalnum() or tok in "-._~") and draw(st.booleans()):
+            code = f"{ord(tok):02X}"
+            parts.append("%" + (code.lower() if draw(st.booleans()) else code))
+        elif tok == "/" and draw(st.booleans()):
+            parts.append(draw(st.sampled_from(["//", "/./", "/%2e/", "/zz/../", "/zz/%2E./", "/zz/.%2e/"])))
+        else:
+            parts.append(tok)
+    return base, "".join(parts)
+
+
+@settings(max_examples=400, deadline=None)
+@given(equivalent_spellings(), st.sampled_from(["GET", "POST"]), st.sampled_from(["h", "x"]))
+def test_equivalent_raw_paths_route_identically(pair: tuple[str, str], method: str, host: str) -> None:
+    base, other = pair
+    a, b = _outcome(normalize_path, base), _outcome(normalize_path, other)
+    assert a == b
+    ma, mb = _outcome(PROP_TABLE.match, method, base, host), _outcome(PROP_TABLE.match, method, other, host)
+    assert ma == mb
+    if isinstance(ma, RouteMatch):
+        assert ma.path == a
+
+
+# -- shadowing --------------------------------------------------------------------------------------
+
+
+def shadowed(routes: Sequence[RouteConfig]) -> list[tuple[int, int]]:
+    return find_shadowed(routes)
+
+
+@pytest.mark.parametrize(
+    ("earlier", "later", "hidden"),
+    [
+        (route("p", prefix="/api/"), route("t", "/api/x/{id}"), True),
+        (route("p", prefix="/api"), route("t", "/api"), True),
+        (route("p", prefix="/api"), route("t", "/api/"), True),
+        (route("p", prefix="/api"), route("q", prefix="/api/v1/"), True),
+        (route("p", prefix="/"), route("q", "/anything/{x}"), True),
+        (route("p", prefix="/api"), route("t", "/apix"), False),
+        (route("p", prefix="/api/x"), route("t", "/api/{id}"), False),
+        (route("p", prefix="/api/v1"), route("q", prefix="/api"), False),
+        (route("a", "/a/{x}"), route("b", "/a/b"), True),
+        (route("a", "/a/{x}"), route("b", "/a/{y}"), True),
+        (route("a", "/a/b"), route("b", "/a/b"), True),
+        (route("a", "/a/b"), route("b", "/a/{x}"), False),
+        (route("a", "/a/{x}"), route("b", "/a/"), False),  # a parameter never matches an empty segment
+        (route("a", "/a/{x}"), route("b", "/a/b/c"), False),
+        (route("a", "/a/{x}"), route("b", prefix="/a"), False),
+        (route("a", "/a", methods=("GET",)), route("b", "/a", methods=("GET",)), True),
+        (route("a", "/a", methods=("GET", "POST")), route("b", "/a", methods=("GET",)), True),
+        (route("a", "/a", methods=("GET",)), route("b", "/a", methods=("GET", "POST")), False),
+        (route("a", "/a", methods=("GET",)), route("b", "/a"), False),
+        (route("a", "/a"), route("b", "/a", methods=("DELETE",)), True),
+        (route("a", "/a"), route("b", "/a", host="h"), True),
+        (route("a", "/a", host="H:443"), route("b", "/a", host="h"), True),
+        (route("a", "/a", host="h"), route("b", "/a"), False),
+        (route("a", "/a", host="h"), route("b", "/a", host="g"), False),
+        (route("a", "/a"), route("b", "/a", websocket=True), True),
+    ],
+)
+def test_find_shadowed(earlier: RouteConfig, later: RouteConfig, hidden: bool) -> None:
+    assert shadowed([earlier, later]) == ([(1, 0)] if hidden else [])
+
+
+def test_find_shadowed_reports_first_earlier_route_once() -> None:
+    routes = [route("x", "/x"), route("p", prefix="/a"), route("q", prefix="/a/b"), route("t", "/a/b/{c}")]
+    assert shadowed(routes) == [(2, 1), (3, 1)]
+    assert shadowed([route("bad", "/a/%7e"), route("t", "/a/~")]) == []
+
+
+def test_find_shadowed_agrees_with_matching() -> None:
+    # Whenever find_shadowed says hidden, the table never picks the later route for sample paths.
+    routes = [route("p", prefix="/api/"), route("t", "/api/x/{id}"), route("u", "/b/{x}"), route("v", "/b/c")]
+    pairs = shadowed(routes)
+    assert pairs == [(1, 0), (3, 2)]
+    t = RouteTable(routes)
+    for path in ("/api/x/1", "/b/c"):
+        assert t.match("GET", path, "h").route.name in ("p", "u")
+
+
+# -- templates --------------------------------------------------------------------------------------
+
+
+def test_template_params() -> None:
+    assert template_params("/api/tenants/{tenant}/orders/{id}") == ("tenant", "id")
+    assert template_params("/health") == ()
+
+
+@pytest.mark.parametrize(
+    ("template", "fragment"),
+    [
+        ("api/x", "start with '/'"),
+        ("/a/{}", "bad parameter"),
+        ("/a/{x", "bad parameter"),
+        ("/a/x}", "bad parameter"),
+        ("/a/{{x}}", "whole segment"),
+        ("/a/{1x}", "bad parameter"),
+        ("/a/{x-y}", "bad parameter"),
+        ("/a/{x}/b/{x}", "duplicate"),
+        ("/a/v{x}", "whole segment"),
+        ("/a/{x}.json", "whole segment"),
+        ("/a/{x}{y}", "whole segment"),
+        ("/a//b", "normal form"),
+        ("/a/./b", "normal form"),
+        ("/a/%7e", "normal form"),
+        ("/a/%2f", "not a safe path"),
+        ("/a/../b", "normal form"),
+        ("/..", "not a safe path"),
+        ("/a\\b", "not a safe path"),
+    ],
+)
+def test_check_template_rejects(template: str, fragment: str) -> None:
+    problem = check_template(template)
+    assert problem is not None and fragment in problem
+
+
+@pytest.mark.parametrize("template", ["/", "/a", "/a/", "/a/{x}", "/{a}/{b}/c", "/a;v=1/{x}", "/~u/%20"])
+def test_check_template_accepts(template: str) -> None:
+    assert check_template(template) is None
+
+
+def test_check_prefix() -> None:
+    assert check_prefix("/api/") is None
+    assert check_prefix("/api/{x}") is not None
+    assert check_prefix("/api/../x") is not None
