@@ -1,0 +1,242 @@
+"""Bearer token extraction and verification (TokenVerifier.verify(raw) -> Principal) with a verified-token cache."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any, Protocol
+
+import jwt
+
+from gateway import errors, metrics
+from gateway.config_types import IssuerConfig
+from gateway.model import Principal
+
+# RFC 6750 s2.1: credentials = "Bearer" 1*SP b64token; the scheme is case-insensitive (RFC 9110 s11.1).
+_BEARER = re.compile(r"(?i:bearer) +([A-Za-z0-9\-._~+/]+=*)")
+
+# The key type (and curve) each algorithm needs: the HS/RS confusion of RFC 8725 s2.1 cannot happen if
+# the key's own type is checked against the header's alg before the signature is verified.
+_KEY_FITS: Mapping[str, tuple[str, str | None]] = {
+    **{a: ("RSA", None) for a in ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512")},
+    "ES256": ("EC", "P-256"), "ES384": ("EC", "P-384"), "ES512": ("EC", "P-521"),
+    "EdDSA": ("OKP", None),
+}
+
+_JWT = jwt.PyJWT()
+_UNVERIFIED = {"verify_signature": False}
+# Time checks are done here with the injected clock; PyJWT reads the wall clock inline.
+_VERIFY_OPTIONS: Any = {"require": ["exp"], "verify_exp": False, "verify_nbf": False, "verify_iat": False}
+
+# The one translation of PyJWT's exceptions into reasons (habit 5); order matters (subclasses first).
+_REASONS: tuple[tuple[type[Exception], str], ...] = (
+    (jwt.InvalidSignatureError, "bad_signature"),
+    (jwt.ExpiredSignatureError, "expired"),
+    (jwt.ImmatureSignatureError, "not_yet_valid"),
+    (jwt.InvalidAudienceError, "wrong_audience"),
+    (jwt.InvalidIssuerError, "wrong_issuer"),
+    (jwt.InvalidAlgorithmError, "alg_not_allowed"),
+    (jwt.InvalidKeyError, "bad_signature"),
+)
+_MISSING_CLAIM_REASONS = {"aud": "wrong_audience", "iss": "wrong_issuer"}
+
+
+def _reason(exc: jwt.PyJWTError) -> str:
+    if isinstance(exc, jwt.MissingRequiredClaimError):
+        return _MISSING_CLAIM_REASONS.get(exc.claim, "malformed")
+    for kind, reason in _REASONS:
+        if isinstance(exc, kind):
+            return reason
+    return "malformed"
+
+
+class KeySource(Protocol):
+    """Where an issuer's verification keys come from (JwksCache, or a fake in unit tests)."""
+
+    async def key_for(self, kid: str | None, alg: str | None = None) -> jwt.PyJWK | None: ...
+
+
+def bearer_token(authorization: str | None) -> str:
+    """The token of an `Authorization: Bearer` header; no header is MissingToken, anything else malformed."""
+    if not authorization:
+        raise errors.MissingToken()
+    m = _BEARER.fullmatch(authorization.strip())
+    if m is None:
+        raise errors.InvalidToken("malformed")
+    return m.group(1)
+
+
+def _path(dotted: str) -> tuple[str, ...]:
+    return tuple(dotted.split("."))
+
+
+def _lookup(payload: Mapping[str, Any], path: tuple[str, ...]) -> Any:
+    node: Any = payload
+    for part in path:
+        if not isinstance(node, Mapping):
+            return None
+        node = node.get(part)
+    return node
+
+
+def _text(value: Any) -> str | None:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return None
+
+
+def _words(value: Any, separators: str) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return tuple(re.split(separators, value.strip())) if value.strip() else ()
+    if isinstance(value, list | tuple):
+        return tuple(v for v in value if isinstance(v, str) and v)
+    return ()
+
+
+def _number(payload: Mapping[str, Any], name: str) -> int | None:
+    value = payload.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise jwt.DecodeError(f"{name} must be a number")  # RFC 7519 s2 NumericDate
+    return int(value)
+
+
+@dataclass(frozen=True, slots=True)
+class _Issuer:
+    """An IssuerConfig with everything a request needs precomputed."""
+
+    config: IssuerConfig
+    keys: KeySource
+    algorithms: frozenset[str]
+    audiences: list[str]
+    subject: tuple[str, ...]
+    scopes: tuple[str, ...]
+    roles: tuple[str, ...]
+    tenant: tuple[str, ...]
+    session: tuple[str, ...]
+
+
+class TokenVerifier:
+    """Verifies access tokens of the configured issuers; caches successes until their `exp`."""
+
+    def __init__(
+        self,
+        issuers: Sequence[IssuerConfig],
+        keys: Mapping[str, KeySource],
+        *,
+        clock: Callable[[], float] = time.time,
+        cache_size: int = 100_000,
+    ) -> None:
+        self._clock = clock
+        self._cache_size = cache_size
+        self._cache: OrderedDict[bytes, tuple[Principal, float]] = OrderedDict()
+        self._by_iss: dict[str, _Issuer] = {}
+        for cfg in issuers:
+            if cfg.name not in keys:
+                raise ValueError(f"no key source for issuer {cfg.name!r}")
+            c = cfg.claims
+            self._by_iss[cfg.issuer] = _Issuer(
+                config=cfg,
+                keys=keys[cfg.name],
+                # RFC 8725 s3.1/s3.2: never "none" nor a symmetric algorithm, whatever the config says.
+                algorithms=frozenset(a for a in cfg.algorithms if a in _KEY_FITS),
+                audiences=list(cfg.audiences),
+                subject=_path(c.subject), scopes=_path(c.scopes), roles=_path(c.roles),
+                tenant=_path(c.tenant), session=_path(c.session),
+            )
+
+    async def verify(self, raw: str) -> Principal:
+        """The Principal of a valid token, or errors.InvalidToken(reason, issuer=name)."""
+        digest = hashlib.sha256(raw.encode()).digest()
+        hit = self._cache.get(digest)
+        if hit is not None:
+            principal, expires_at = hit
+            if self._clock() < expires_at:
+                self._cache.move_to_end(digest)
+                metrics.token_cache_hits_total.inc()
+                return principal
+            del self._cache[digest]  # past exp: verify again (leeway applies there, never here)
+        principal = await self._verify(raw, digest.hex())
+        assert principal.exp is not None  # exp is required by _verify
+        self._cache[digest] = (principal, float(principal.exp))
+        if len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+        return principal
+
+    async def _verify(self, raw: str, token_hash: str) -> Principal:
+        # Read header and payload WITHOUT trusting them: only to pick the issuer, alg and kid.
+        try:
+            unverified = _JWT.decode_complete(raw, options=_UNVERIFIED)  # type: ignore[arg-type]
+        except jwt.PyJWTError:
+            raise errors.InvalidToken("malformed") from None
+        header, payload = unverified["header"], unverified["payload"]
+        iss = payload.get("iss")
+        issuer = self._by_iss.get(iss) if isinstance(iss, str) else None
+        if issuer is None:
+            raise errors.InvalidToken("wrong_issuer")
+        name = issuer.config.name
+        alg, kid = header.get("alg"), header.get("kid")
+        # RFC 8725 s3.1: the allowlist is checked before any key is touched, so "none" and HS* (signed
+        # with a public key as HMAC secret) never reach a key lookup.
+        if not isinstance(alg, str) or alg not in issuer.algorithms:
+            raise errors.InvalidToken("alg_not_allowed", issuer=name)
+        if kid is not None and not isinstance(kid, str):
+            raise errors.InvalidToken("malformed", issuer=name)
+        key = await issuer.keys.key_for(kid, alg)
+        if key is None:
+            raise errors.InvalidToken("unknown_kid", issuer=name)
+        # RFC 8725 s3.1: the key is bound to one algorithm and its type must fit the header's alg.
+        kty, crv = _KEY_FITS[alg]
+        if key.algorithm_name != alg or key.key_type != kty or (crv is not None and _crv(key) != crv):
+            raise errors.InvalidToken("alg_not_allowed", issuer=name)
+        try:
+            claims = _JWT.decode(
+                raw, key, algorithms=[alg], options=_VERIFY_OPTIONS,
+                audience=issuer.audiences, issuer=issuer.config.issuer,
+            )
+            exp = _number(claims, "exp")
+            nbf, iat = _number(claims, "nbf"), _number(claims, "iat")
+            now, leeway = self._clock(), issuer.config.leeway
+            if exp is None:
+                raise jwt.MissingRequiredClaimError("exp")
+            if exp <= now - leeway:
+                raise jwt.ExpiredSignatureError("expired")
+            if (nbf is not None and nbf > now + leeway) or (iat is not None and iat > now + leeway):
+                raise jwt.ImmatureSignatureError("not yet valid")
+        except jwt.PyJWTError as exc:
+            raise errors.InvalidToken(_reason(exc), issuer=name) from None
+        return self._principal(issuer, claims, exp, iat, token_hash)
+
+    @staticmethod
+    def _principal(issuer: _Issuer, claims: dict[str, Any], exp: int, iat: int | None, token_hash: str) -> Principal:
+        aud = claims.get("aud")
+        return Principal(
+            issuer=issuer.config.name,
+            iss=issuer.config.issuer,
+            subject=_text(_lookup(claims, issuer.subject)),
+            scopes=frozenset(_words(_lookup(claims, issuer.scopes), r"\s+")),
+            roles=_words(_lookup(claims, issuer.roles), r"[\s,]+"),
+            tenant=_text(_lookup(claims, issuer.tenant)),
+            session=_text(_lookup(claims, issuer.session)),
+            jti=_text(claims.get("jti")),
+            iat=iat,
+            exp=exp,
+            aud=(aud,) if isinstance(aud, str) else _words(aud, r"\s+"),
+            claims=MappingProxyType(claims),
+            token_hash=token_hash,
+        )
+
+
+_CURVES = {"secp256r1": "P-256", "secp384r1": "P-384", "secp521r1": "P-521"}
+
+
+def _crv(key: jwt.PyJWK) -> str | None:
+    return _CURVES.get(getattr(getattr(key.key, "curve", None), "name", ""))
