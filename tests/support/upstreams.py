@@ -1,1 +1,216 @@
-"""Test support: upstreams (fixtures are added by the module's owner)."""
+"""Test support: real aiohttp upstream servers that echo what they received and can be made sick.
+
+`EchoUpstream` listens on 127.0.0.1 (a free port, kept across stop()/start()) and records every
+request as it arrived. Its mode can change at runtime:
+
+- "echo":   200 JSON {method, path, headers, header_list, body_length, body_sha256}; the body is read
+            in chunks and hashed, never held whole. `headers` maps each received name (as sent) to its
+            value (repeats joined with ", "); `header_list` is the exact [name, value] list in order.
+            GET /_bytes/N answers N bytes of a fixed pattern (pattern_bytes(N)), streamed.
+            A WebSocket upgrade on any path is accepted and every frame echoed.
+- "status": answer `status` with a small JSON body.
+- "hang":   never answer (until stopped).
+- "slow":   wait `delay` seconds, then echo.
+- "reset":  abort the TCP connection (RST) without answering.
+
+`.hits` counts requests, `.connections` counts accepted TCP connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import socket
+import ssl
+import struct
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+from aiohttp import WSMsgType, web
+from aiohttp.web_runner import BaseSite
+
+_PATTERN = bytes(range(256)) * 256  # 64 KiB
+
+
+def pattern_bytes(n: int) -> bytes:
+    """What GET /_bytes/N answers."""
+    reps, rest = divmod(n, len(_PATTERN))
+    return _PATTERN * reps + _PATTERN[:rest]
+
+
+class _CountingSite(BaseSite):
+    """A TCP site that counts accepted connections (aiohttp's TCPSite cannot)."""
+
+    def __init__(self, runner: web.AppRunner, port: int, owner: EchoUpstream, ssl_context: Any) -> None:
+        super().__init__(runner, ssl_context=ssl_context)
+        self._port = port
+        self._owner = owner
+
+    @property
+    def name(self) -> str:
+        return f"http://127.0.0.1:{self._port}"
+
+    async def start(self) -> None:
+        await super().start()
+        server = self._runner.server
+        assert server is not None
+        owner = self._owner
+
+        def factory() -> Any:
+            owner.connections += 1
+            return server()
+
+        self._server = await asyncio.get_running_loop().create_server(
+            factory, "127.0.0.1", self._port, ssl=self._ssl_context, reuse_address=True
+        )
+        self._port = self._server.sockets[0].getsockname()[1]
+
+
+class EchoUpstream:
+    def __init__(self, *, ssl_context: ssl.SSLContext | None = None) -> None:
+        self.mode = "echo"
+        self.status = 200
+        self.delay = 0.0
+        self.hits = 0
+        self.connections = 0
+        self.requests: list[tuple[str, str, dict[str, str]]] = []
+        self.port = 0
+        self._ssl = ssl_context
+        self._runner: web.AppRunner | None = None
+        # Set by stop(): handlers that hang wake up then, even when their client has gone (aiohttp does
+        # not cancel a handler on connection loss), so no task outlives the test.
+        self._stopped = asyncio.Event()
+
+    @property
+    def url(self) -> str:
+        scheme = "https" if self._ssl is not None else "http"
+        return f"{scheme}://127.0.0.1:{self.port}"
+
+    @property
+    def running(self) -> bool:
+        return self._runner is not None
+
+    def set_mode(self, mode: str, *, status: int = 200, delay: float = 0.0) -> None:
+        assert mode in ("echo", "status", "hang", "slow", "reset"), mode
+        self.mode, self.status, self.delay = mode, status, delay
+
+    async def start(self) -> EchoUpstream:
+        """Listen (again) on the same port as before, or a free one the first time."""
+        assert self._runner is None
+        self._stopped = asyncio.Event()
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        # Short shutdown: a hanging handler is cancelled at once when the test stops the server.
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
+        await runner.setup()
+        site = _CountingSite(runner, self.port, self, self._ssl)
+        await site.start()
+        self.port = site._port
+        self._runner = runner
+        return self
+
+    async def stop(self) -> None:
+        """Close the listener and every open connection: the port refuses connections afterwards."""
+        runner, self._runner = self._runner, None
+        self._stopped.set()
+        if runner is not None:
+            await runner.cleanup()
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        self.hits += 1
+        headers = _headers_as_received(request)
+        self.requests.append((request.method, request.path_qs, _joined(headers)))
+        mode = self.mode
+        if mode == "reset":
+            _reset(request)
+            await self._stopped.wait()
+            return web.Response()
+        if mode == "hang":
+            await self._stopped.wait()
+            return web.Response()
+        if mode == "status":
+            return web.json_response({"status": self.status}, status=self.status)
+        if mode == "slow":
+            await asyncio.sleep(self.delay)
+        if request.headers.get("Upgrade", "").lower() == "websocket":
+            return await _ws_echo(request)
+        if request.method == "GET" and request.path.startswith("/_bytes/"):
+            return await _stream_bytes(request, int(request.path.rsplit("/", 1)[1]))
+        digest, length = hashlib.sha256(), 0
+        async for chunk in request.content.iter_any():
+            digest.update(chunk)
+            length += len(chunk)
+        return web.json_response(
+            {
+                "method": request.method,
+                "path": request.path_qs,
+                "headers": _joined(headers),
+                "header_list": headers,
+                "body_length": length,
+                "body_sha256": digest.hexdigest(),
+            }
+        )
+
+
+def _headers_as_received(request: web.Request) -> list[list[str]]:
+    return [[k.decode("latin-1"), v.decode("latin-1")] for k, v in request.raw_headers]
+
+
+def _joined(headers: list[list[str]]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for name, value in headers:
+        out[name] = f"{out[name]}, {value}" if name in out else value
+    return out
+
+
+def _reset(request: web.Request) -> None:
+    transport = request.transport
+    assert transport is not None
+    sock = transport.get_extra_info("socket")
+    if sock is not None:  # SO_LINGER 0: close() sends RST instead of FIN
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()
+
+
+async def _stream_bytes(request: web.Request, n: int) -> web.StreamResponse:
+    resp = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+    resp.enable_chunked_encoding()
+    await resp.prepare(request)
+    data = memoryview(pattern_bytes(n))
+    for start in range(0, n, 65536):
+        await resp.write(bytes(data[start : start + 65536]))
+    await resp.write_eof()
+    return resp
+
+
+async def _ws_echo(request: web.Request) -> web.StreamResponse:
+    ws = web.WebSocketResponse(protocols=("echo", "chat"))
+    await ws.prepare(request)
+    async for msg in ws:
+        if msg.type == WSMsgType.TEXT:
+            await ws.send_str(msg.data)
+        elif msg.type == WSMsgType.BINARY:
+            await ws.send_bytes(msg.data)
+    return ws
+
+
+@pytest.fixture
+async def make_upstream() -> AsyncIterator[Callable[..., Awaitable[EchoUpstream]]]:
+    """`await make_upstream(ssl_context=None)`: a started EchoUpstream, stopped at teardown."""
+    made: list[EchoUpstream] = []
+
+    async def make(*, ssl_context: ssl.SSLContext | None = None) -> EchoUpstream:
+        upstream = await EchoUpstream(ssl_context=ssl_context).start()
+        made.append(upstream)
+        return upstream
+
+    yield make
+    for upstream in made:
+        await upstream.stop()
+
+
+@pytest.fixture
+async def echo_upstream(make_upstream: Callable[..., Awaitable[EchoUpstream]]) -> EchoUpstream:
+    return await make_upstream()
+

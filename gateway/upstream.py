@@ -1,0 +1,335 @@
+"""Sending requests to upstream targets: the one shared ClientSession, balancing, breakers, retries, errors.
+
+This is the only module that uses aiohttp's client for proxying, and `_map_error` is the one place
+where its exceptions become gateway errors (httpx's `map_httpcore_exceptions` idea):
+
+    connect refused / DNS / TLS handshake / connect timeout  -> BadGateway      (502)
+    reset, disconnect, malformed response                    -> BadGateway      (502)
+    no response headers (or body bytes) within read timeout  -> UpstreamTimeout (504)
+    every target's breaker open                              -> UpstreamUnavailable (503, Retry-After)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import time
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping
+from types import TracebackType
+
+import aiohttp
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+from gateway import metrics
+from gateway.breaker import CircuitBreaker
+from gateway.config_types import TLSFiles, UpstreamConfig
+from gateway.errors import BadGateway, GatewayError, UpstreamTimeout, UpstreamUnavailable
+
+# RFC 9110 s9.2.2: repeating these has the same effect as sending once, so a retry is safe.
+IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
+# Answers that say the target (not the request) is sick: they count against its breaker.
+FAILURE_STATUSES = frozenset({502, 503, 504})
+# The client side of a WebSocket handshake is aiohttp's to write; the caller's copies would clash.
+_WS_OWN_HEADERS = frozenset(
+    {"host", "upgrade", "connection", "sec-websocket-key", "sec-websocket-version",
+     "sec-websocket-protocol", "sec-websocket-extensions"}
+)
+# Retry conditions (the names `retries.retry_on` uses) that each kind of failure satisfies.
+_BEFORE_SENDING = frozenset({"connect_error"})
+_CONNECT_TIMEOUT = frozenset({"connect_error", "timeout"})
+_READ_TIMEOUT = frozenset({"timeout"})
+_NONE: frozenset[str] = frozenset()
+
+
+def _map_error(exc: BaseException) -> tuple[GatewayError, frozenset[str]]:
+    """The gateway error for an aiohttp client failure, and the retry conditions it satisfies.
+
+    A failure before the connection was made (refused, TLS, connect timeout) means nothing reached
+    the target, so it is a `connect_error` and safe to retry; after that, only `timeout` may be.
+    """
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        return BadGateway(reason="connect_timeout"), _CONNECT_TIMEOUT
+    if isinstance(exc, TimeoutError):  # ServerTimeoutError / SocketTimeoutError: sock_read
+        return UpstreamTimeout(), _READ_TIMEOUT
+    if isinstance(exc, aiohttp.ClientSSLError | aiohttp.ClientConnectorCertificateError):
+        return BadGateway(reason="upstream_tls"), _BEFORE_SENDING
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return BadGateway(reason="connect_error"), _BEFORE_SENDING
+    if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError | aiohttp.ClientPayloadError):
+        return BadGateway(reason="upstream_reset"), _NONE
+    if isinstance(exc, aiohttp.ClientResponseError):  # unparsable status line or headers
+        return BadGateway(reason="bad_response"), _NONE
+    return BadGateway(), _NONE
+
+
+class UpstreamResponse:
+    """An upstream's answer once its headers arrived. The caller must consume `iter_chunks()` to the
+    end or call `release()` (or use `async with`).
+
+    `headers` are exactly what the target sent (hop-by-hop ones included: filtering is the caller's).
+    Errors while streaming the body come out of `iter_chunks()` already mapped (BadGateway,
+    UpstreamTimeout); as the status line is then already on its way to the client, the caller can
+    only log them and abort the client connection.
+    """
+
+    __slots__ = ("status", "headers", "target", "_resp")
+
+    def __init__(self, resp: aiohttp.ClientResponse, target: str) -> None:
+        self.status: int = resp.status
+        self.headers: CIMultiDictProxy[str] = resp.headers
+        self.target = target
+        self._resp = resp
+
+    async def iter_chunks(self) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in self._resp.content.iter_any():
+                yield chunk
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise _map_error(exc)[0] from exc
+
+    def release(self) -> None:
+        self._resp.release()
+
+    async def __aenter__(self) -> UpstreamResponse:
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._resp.release()
+
+
+class _Target:
+    __slots__ = ("url", "base", "breaker")
+
+    def __init__(self, url: str, breaker: CircuitBreaker) -> None:
+        self.url = url
+        self.base = url.rstrip("/")
+        self.breaker = breaker
+
+
+class _Pool:
+    """One upstream: its targets in order, round-robin position and everything fixed per request."""
+
+    __slots__ = ("name", "targets", "next", "timeout", "ws_timeout", "ssl", "attempts", "retry_on",
+                 "retry_statuses", "duration")
+
+    def __init__(self, cfg: UpstreamConfig, targets: tuple[_Target, ...], ssl_ctx: ssl.SSLContext | bool):
+        self.name = cfg.name
+        self.targets = targets
+        self.next = 0
+        # sock_read bounds the wait for the response headers as well as each body read.
+        self.timeout = aiohttp.ClientTimeout(
+            total=None, connect=cfg.connect_timeout, sock_connect=cfg.connect_timeout,
+            sock_read=cfg.read_timeout,
+        )
+        self.ws_timeout = cfg.connect_timeout + cfg.read_timeout
+        self.ssl = ssl_ctx
+        self.attempts = max(1, cfg.retries.attempts)
+        self.retry_on = cfg.retries.retry_on
+        self.retry_statuses = frozenset(int(s) for s in cfg.retries.retry_on if s.isdigit())
+        self.duration = metrics.upstream_duration_seconds.labels(cfg.name)
+
+    def pick(self, tried: tuple[_Target, ...]) -> _Target | None:
+        """The next target in round-robin order whose breaker admits a request, preferring one not
+        tried yet for this request. allow() is called only on the target returned or on refusing
+        ones, so a half-open probe slot is never reserved and then dropped."""
+        targets = self.targets
+        n = len(targets)
+        start = self.next
+        self.next = (start + 1) % n
+        fallback = None
+        for i in range(n):
+            t = targets[(start + i) % n]
+            if t in tried:
+                fallback = fallback or t
+            elif t.breaker.allow():
+                return t
+        if fallback is not None and fallback.breaker.allow():
+            return fallback
+        return None
+
+    def unavailable(self) -> UpstreamUnavailable:
+        return UpstreamUnavailable(retry_after=min(t.breaker.retry_after() for t in self.targets))
+
+
+def _ssl_context(tls: TLSFiles | None) -> ssl.SSLContext | bool:
+    if tls is None:
+        return True  # https targets: verified against the system's CAs
+    ctx = ssl.create_default_context(cafile=tls.ca_file)
+    if tls.cert_file:
+        ctx.load_cert_chain(tls.cert_file, tls.key_file)  # mTLS: our client certificate
+    return ctx
+
+
+class Upstreams:
+    """Every configured upstream behind one shared keep-alive connection pool."""
+
+    def __init__(
+        self, configs: Mapping[str, UpstreamConfig], *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._configs = dict(configs)
+        self._clock = clock
+        self._pools: dict[str, _Pool] = {}
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        for name, cfg in self._configs.items():
+            targets = []
+            for url in cfg.targets:
+                gauge = metrics.circuit_state.labels(name, url)
+                gauge.set(0)
+                targets.append(_Target(url, CircuitBreaker(cfg.circuit_breaker, clock=self._clock,
+                                                          on_change=gauge.set)))
+            self._pools[name] = _Pool(cfg, tuple(targets), _ssl_context(cfg.tls))
+        connector = aiohttp.TCPConnector(limit=1000, limit_per_host=0, ttl_dns_cache=10)
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            cookie_jar=aiohttp.DummyCookieJar(),  # a proxy must not keep one client's cookies for another
+            auto_decompress=False,  # bodies pass through as the upstream encoded them
+            # Forward what the client sent, nothing more: no User-Agent, Accept or a guessed Content-Type.
+            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
+            timeout=aiohttp.ClientTimeout(total=None),
+            trust_env=False,
+            max_field_size=16384,
+            max_line_size=16384,
+        )
+
+    async def close(self) -> None:
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
+
+    def state(self, upstream: str, target: str) -> int:
+        """The breaker state of one target (0 closed, 1 open, 2 half-open)."""
+        for t in self._pools[upstream].targets:
+            if t.url == target:
+                return t.breaker.state
+        raise KeyError(target)
+
+    async def send(
+        self,
+        upstream: str,
+        method: str,
+        path_qs: str,
+        headers: CIMultiDict[str],
+        body: AsyncIterable[bytes] | None,
+    ) -> UpstreamResponse:
+        """Send one request and return once the response headers arrived.
+
+        `path_qs` is sent exactly as given (already normalised and percent-encoded). `headers` must be
+        the filtered set to forward; Host is left to aiohttp (the target's). `body` is streamed as it
+        is iterated, so a request with a body is never retried; without one, idempotent methods are
+        retried per the upstream's `retries`, on another target when there is one.
+        """
+        session = self._session
+        assert session is not None, "Upstreams.start() was not awaited"
+        pool = self._pools[upstream]
+        if "Host" in headers:
+            headers = headers.copy()
+            del headers["Host"]
+        attempts = pool.attempts if body is None and method in IDEMPOTENT else 1
+        target = pool.pick(())
+        if target is None:
+            raise pool.unavailable()
+        guard = _BodyGuard(body) if body is not None else None
+        tried: tuple[_Target, ...] = ()
+        attempt = 0
+        while True:
+            attempt += 1
+            tried += (target,)
+            breaker = target.breaker
+            started = time.perf_counter()
+            try:
+                resp = await session.request(
+                    method, URL(target.base + path_qs, encoded=True), headers=headers,
+                    data=guard.iterate() if guard is not None else None,
+                    allow_redirects=False, timeout=pool.timeout, ssl=pool.ssl,
+                )
+            except (TimeoutError, aiohttp.ClientError) as exc:
+                if guard is not None and guard.error is not None:
+                    # The client's body failed (it went away, or was over a limit): not the target's fault.
+                    breaker.release()
+                    raise guard.error from exc
+                breaker.record_failure()
+                error, conditions = _map_error(exc)
+                nxt = None
+                if attempt < attempts and not conditions.isdisjoint(pool.retry_on):
+                    nxt = pool.pick(tried)
+                if nxt is None:
+                    raise error from exc
+                target = nxt
+                continue
+            except BaseException:
+                breaker.release()  # cancelled (the client went away): no verdict on the target
+                raise
+            pool.duration.observe(time.perf_counter() - started)
+            status = resp.status
+            if status in FAILURE_STATUSES:
+                breaker.record_failure()
+            else:
+                breaker.record_success()
+            if attempt < attempts and status in pool.retry_statuses:
+                nxt = pool.pick(tried)
+                if nxt is not None:
+                    resp.release()
+                    target = nxt
+                    continue
+            return UpstreamResponse(resp, target.url)
+
+    async def open_websocket(
+        self, upstream: str, path_qs: str, headers: CIMultiDict[str], protocols: tuple[str, ...] = ()
+    ) -> aiohttp.ClientWebSocketResponse:
+        """Open a WebSocket to a target of `upstream` (breaker and round robin as for send(), no retry).
+
+        `headers` are the filtered request headers; the handshake headers (Upgrade, Sec-WebSocket-*) are
+        aiohttp's to write, with `protocols` offered. The caller owns (and must close) the result.
+        """
+        session = self._session
+        assert session is not None, "Upstreams.start() was not awaited"
+        pool = self._pools[upstream]
+        target = pool.pick(())
+        if target is None:
+            raise pool.unavailable()
+        forward = CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in _WS_OWN_HEADERS)
+        breaker = target.breaker
+        try:
+            # ws_connect has no per-call HTTP timeout: bound the whole handshake instead.
+            async with asyncio.timeout(pool.ws_timeout):
+                ws = await session.ws_connect(
+                    URL(target.base + path_qs, encoded=True), headers=forward, protocols=protocols,
+                    ssl=pool.ssl,
+                )
+        except aiohttp.WSServerHandshakeError as exc:
+            if exc.status in FAILURE_STATUSES:
+                breaker.record_failure()
+            else:
+                breaker.record_success()
+            raise BadGateway(reason="websocket_refused") from exc
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            breaker.record_failure()
+            raise _map_error(exc)[0] from exc
+        except BaseException:
+            breaker.release()
+            raise
+        breaker.record_success()
+        return ws
+
+
+class _BodyGuard:
+    """Wraps the client's body so that a failure reading it is told apart from a failure of the target."""
+
+    __slots__ = ("body", "error")
+
+    def __init__(self, body: AsyncIterable[bytes]) -> None:
+        self.body = body
+        self.error: BaseException | None = None
+
+    async def iterate(self) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in self.body:
+                yield chunk
+        except Exception as exc:
+            self.error = exc
+            raise
