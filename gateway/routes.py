@@ -150,6 +150,11 @@ def _prefix_base(prefix: str) -> str:
 _EXACT, _TEMPLATE, _PREFIX = 0, 1, 2
 
 
+def _first_segment(path: str) -> str:
+    end = path.find("/", 1)
+    return path[1:] if end == -1 else path[1:end]
+
+
 @dataclass(frozen=True, slots=True)
 class _Compiled:
     index: int
@@ -190,6 +195,14 @@ class _Compiled:
         return path
 
 
+def _head(c: _Compiled) -> str | None:
+    """The literal first segment every path this route matches starts with, or None if any."""
+    if c.kind == _PREFIX:
+        return _first_segment(c.key) if c.key else None
+    first = _first_segment(c.key)
+    return None if _PARAM.fullmatch(first) else first
+
+
 def _compile(index: int, route: RouteConfig) -> _Compiled:
     if (route.path is None) == (route.path_prefix is None):
         raise ValueError(f"route {route.name!r}: exactly one of path or path_prefix is required")
@@ -219,17 +232,23 @@ class RouteTable:
 
     def __init__(self, routes: Sequence[RouteConfig]) -> None:
         compiled = [_compile(i, r) for i, r in enumerate(routes)]
-        dynamic = tuple(c for c in compiled if c.kind != _EXACT)
-        self._dynamic = dynamic
-        # Exact paths without parameters are a dict lookup; each key holds its exact routes merged
-        # with the dynamic ones in file order, so first-match-wins needs no per-request sorting.
+        dynamic = [c for c in compiled if c.kind != _EXACT]
+        wild = [c for c in dynamic if _head(c) is None]
+
+        def merged(first: str, extra: Sequence[_Compiled] = ()) -> tuple[_Compiled, ...]:
+            # File order is kept inside each candidate tuple, so first-match-wins needs no sorting later.
+            same = [c for c in dynamic if _head(c) == first]
+            return tuple(sorted([*extra, *same, *wild], key=lambda c: c.index))
+
+        # Candidates are bucketed by the path's first segment (a route whose first segment is a
+        # parameter, or the prefix "/", is in every bucket); exact paths are one dict lookup.
+        self._wild = tuple(wild)
+        self._by_first = {h: merged(h) for h in {_head(c) for c in dynamic} if h is not None}
         exact: dict[str, list[_Compiled]] = {}
         for c in compiled:
             if c.kind == _EXACT:
                 exact.setdefault(c.key, []).append(c)
-        self._exact = {
-            key: tuple(sorted([*cs, *dynamic], key=lambda c: c.index)) for key, cs in exact.items()
-        }
+        self._exact = {key: merged(_first_segment(key), cs) for key, cs in exact.items()}
         self._any_host = any(c.host is not None for c in compiled)
         self.routes = tuple(routes)
 
@@ -238,8 +257,11 @@ class RouteTable:
         path = normalize_path(path)
         if self._any_host:
             host = _norm_host(host)
+        candidates = self._exact.get(path)
+        if candidates is None:
+            candidates = self._by_first.get(_first_segment(path), self._wild)
         allowed: set[str] | None = None
-        for c in self._exact.get(path, self._dynamic):
+        for c in candidates:
             if c.host is not None and c.host != host:
                 continue
             params = c.params(path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import posixpath
 import re
 from collections.abc import Sequence
@@ -273,6 +274,71 @@ def test_invalid_routes_are_refused_at_construction() -> None:
         RouteTable([route("both", "/a", prefix="/a")])
     with pytest.raises(ValueError, match="normal form"):
         RouteTable([route("bad", "/a/%7e")])
+
+
+def _reference(routes: Sequence[RouteConfig], method: str, raw: str, host: str) -> object:
+    """A naive linear matcher written from the spec, to check the bucketed table against."""
+    path = normalize_path(raw)
+    allow: set[str] = set()
+    for r in routes:
+        if r.host is not None and r.host != host:
+            continue
+        params: dict[str, str] = {}
+        if r.path_prefix is not None:
+            base = r.path_prefix.rstrip("/")
+            if not (path == base or path.startswith(base + "/")):
+                continue
+        else:
+            assert r.path is not None
+            want, have = r.path.split("/"), path.split("/")
+            if len(want) != len(have):
+                continue
+            ok = True
+            for w, h in zip(want, have, strict=True):
+                if w.startswith("{"):
+                    ok = ok and h != ""
+                    params[w[1:-1]] = h
+                else:
+                    ok = ok and w == h
+            if not ok:
+                continue
+        if r.methods is None or method in r.methods:
+            return (r.name, params)
+        allow.update(r.methods)
+    return ("MethodNotAllowed", ", ".join(sorted(allow))) if allow else ("NotFound", None)
+
+
+ROUTE_POOL = st.builds(
+    lambda kind, methods, host: route(kind[1], path=kind[1], methods=methods, host=host)
+    if kind[0] == "path"
+    else route(kind[1], prefix=kind[1], methods=methods, host=host),
+    st.sampled_from(
+        [("path", p) for p in ("/", "/a", "/a/", "/a/{x}", "/{x}", "/{x}/b", "/a/b", "/b/{y}/c", "/c/{x}/{y}")]
+        + [("prefix", p) for p in ("/", "/a", "/a/b/", "/b", "/c/")]
+    ),
+    st.sampled_from([None, ("GET",), ("GET", "POST"), ("DELETE",)]),
+    st.sampled_from([None, "h"]),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(ROUTE_POOL, max_size=8),
+    st.lists(st.lists(st.sampled_from(["a", "b", "c", "", "d"]), max_size=4), min_size=1, max_size=6),
+    st.sampled_from(["GET", "POST", "DELETE"]),
+    st.sampled_from(["h", "g"]),
+)
+def test_table_agrees_with_naive_linear_matcher(
+    routes: list[RouteConfig], paths: list[list[str]], method: str, host: str
+) -> None:
+    routes = [dataclasses.replace(r, name=f"{i}:{r.name}") for i, r in enumerate(routes)]
+    table = RouteTable(routes)
+    for segs in paths:
+        raw = "/" + "/".join(segs)
+        got = _outcome(table.match, method, raw, host)
+        if isinstance(got, RouteMatch):
+            got = (got.route.name, dict(got.params))
+        assert got == _reference(routes, method, raw, host)
 
 
 # Routes spread over the attack alphabet, so random paths hit all of them.
