@@ -157,9 +157,8 @@ class JwksCache:
             self.next_refresh_in = self._backoff
             self._backoff = min(self._backoff * 2, self._backoff_max)
             log.warning(
-                "jwks fetch failed",
-                extra={"issuer": self.issuer.name, "error": f"{type(exc).__name__}: {exc}",
-                       "keys_kept": len(self._keys), "retry_in": self.next_refresh_in},
+                "jwks fetch for issuer %s failed (%s: %s); keeping %d keys, retry in %.1fs",
+                self.issuer.name, type(exc).__name__, exc, len(self._keys), self.next_refresh_in,
             )
             return False
         by_kid: dict[str, jwt.PyJWK] = {}
