@@ -1,0 +1,278 @@
+"""Strip inbound identity and hop-by-hop headers, then add forwarding headers, identity headers or a minted token."""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+import re
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import jwt
+from multidict import CIMultiDict
+
+from gateway import metrics
+from gateway.config_types import ForwardConfig, InternalTokenConfig, IPNetwork
+from gateway.errors import InvalidToken
+from gateway.model import Principal
+
+# RFC 9110 s7.6.1 (Connection) and the headers every proxy treats as hop-by-hop (RFC 2616 s13.5.1,
+# plus the non-standard Proxy-Connection). They describe one connection, never the next hop's.
+HOP_BY_HOP = frozenset(
+    {"connection", "keep-alive", "proxy-authorization", "proxy-connection", "te", "trailer",
+     "transfer-encoding", "upgrade"}
+)
+# Headers the gateway sets itself: the client's copies are removed first (strip before add, as Envoy
+# sanitizes the headers it will set) so a client can never smuggle a value past us.
+_WE_SET = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-request-id", "host"})
+_BASE = HOP_BY_HOP | _WE_SET
+# Precomputed per (strip_authorization, keep_upgrade): no set is built per request.
+_DROP = {
+    (True, False): _BASE | {"authorization"},
+    (True, True): (_BASE - {"upgrade"}) | {"authorization"},
+    (False, False): _BASE,
+    (False, True): _BASE - {"upgrade"},
+}
+_RESPONSE_DROP = {False: HOP_BY_HOP, True: HOP_BY_HOP - {"upgrade"}}
+_AUTH_PREFIX = "x-auth-"
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+# RFC 9110 s5.5: a field value never holds CR, LF or NUL; other controls (but HTAB) are refused too.
+_UNSAFE_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+@functools.lru_cache(maxsize=4096)
+def _is_trusted(ip: str, trusted: tuple[IPNetwork, ...]) -> bool:
+    try:
+        addr = ipaddress.ip_address(ip.strip())
+    except ValueError:
+        return False
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped  # a dual-stack socket reports IPv4 peers as ::ffff:a.b.c.d
+    return any(addr in net for net in trusted)
+
+
+def client_ip_from(xff: str | None, peer_ip: str, trusted: tuple[IPNetwork, ...]) -> str:
+    """The real client address for logs: walk X-Forwarded-For right to left over trusted proxies.
+
+    As uvicorn's proxy_headers.py: only hops appended by proxies we trust are believed; the first
+    address (from the right) that is not one of them is the client. Anything left of it is
+    client-supplied and could be forged.
+    """
+    if not trusted or not xff or not _is_trusted(peer_ip, trusted):
+        return peer_ip
+    hop = peer_ip
+    for entry in reversed(xff.split(",")):
+        entry = entry.strip()
+        try:
+            ipaddress.ip_address(entry)
+        except ValueError:
+            return hop  # garbage from a hop: the last believable address is the nearest proxy's
+        if not _is_trusted(entry, trusted):
+            return entry
+        hop = entry
+    return hop
+
+
+def request_id_from(headers: Mapping[str, str]) -> str:
+    """The client's X-Request-Id when it is safe to log and forward, else a new one."""
+    rid = headers.get("X-Request-Id")
+    if rid is not None and _REQUEST_ID.fullmatch(rid):
+        return rid
+    return uuid.uuid4().hex
+
+
+def upstream_request_headers(
+    client_headers: Mapping[str, str],
+    *,
+    strip_authorization: bool,
+    keep_upgrade: bool,
+    client_ip: str,
+    peer_ip: str,
+    trusted_proxies: tuple[IPNetwork, ...],
+    scheme: str,
+    host: str,
+    request_id: str,
+) -> CIMultiDict[str]:
+    """The headers the upstream receives, before identity is added (see identity_headers/TokenMinter).
+
+    `Host` is not set here: the HTTP client sets it for the target (the client's goes in
+    X-Forwarded-Host). `client_ip` (from client_ip_from) is only for the caller's log: the forwarded
+    chain is built from the socket peer, never from a parsed guess.
+    A trusted proxy's X-Forwarded-Proto/Host are kept (it saw the client; we saw the proxy).
+    """
+    drop = _DROP[(strip_authorization, keep_upgrade)]
+    getall = getattr(client_headers, "getall", None)
+    conn_values = getall("Connection", []) if getall else [client_headers.get("Connection", "")]
+    if any(conn_values):
+        # RFC 9110 s7.6.1: headers named in Connection are hop-by-hop too (Connection: X-Auth-Subject
+        # would otherwise make a naive proxy drop the very header it adds).
+        named = {tok.strip().lower() for v in conn_values if v for tok in v.split(",")}
+        if keep_upgrade:
+            named.discard("upgrade")  # `Connection: Upgrade` is how a WebSocket handshake asks for it
+        drop = drop | named
+    trusted_peer = bool(trusted_proxies) and _is_trusted(peer_ip, trusted_proxies)
+    out: CIMultiDict[str] = CIMultiDict()
+    xff: list[str] = []
+    xfp = xfh = None
+    for name, value in client_headers.items():
+        lower = name.lower()
+        if lower.startswith(_AUTH_PREFIX):
+            continue  # identity comes only from the verified token (SPEC 4)
+        if lower in drop:
+            if trusted_peer:
+                if lower == "x-forwarded-for":
+                    xff.append(value)
+                elif lower == "x-forwarded-proto" and xfp is None:
+                    xfp = value
+                elif lower == "x-forwarded-host" and xfh is None:
+                    xfh = value
+            continue
+        if lower == "forwarded" and not trusted_peer:
+            continue  # RFC 7239 from an untrusted peer is as forgeable as X-Forwarded-For
+        out.add(name, value)
+    # A trusted proxy's chain is extended; anyone else's is replaced by what we saw (the socket peer).
+    xff.append(peer_ip)
+    out["X-Forwarded-For"] = ", ".join(xff)
+    out["X-Forwarded-Proto"] = xfp or scheme
+    if xfh or host:
+        out["X-Forwarded-Host"] = xfh or host
+    out["X-Request-Id"] = request_id
+    return out
+
+
+def response_headers(upstream_headers: Mapping[str, str], *, keep_upgrade: bool = False) -> CIMultiDict[str]:
+    """The upstream's response headers minus hop-by-hop ones (and those its Connection names)."""
+    drop = _RESPONSE_DROP[keep_upgrade]
+    getall = getattr(upstream_headers, "getall", None)
+    conn_values = getall("Connection", []) if getall else [upstream_headers.get("Connection", "")]
+    if any(conn_values):
+        drop = drop | {tok.strip().lower() for v in conn_values if v for tok in v.split(",")}
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in upstream_headers.items():
+        if name.lower() not in drop:
+            out.add(name, value)
+    return out
+
+
+def _safe(value: str) -> str:
+    if _UNSAFE_VALUE.search(value):
+        # A claim that would split or end the header block (response splitting, RFC 9110 s5.5):
+        # refuse the request rather than forward a rewritten identity.
+        raise InvalidToken("malformed")
+    return value
+
+
+def identity_headers(p: Principal) -> dict[str, str]:
+    """SPEC 4 `forward.identity: headers`: each header only when the token carries the value."""
+    out: dict[str, str] = {}
+    if p.subject:
+        out["X-Auth-Subject"] = _safe(p.subject)
+    out["X-Auth-Issuer"] = _safe(p.issuer)
+    if p.scopes:
+        if any(" " in s or "\t" in s for s in p.scopes):
+            raise InvalidToken("malformed")  # would read as two scopes upstream (RFC 6749 s3.3)
+        out["X-Auth-Scopes"] = _safe(" ".join(sorted(p.scopes)))
+    if p.roles:
+        if any("," in r for r in p.roles):
+            raise InvalidToken("malformed")  # "user,admin" would read as two roles upstream
+        out["X-Auth-Roles"] = _safe(",".join(p.roles))
+    if p.tenant:
+        out["X-Auth-Tenant"] = _safe(p.tenant)
+    if p.jti:
+        out["X-Auth-Token-Id"] = _safe(p.jti)
+    return out
+
+
+class SigningKeyLike(Protocol):
+    @property
+    def kid(self) -> str: ...
+    @property
+    def alg(self) -> str: ...
+    @property
+    def key(self) -> Any: ...
+
+
+class KeySource(Protocol):
+    def current(self) -> SigningKeyLike: ...
+
+
+@dataclass(frozen=True, slots=True)
+class _Minted:
+    token: str
+    exp: float
+    capped: bool  # exp is the original token's: minting again cannot give a longer life
+
+
+class TokenMinter:
+    """Mints the internal token of SPEC 4 and caches it, so signing is not done per request."""
+
+    def __init__(
+        self,
+        keys: KeySource,
+        cfg: InternalTokenConfig,
+        *,
+        clock: Callable[[], float] = time.time,
+        cache_size: int = 50_000,
+    ) -> None:
+        self._keys = keys
+        self._cfg = cfg
+        self._clock = clock
+        self._cache_size = cache_size
+        self._cache: dict[tuple[str, str, tuple[str, ...], str], _Minted] = {}
+        # Re-mint once a third of the life is gone (at least 5 s before expiry): an upstream
+        # never receives a token about to expire in transit, and we sign ~once per ttl*2/3.
+        self._min_remaining = max(cfg.ttl / 3, 5.0)
+
+    def mint(self, p: Principal, forward: ForwardConfig) -> str:
+        now = self._clock()
+        if p.exp is not None and p.exp <= now:
+            raise InvalidToken("expired", issuer=p.issuer)
+        if not forward.audience:
+            raise ValueError("forward.audience is required to mint an internal token")
+        if forward.scopes is None:
+            scopes = tuple(sorted(p.scopes))
+        else:
+            # Down-scoping: the intersection, so a route can narrow the user's scopes but never widen them.
+            scopes = tuple(sorted(p.scopes.intersection(forward.scopes)))
+        key = self._keys.current()
+        cache_key = (p.token_hash, forward.audience, scopes, key.kid)
+        if p.token_hash:
+            hit = self._cache.get(cache_key)
+            if hit is not None and now < hit.exp and (hit.capped or hit.exp - now > self._min_remaining):
+                return hit.token
+        exp = now + self._cfg.ttl
+        capped = p.exp is not None and p.exp <= exp
+        if p.exp is not None and capped:
+            exp = p.exp  # never outlive the token it stands for
+        claims: dict[str, Any] = {
+            "iss": self._cfg.issuer,
+            "aud": forward.audience,
+            "iat": int(now),
+            "exp": int(exp),
+            "jti": str(uuid.uuid4()),
+            "orig_iss": p.iss,
+        }
+        if p.subject is not None:
+            claims["sub"] = p.subject
+        if scopes:
+            claims["scope"] = " ".join(scopes)
+        if p.jti is not None:
+            claims["orig_jti"] = p.jti
+        if p.tenant is not None:
+            claims["tenant"] = p.tenant
+        if p.session is not None:
+            claims["sid"] = p.session
+        if p.roles:
+            claims["roles"] = list(p.roles)
+        token = jwt.encode(claims, key.key, algorithm=key.alg, headers={"kid": key.kid, "typ": "JWT"})
+        metrics.internal_tokens_minted_total.inc()
+        if p.token_hash:
+            self._cache.pop(cache_key, None)  # re-insert at the end: dict order is insertion age
+            if len(self._cache) >= self._cache_size:
+                # O(1) FIFO eviction: the oldest insertion is also the one nearest its expiry.
+                del self._cache[next(iter(self._cache))]
+            self._cache[cache_key] = _Minted(token, float(int(exp)), capped)
+        return token
