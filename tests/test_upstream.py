@@ -25,7 +25,7 @@ from gateway.breaker import CLOSED, HALF_OPEN, OPEN
 from gateway.config_types import BreakerConfig, RetryConfig, TLSFiles, UpstreamConfig
 from gateway.errors import BadGateway, PayloadTooLarge, UpstreamTimeout, UpstreamUnavailable
 from gateway.upstream import UpstreamResponse, Upstreams
-from tests.support.upstreams import EchoUpstream, pattern_bytes
+from tests.support.upstreams import Blackhole, EchoUpstream, pattern_bytes
 
 MakeUpstream = Callable[..., Awaitable[EchoUpstream]]
 
@@ -279,6 +279,32 @@ async def test_hanging_target_times_out_within_read_timeout(
     elapsed = time.perf_counter() - started
     assert 0.45 <= elapsed < 0.8
     assert info.value.status == 504 and info.value.code == "upstream_timeout"
+
+
+async def test_connect_timeout_is_bad_gateway_then_open_breaker_answers_far_faster(
+    blackhole: Blackhole, make_upstreams: Callable[..., Awaitable[Upstreams]]
+) -> None:
+    ups = await make_upstreams(config("hole", blackhole.url, connect=0.4, failures=2, attempts=1))
+    for _ in range(2):
+        started = time.perf_counter()
+        with pytest.raises(BadGateway) as info:
+            await get(ups, "hole")
+        assert 0.35 <= time.perf_counter() - started < 0.7
+        assert info.value.reason == "connect_timeout"
+    assert ups.state("hole", blackhole.url) == OPEN
+    started = time.perf_counter()
+    with pytest.raises(UpstreamUnavailable):
+        await get(ups, "hole")
+    assert time.perf_counter() - started < 0.04  # a tenth of the connect timeout, at most
+
+
+async def test_connect_timeout_retried_on_other_target(
+    blackhole: Blackhole, make_upstream: MakeUpstream, make_upstreams: Callable[..., Awaitable[Upstreams]]
+) -> None:
+    live = await make_upstream()
+    ups = await make_upstreams(config("hole2", blackhole.url, live.url, connect=0.3))
+    async with await get(ups, "hole2") as resp:
+        assert resp.status == 200 and resp.target == live.url
 
 
 async def test_refused_and_reset_are_bad_gateway(

@@ -14,6 +14,9 @@ request as it arrived. Its mode can change at runtime:
 - "reset":  abort the TCP connection (RST) without answering.
 
 `.hits` counts requests, `.connections` counts accepted TCP connections.
+
+`Blackhole` is a target whose TCP connect never completes (a listener with a full accept queue: Linux
+drops further SYNs), for connect timeouts.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import hashlib
 import socket
 import ssl
 import struct
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
@@ -193,6 +196,36 @@ async def _ws_echo(request: web.Request) -> web.StreamResponse:
         elif msg.type == WSMsgType.BINARY:
             await ws.send_bytes(msg.data)
     return ws
+
+
+class Blackhole:
+    def __init__(self) -> None:
+        self._listener = socket.socket()
+        self._listener.bind(("127.0.0.1", 0))
+        self._listener.listen(0)
+        self.port = self._listener.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        # Fill the accept queue (backlog 0 still holds one) with connections nobody accepts.
+        self._fillers = []
+        for _ in range(3):
+            filler = socket.socket()
+            filler.setblocking(False)
+            try:
+                filler.connect(("127.0.0.1", self.port))
+            except BlockingIOError:
+                pass
+            self._fillers.append(filler)
+
+    def close(self) -> None:
+        for sock in (*self._fillers, self._listener):
+            sock.close()
+
+
+@pytest.fixture
+def blackhole() -> Iterator[Blackhole]:
+    hole = Blackhole()
+    yield hole
+    hole.close()
 
 
 @pytest.fixture
