@@ -19,7 +19,8 @@ class RequestView:
     query_string: str
     host: str  # Host header without port, lower-cased
     headers: Mapping[str, str]  # case-insensitive mapping (multidict) of the client's headers
-    client_ip: str
+    client_ip: str  # the real client: X-Forwarded-For walked over trusted proxies, else the peer
+    peer_ip: str  # the TCP peer
     scheme: str = "http"
 
 

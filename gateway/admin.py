@@ -1,0 +1,130 @@
+"""The admin listener: metrics, health, readiness, the internal issuer's JWKS, revocations, the access matrix."""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from gateway import metrics
+from gateway.errors import AuthError, GatewayError, InsufficientScope, InvalidToken
+from gateway.matrix import access_matrix
+from gateway.tokens import bearer_token
+
+if TYPE_CHECKING:
+    from gateway.app import GatewayApp
+
+REVOCATION_TYPES = ("jti", "subject", "session")
+
+
+def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(status=status, text=json.dumps(data, indent=1), content_type="application/json",
+                        headers=headers)
+
+
+def _error(err: GatewayError) -> web.Response:
+    body = {"error": err.code, "error_description": err.description, "request_id": "-"}
+    return _json(body, err.status, err.headers)
+
+
+def admin_app(gw: GatewayApp) -> web.Application:
+    async def metrics_view(request: web.Request) -> web.Response:
+        body, content_type = metrics.render()
+        return web.Response(body=body, headers={"Content-Type": content_type})
+
+    async def healthz(request: web.Request) -> web.Response:
+        return _json({"status": "ok"})
+
+    async def readyz(request: web.Request) -> web.Response:
+        checks = gw.services.ready()
+        checks["config"] = gw.gateway is not None
+        checks["accepting"] = not gw.draining
+        ok = all(checks.values())
+        return _json({"ready": ok, "checks": checks}, 200 if ok else 503)
+
+    async def jwks(request: web.Request) -> web.Response:
+        keys = gw.services.keys
+        if keys is None:
+            return _json({"keys": []}, headers={"Cache-Control": "public, max-age=60"})
+        # Short cache: a service that meets a kid it has not seen refetches; old keys stay published
+        # until every token they signed has expired, so a cached copy never misses a valid key for long.
+        return _json(keys.public_jwks(), headers={"Cache-Control": "public, max-age=60"})
+
+    async def openid_configuration(request: web.Request) -> web.Response:
+        cfg = gw.config.internal_token
+        if cfg is None or gw.services.keys is None:
+            raise web.HTTPNotFound()
+        base = f"{request.scheme}://{request.host}"
+        return _json(gw.services.keys.openid_configuration(cfg.issuer, base + "/.well-known/jwks.json"),
+                     headers={"Cache-Control": "public, max-age=300"})
+
+    async def authorize_admin(request: web.Request) -> None:
+        gateway = gw.gateway
+        assert gateway is not None
+        principal = await gateway.verifier.verify(bearer_token(request.headers.get("Authorization")))
+        await gateway.revocations.check(principal)
+        admin = gw.config.admin
+        if admin.issuer is not None and principal.issuer != admin.issuer:
+            raise InvalidToken("wrong_issuer", issuer=principal.issuer)
+        if admin.scope not in principal.scopes:
+            raise InsufficientScope((admin.scope,), issuer=principal.issuer)
+
+    async def revocations(request: web.Request) -> web.Response:
+        try:
+            await authorize_admin(request)
+            try:
+                body = await request.json()
+            except (ValueError, UnicodeDecodeError):
+                return _json({"error": "invalid_request", "error_description": "body must be JSON"}, 400)
+            problem = _check_revocation(body, [i.name for i in gw.config.issuers])
+            if problem:
+                return _json({"error": "invalid_request", "error_description": problem}, 400)
+            store = gw.services.revocation
+            assert store is not None
+            issuer = body.get("issuer") or (gw.config.issuers[0].name if len(gw.config.issuers) == 1 else None)
+            written = await store.revoke(body["type"], body["value"], issuer, exp=body.get("exp"))
+            return _json({"revoked": written}, 201)
+        except GatewayError as err:
+            if isinstance(err, AuthError):
+                metrics.auth_failures_total.labels(issuer=err.issuer or "-", reason=err.reason).inc()
+            return _error(err)
+
+    async def routes(request: web.Request) -> web.Response:
+        try:
+            await authorize_admin(request)
+        except GatewayError as err:
+            return _error(err)
+        return _json(access_matrix(gw.config))
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics_view)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/.well-known/jwks.json", jwks)
+    app.router.add_get("/.well-known/openid-configuration", openid_configuration)
+    app.router.add_post("/admin/revocations", revocations)
+    app.router.add_get("/admin/routes", routes)
+    return app
+
+
+def _check_revocation(body: Any, issuers: list[str]) -> str | None:
+    if not isinstance(body, dict):
+        return "body must be a JSON object"
+    unknown = set(body) - {"type", "value", "issuer", "exp"}
+    if unknown:
+        return f"unknown field(s): {', '.join(sorted(unknown))}"
+    if body.get("type") not in REVOCATION_TYPES:
+        return f"type must be one of: {', '.join(REVOCATION_TYPES)}"
+    value = body.get("value")
+    if not isinstance(value, str) or not value or len(value) > 1024 or any(c in value for c in "\r\n\0"):
+        return "value must be a non-empty string"
+    issuer = body.get("issuer")
+    if issuer is not None and issuer not in issuers:
+        return f"unknown issuer; known: {', '.join(issuers)}"
+    if body["type"] != "jti" and issuer is None and len(issuers) != 1:
+        return "issuer is required for subject and session revocations"
+    exp = body.get("exp")
+    if exp is not None and (not isinstance(exp, int) or isinstance(exp, bool)):
+        return "exp must be a UNIX time"
+    return None

@@ -1,0 +1,428 @@
+"""aiohttp glue: request -> RequestView -> pipeline -> streamed response; admin listener; lifecycle."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import ssl
+import sys
+import time
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from aiohttp.http_exceptions import LineTooLong
+from aiohttp.web_protocol import RequestHandler
+
+from gateway import metrics
+from gateway.config import load
+from gateway.config_types import Config, IssuerConfig
+from gateway.errors import (
+    AuthError,
+    BadGateway,
+    ConfigError,
+    GatewayError,
+    HeaderTooLarge,
+    PayloadTooLarge,
+)
+from gateway.identity import TokenMinter, client_ip_from, request_id_from, response_headers
+from gateway.jwks import JwksCache
+from gateway.keys import KeyStore
+from gateway.model import RequestView
+from gateway.pipeline import Exchange, Gateway
+from gateway.revocation import RevocationStore, create_store
+from gateway.tokens import TokenVerifier
+from gateway.upstream import Upstreams
+
+log = logging.getLogger("gateway")
+_CHUNK = 64 * 1024
+
+
+def _now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def error_body(err: GatewayError, request_id: str) -> bytes:
+    # SPEC 5: code and a fixed description only; the precise reason goes to the log and metrics.
+    return json.dumps({"error": err.code, "error_description": err.description, "request_id": request_id}).encode()
+
+
+class Services:
+    """Long-lived resources shared across config reloads: key caches, revocation, signing keys, upstream pool."""
+
+    def __init__(self) -> None:
+        self.session: aiohttp.ClientSession | None = None
+        self.jwks: dict[str, JwksCache] = {}
+        self._jwks_cfg: dict[str, IssuerConfig] = {}
+        self.revocation: RevocationStore | None = None
+        self.keys: KeyStore | None = None
+        self.minter: TokenMinter | None = None
+        self.upstreams: Upstreams | None = None
+        self._built: dict[str, Any] = {}  # the config section each resource was built from
+        self._retired: list[Any] = []
+        self._rotator: asyncio.Task[None] | None = None
+
+    async def build(self, config: Config) -> Gateway:
+        """A Gateway for `config`, reusing every resource whose configuration did not change."""
+        if self.session is None:
+            self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
+        jwks: dict[str, JwksCache] = {}
+        for issuer in config.issuers:
+            cache = self.jwks.get(issuer.name)
+            if cache is None or self._jwks_cfg.get(issuer.name) != issuer:
+                cache = JwksCache(issuer, self.session)
+                await cache.start()
+                if issuer.name in self.jwks:
+                    self._retired.append(self.jwks[issuer.name])
+            jwks[issuer.name] = cache
+            self._jwks_cfg[issuer.name] = issuer
+        self._retired.extend(c for n, c in self.jwks.items() if n not in jwks)
+        self.jwks = jwks
+        verifier = TokenVerifier(config.issuers, jwks)
+        if self.revocation is None or self._built.get("revocation") != config.revocation:
+            if self.revocation is not None:
+                self._retired.append(self.revocation)
+            self.revocation = create_store(config.revocation)
+            await self.revocation.start()
+            self._built["revocation"] = config.revocation
+        if config.internal_token is not None:
+            if self.keys is None or self._built.get("internal_token") != config.internal_token:
+                keys = KeyStore(config.internal_token)
+                keys.load()  # KeyStoreError (unreadable, corrupt) surfaces here, at start or reload
+                self.keys, self.minter = keys, TokenMinter(keys, config.internal_token)
+                self._built["internal_token"] = config.internal_token
+                if self._rotator is None:
+                    self._rotator = asyncio.create_task(self._rotate_keys())
+        else:
+            self.keys = self.minter = None
+        if self.upstreams is None or self._built.get("upstreams") != config.upstreams:
+            if self.upstreams is not None:
+                self._retired.append(self.upstreams)
+            self.upstreams = Upstreams(config.upstreams)
+            await self.upstreams.start()
+            self._built["upstreams"] = config.upstreams
+        return Gateway(config, verifier, self.revocation, self.minter, self.upstreams)
+
+    async def _rotate_keys(self) -> None:
+        """rotate_every: checked often, so a rotation by another replica is picked up quickly too."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(5.0)
+            keys = self.keys
+            if keys is None:
+                continue
+            try:
+                await loop.run_in_executor(None, keys.maybe_rotate)
+            except Exception as exc:  # noqa: BLE001 - keep signing with the current key; say why
+                log.error("signing key rotation failed: %s", exc)
+
+    async def close_retired(self) -> None:
+        retired, self._retired = self._retired, []
+        for item in retired:
+            with contextlib.suppress(Exception):
+                await item.close()
+
+    async def close(self) -> None:
+        if self._rotator is not None:
+            self._rotator.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._rotator
+        await self.close_retired()
+        for item in (*self.jwks.values(), self.revocation, self.upstreams):
+            if item is not None:
+                with contextlib.suppress(Exception):
+                    await item.close()
+        if self.session is not None:
+            await self.session.close()
+
+    def ready(self) -> dict[str, bool]:
+        checks = {f"jwks:{name}": cache.ready for name, cache in self.jwks.items()}
+        checks["revocation"] = self.revocation is not None and self.revocation.ready()
+        return checks
+
+
+class _Handler(RequestHandler):
+    """aiohttp's protocol handler, answering its own parse errors with the gateway's JSON errors."""
+
+    def handle_error(self, request: Any, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        err: GatewayError
+        if isinstance(exc, LineTooLong) or (status == 400 and "too many headers" in str(message or "").lower()):
+            err = HeaderTooLarge()
+        elif status == 400:
+            from gateway.errors import BadRequest
+            err = BadRequest()
+        else:
+            err = GatewayError()
+        resp = web.Response(status=err.status, body=error_body(err, "-"), content_type="application/json")
+        resp.force_close()
+        return resp
+
+
+class _Server(web.Server):
+    def __call__(self) -> RequestHandler:
+        return _Handler(self, loop=self._loop, **self._kwargs)
+
+
+class GatewayApp:
+    """The public listener, the admin listener and the current Gateway, swapped atomically on reload."""
+
+    def __init__(self, config: Config, *, reuse_port: bool = False) -> None:
+        self.config = config
+        self.services = Services()
+        self.gateway: Gateway | None = None
+        self.reuse_port = reuse_port
+        self.draining = False
+        self._runners: list[web.BaseRunner] = []
+        self._inflight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._labels: dict[tuple[str, str, int], Any] = {}
+        self._durations: dict[str, Any] = {}
+        self._flusher: asyncio.Task[None] | None = None
+        self.public_port = 0
+        self.admin_port = 0
+
+    # -- lifecycle ----------------------------------------------------------------------------------
+    async def start(self) -> None:
+        self.gateway = await self.services.build(self.config)
+        from gateway.admin import admin_app
+
+        cfg = self.config.server
+        max_line = max(8190, cfg.max_header_bytes * 4)
+        public = _Server(self.handle, max_line_size=max_line, max_field_size=max_line, max_headers=1000,
+                         access_log=None)
+        runner = web.ServerRunner(public, handle_signals=False, shutdown_timeout=cfg.shutdown_grace)
+        await runner.setup()
+        site = web.TCPSite(runner, cfg.host, cfg.port, reuse_port=self.reuse_port or None,
+                           ssl_context=_server_ssl(self.config), backlog=1024)
+        await site.start()
+        self._runners.append(runner)
+        self.public_port = _bound_port(runner)
+        admin = web.AppRunner(admin_app(self), handle_signals=False, access_log=None)
+        await admin.setup()
+        await web.TCPSite(admin, self.config.admin.host, self.config.admin.port,
+                          reuse_port=self.reuse_port or None).start()
+        self._runners.append(admin)
+        self.admin_port = _bound_port(admin)
+        self._flusher = asyncio.create_task(self._flush_logs())
+
+    async def drain_and_stop(self) -> None:
+        """SIGTERM: not ready at once, stop accepting, let in-flight requests finish within shutdown_grace."""
+        self.draining = True
+        grace = self.config.server.shutdown_grace
+        if self._runners:
+            public = self._runners[0]
+            for site in list(public.sites):
+                await site.stop()  # closes the listening socket: no new connections
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), grace)
+        await self.stop()
+
+    async def stop(self) -> None:
+        for runner in self._runners:
+            await runner.cleanup()
+        self._runners.clear()
+        if self._flusher is not None:
+            self._flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._flusher
+        await self.services.close()
+        sys.stdout.flush()
+
+    async def reload(self, path: str) -> bool:
+        """SIGHUP: parse off the request path; a good file swaps atomically, a bad one is refused and counted."""
+        try:
+            config = await asyncio.get_running_loop().run_in_executor(None, load, path)
+            gateway = await self.services.build(config)
+        except ConfigError as exc:
+            metrics.config_reloads_total.labels(result="error").inc()
+            for problem in exc.problems:
+                log.error("reload refused: %s", problem)
+            return False
+        except Exception as exc:  # noqa: BLE001 - any failure keeps the running config
+            metrics.config_reloads_total.labels(result="error").inc()
+            log.error("reload refused: %s", exc)
+            return False
+        self.config, self.gateway = config, gateway  # in-flight requests keep the Gateway they started with
+        metrics.config_reloads_total.labels(result="ok").inc()
+        log.info("configuration reloaded from %s", path)
+        asyncio.get_running_loop().call_later(self.config.server.shutdown_grace or 1.0,
+                                              lambda: asyncio.ensure_future(self.services.close_retired()))
+        return True
+
+    async def _flush_logs(self) -> None:
+        while True:
+            await asyncio.sleep(0.5)
+            sys.stdout.flush()
+
+    # -- the request path ---------------------------------------------------------------------------
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        started = time.perf_counter()
+        gateway = self.gateway  # snapshot: a reload does not change a request in flight
+        assert gateway is not None
+        cfg = gateway.config.server
+        ex = Exchange(request_id_from(request.headers))
+        self._inflight += 1
+        self._idle.clear()
+        metrics.inflight_requests.inc()
+        status, auth, target, upstream_status = 500, "-", "", 0
+        body_state: dict[str, bool] = {}
+        try:
+            try:
+                if _header_bytes(request) > cfg.max_header_bytes:
+                    raise HeaderTooLarge()
+                view = self._view(request, cfg.trusted_proxies)
+                body = self._body(request, cfg.max_body_bytes, body_state)
+                if request.headers.get("Upgrade", "").lower() == "websocket":
+                    from gateway.websocket import proxy_websocket
+                    resp = await proxy_websocket(gateway, request, view, ex)
+                    status, auth = resp.status, "ok" if ex.principal else "none"
+                    return resp
+                try:
+                    up = await gateway.handle(view, body, ex)
+                except BadGateway:
+                    if body_state.get("too_large"):
+                        raise PayloadTooLarge() from None
+                    raise
+            except GatewayError as err:
+                status = err.status
+                if isinstance(err, AuthError):
+                    auth = err.reason
+                    metrics.auth_failures_total.labels(issuer=err.issuer or "-", reason=err.reason).inc()
+                elif ex.principal is not None:
+                    auth = "ok"
+                resp = web.Response(status=err.status, body=error_body(err, ex.request_id),
+                                    headers={**err.headers, "X-Request-Id": ex.request_id},
+                                    content_type="application/json")
+                return resp
+            auth = "ok" if ex.principal is not None else "none"
+            status, target, upstream_status = up.status, up.target, up.status
+            return await self._relay(request, up, ex.request_id)
+        finally:
+            self._inflight -= 1
+            if self._inflight == 0:
+                self._idle.set()
+            metrics.inflight_requests.dec()
+            elapsed = time.perf_counter() - started
+            self._observe(ex.route, request.method, status, elapsed)
+            self._access_log(request, ex, status, elapsed, target, upstream_status, auth)
+
+    def _view(self, request: web.BaseRequest, trusted: Any) -> RequestView:
+        raw = request.raw_path
+        path, _, query = raw.partition("?")
+        peer = request.remote or ""
+        host = request.headers.get("Host", "")
+        host = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+        return RequestView(
+            method=request.method, raw_path=path, query_string=query, host=host.lower(), headers=request.headers,
+            client_ip=client_ip_from(request.headers.get("X-Forwarded-For"), peer, trusted) if trusted else peer,
+            peer_ip=peer, scheme="https" if request.transport and request.transport.get_extra_info(
+                "sslcontext") else "http",
+        )
+
+    @staticmethod
+    def _body(request: web.BaseRequest, limit: int, state: dict[str, bool]) -> AsyncIterator[bytes] | None:
+        if not request.body_exists:
+            return None
+        if limit and request.content_length is not None and request.content_length > limit:
+            raise PayloadTooLarge()
+        content = request.content
+
+        async def stream() -> AsyncIterator[bytes]:
+            seen = 0
+            async for chunk in content.iter_chunked(_CHUNK):
+                seen += len(chunk)
+                if limit and seen > limit:
+                    state["too_large"] = True  # the upstream call fails; the client is told 413
+                    raise PayloadTooLarge()
+                yield chunk
+        return stream()
+
+    async def _relay(self, request: web.BaseRequest, up: Any, request_id: str) -> web.StreamResponse:
+        headers = response_headers(up.headers)
+        headers["X-Request-Id"] = request_id
+        resp = web.StreamResponse(status=up.status, headers=headers)
+        try:
+            await resp.prepare(request)
+            async for chunk in up.iter_chunks():
+                await resp.write(chunk)
+            await resp.write_eof()
+        except (aiohttp.ClientError, TimeoutError, ConnectionError):
+            # The status line is already sent: the only honest signal left is to cut the connection.
+            if request.transport is not None:
+                request.transport.close()
+        finally:
+            up.release()
+        return resp
+
+    def _observe(self, route: str, method: str, status: int, elapsed: float) -> None:
+        key = (route, method, status)
+        child = self._labels.get(key)
+        if child is None:
+            child = self._labels[key] = metrics.requests_total.labels(route=route, method=method, status=str(status))
+        child.inc()
+        hist = self._durations.get(route)
+        if hist is None:
+            hist = self._durations[route] = metrics.request_duration_seconds.labels(route=route)
+        hist.observe(elapsed)
+
+    @staticmethod
+    def _access_log(request: web.BaseRequest, ex: Exchange, status: int, elapsed: float, target: str,
+                    upstream_status: int, auth: str) -> None:
+        p = ex.principal
+        line = {
+            "ts": _now_iso(), "request_id": ex.request_id, "method": request.method,
+            "path": request.raw_path.partition("?")[0], "route": ex.route, "status": status,
+            "duration_ms": round(elapsed * 1000, 3), "upstream": ex.upstream or None, "target": target or None,
+            "upstream_status": upstream_status or None, "client_ip": request.remote,
+            "iss": p.iss if p else None, "sub": p.subject if p else None,
+            "aud": list(p.aud) if p else None, "jti": p.jti if p else None, "auth": auth,
+        }
+        sys.stdout.write(json.dumps(line, separators=(",", ":")) + "\n")
+
+
+def _header_bytes(request: web.BaseRequest) -> int:
+    return sum(len(k) + len(v) + 4 for k, v in request.raw_headers)
+
+
+def _bound_port(runner: web.BaseRunner) -> int:
+    for address in runner.addresses:
+        if isinstance(address, tuple):
+            return int(address[1])
+    return 0
+
+
+def _server_ssl(config: Config) -> ssl.SSLContext | None:
+    tls = config.server.tls
+    if tls is None or tls.cert_file is None:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(tls.cert_file, tls.key_file)
+    return ctx
+
+
+async def serve(config_path: str, *, reuse_port: bool = False, stop: asyncio.Event | None = None) -> int:
+    """Run until SIGTERM/SIGINT; SIGHUP reloads. Returns the process exit code."""
+    config = load(config_path)
+    app = GatewayApp(config, reuse_port=reuse_port)
+    await app.start()
+    log.info("gateway listening on %s:%d (admin %s:%d)", config.server.host, app.public_port,
+             config.admin.host, app.admin_port)
+    done = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, done.set)
+    loop.add_signal_handler(signal.SIGINT, done.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(app.reload(config_path)))
+    try:
+        await done.wait()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+        await app.drain_and_stop()
+    return 0

@@ -1,0 +1,193 @@
+"""`gateway run|check|routes|explain|revoke|keys|demo`: exit 0 ok, 2 bad configuration or usage, 1 otherwise."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, NoReturn
+
+from gateway.config import load
+from gateway.config_types import Config
+from gateway.errors import ConfigError, KeyStoreError
+
+DEFAULT_CONFIG = "config/gateway.yaml"
+
+
+class UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # one line on stderr, exit 2 (SPEC 2)
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="gateway", description="Edge API gateway")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    run = sub.add_parser("run", help="serve")
+    run.add_argument("-c", "--config", default=DEFAULT_CONFIG)
+    run.add_argument("--workers", type=int, help="processes sharing the port (overrides server.workers)")
+    run.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)  # set for worker processes
+    check = sub.add_parser("check", help="validate a configuration file")
+    check.add_argument("-c", "--config", default=DEFAULT_CONFIG)
+    routes = sub.add_parser("routes", help="the access matrix")
+    routes.add_argument("-c", "--config", default=DEFAULT_CONFIG)
+    routes.add_argument("--format", choices=("table", "json", "csv"), default="table")
+    explain = sub.add_parser("explain", help="which route matches a request, and each rule's verdict")
+    explain.add_argument("-c", "--config", default=DEFAULT_CONFIG)
+    explain.add_argument("method")
+    explain.add_argument("path")
+    explain.add_argument("--token", help="a bearer token to evaluate against the route's rules")
+    explain.add_argument("--host", default="", help="the Host the request would carry")
+    revoke = sub.add_parser("revoke", help="revoke a token id, a subject or a session")
+    revoke.add_argument("kind", choices=("jti", "subject", "session"))
+    revoke.add_argument("value")
+    revoke.add_argument("--issuer", help="issuer name (required for subject/session with several issuers)")
+    revoke.add_argument("--exp", type=int, help="for jti: the token's exp (the key expires then)")
+    revoke.add_argument("-c", "--config", default=DEFAULT_CONFIG)
+    keys = sub.add_parser("keys", help="the gateway's signing keys")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True, parser_class=_Parser)
+    rotate = keys_sub.add_parser("rotate", help="add a new signing key and make it current")
+    rotate.add_argument("-c", "--config", default=DEFAULT_CONFIG)
+    demo = sub.add_parser("demo", help="a complete working system on this machine")
+    demo.add_argument("--config", default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args: Any = None
+    try:
+        args = _parser().parse_args(argv)
+        logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, stream=sys.stderr,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        return int(_COMMANDS[args.command](args))
+    except UsageError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # noqa: BLE001 - SPEC 2: one line, never a traceback unless --debug
+        if args is not None and args.debug:
+            raise
+        print(f"gateway: error: {_one_line(exc)}", file=sys.stderr)
+        return 1
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return " ".join(text.split())
+
+
+def _run_async(coro_fn: Callable[[], Coroutine[Any, Any, int]]) -> int:
+    try:
+        import uvloop
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            return runner.run(coro_fn())
+    except ImportError:  # pragma: no cover - uvloop is a dependency; keep working without it
+        return asyncio.run(coro_fn())
+
+
+def cmd_run(args: Any) -> int:
+    config = load(args.config)
+    workers = args.workers if args.workers is not None else config.server.workers
+    if workers < 1:
+        raise UsageError("gateway run: --workers must be at least 1")
+    if workers > 1:
+        from gateway.workers import supervise
+        return supervise(args.config, workers)
+    from gateway.app import serve
+    return _run_async(lambda: serve(args.config, reuse_port=args.reuse_port))
+
+
+def cmd_check(args: Any) -> int:
+    config = load(args.config)
+    _check_references(config)
+    print(f"ok: {len(config.routes)} routes, {len(config.upstreams)} upstreams, {len(config.issuers)} issuers")
+    return 0
+
+
+def _check_references(config: Config) -> None:
+    """What the file points at: an existing key store must be readable and well formed."""
+    cfg = config.internal_token
+    if cfg is not None and os.path.exists(cfg.key_store):
+        from gateway.keys import KeyStore
+        try:
+            KeyStore(cfg).load()
+        except KeyStoreError as exc:
+            raise ConfigError([f"{config.path}:1: internal_token.key_store: {_one_line(exc)}"]) from None
+
+
+def cmd_routes(args: Any) -> int:
+    from gateway.matrix import render
+    print(render(load(args.config), args.format))
+    return 0
+
+
+def cmd_explain(args: Any) -> int:
+    from gateway.explain import explain
+    config = load(args.config)
+    return _run_async(lambda: explain(config, args.method.upper(), args.path, args.host, args.token))
+
+
+def cmd_revoke(args: Any) -> int:
+    config = load(args.config)
+    names = [i.name for i in config.issuers]
+    issuer = args.issuer
+    if issuer is not None and issuer not in names:
+        raise UsageError(f"gateway revoke: unknown issuer {issuer!r}; known: {', '.join(names)}")
+    if issuer is None and args.kind != "jti":
+        if len(names) != 1:
+            raise UsageError(f"gateway revoke: --issuer is required with several issuers: {', '.join(names)}")
+        issuer = names[0]
+    if config.revocation.backend != "redis":
+        raise UsageError("gateway revoke: revocation.backend is memory (one process only); revoke through "
+                         "the running gateway's POST /admin/revocations instead")
+
+    async def go() -> int:
+        from gateway.revocation import RedisRevocationStore
+        store = RedisRevocationStore(config.revocation)
+        try:
+            written = await store.revoke(args.kind, args.value, issuer, exp=args.exp)
+        finally:
+            await store.close()
+        print(json.dumps({"revoked": written}))
+        return 0
+    return _run_async(go)
+
+
+def cmd_keys(args: Any) -> int:
+    config = load(args.config)
+    if config.internal_token is None:
+        raise UsageError("gateway keys rotate: the configuration has no internal_token section")
+    from gateway.keys import KeyStore
+    store = KeyStore(config.internal_token)
+    store.load()
+    previous = store.current().kid
+    key = store.rotate()
+    print(f"rotated: current key {key.kid} ({key.alg}); previous {previous} stays published until the tokens "
+          f"it signed expire; store {store.path}")
+    return 0
+
+
+def cmd_demo(args: Any) -> int:
+    from gateway.demo import run_demo
+    return _run_async(lambda: run_demo(args.config))
+
+
+_COMMANDS: dict[str, Callable[[Any], int]] = {
+    "run": cmd_run, "check": cmd_check, "routes": cmd_routes, "explain": cmd_explain, "revoke": cmd_revoke,
+    "keys": cmd_keys, "demo": cmd_demo,
+}
+
+

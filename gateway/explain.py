@@ -1,0 +1,59 @@
+"""`gateway explain`: which route matches a request and why, and with a token each rule's verdict."""
+
+from __future__ import annotations
+
+import aiohttp
+
+from gateway.authz import evaluate
+from gateway.config_types import Config
+from gateway.errors import GatewayError
+from gateway.jwks import JwksCache
+from gateway.routes import RouteTable
+from gateway.tokens import TokenVerifier
+
+
+async def explain(config: Config, method: str, path: str, host: str, token: str | None) -> int:
+    """Print the explanation; 0 when the request would be let through, 1 when refused (no upstream call)."""
+    raw_path, _, _ = path.partition("?")
+    try:
+        match = RouteTable(config.routes).match(method, raw_path, host.lower())
+    except GatewayError as err:
+        extra = f" (Allow: {err.headers['Allow']})" if "Allow" in err.headers else ""
+        print(f"{method} {path}: no route -> {err.status} {err.code}: {err.description}{extra}")
+        return 1
+    route = match.route
+    print(f"route: {route.name} (line {route.line}) matches {method} {match.path}")
+    print(f"  why: {'path ' + route.path if route.path else 'path_prefix ' + str(route.path_prefix)}"
+          f"; methods {', '.join(route.methods) if route.methods else 'any'}; host {route.host or 'any'}")
+    if match.params:
+        print("  params: " + ", ".join(f"{k}={v}" for k, v in match.params.items()))
+    print(f"  upstream: {route.upstream}, path sent: {match.upstream_path}")
+    print(f"  forward: {route.forward.identity}")
+    if not route.auth.required:
+        print("  auth: public route, no token needed -> allowed")
+        return 0
+    if token is None:
+        print("  auth: required (give --token to evaluate the rules) -> without a token: 401 invalid_request")
+        return 1
+    async with aiohttp.ClientSession() as session:
+        caches = {i.name: JwksCache(i, session) for i in config.issuers}
+        try:
+            for cache in caches.values():
+                await cache.start()
+            principal = await TokenVerifier(config.issuers, caches).verify(token)
+        except GatewayError as err:
+            print(f"  token: refused ({err.reason}) -> {err.status} {err.code}")
+            return 1
+        finally:
+            for cache in caches.values():
+                await cache.close()
+    print(f"  token: valid; issuer {principal.issuer}, sub {principal.subject}, "
+          f"scopes {' '.join(sorted(principal.scopes)) or 'none'}")
+    verdicts = evaluate(route.auth, principal, match.params)
+    for v in verdicts:
+        print(f"  {'PASS' if v.ok else 'FAIL'} {v.rule}: {v.detail}")
+    allowed = all(v.ok for v in verdicts)
+    print("  verdict: " + ("allowed (revocation is checked at request time)" if allowed
+                           else "refused -> 403 insufficient_scope" if any(
+                               v.rule != "issuers" for v in verdicts if not v.ok) else "refused -> 401 invalid_token"))
+    return 0 if allowed else 1

@@ -1,0 +1,65 @@
+"""The access matrix — who can do what — from the same config objects the server runs."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from typing import Any
+
+from gateway.config_types import Config
+
+COLUMNS = ("route", "methods", "host", "path", "upstream", "auth", "issuers", "scopes", "any_scopes", "roles",
+           "claims", "forward", "websocket")
+
+
+def access_matrix(config: Config) -> list[dict[str, Any]]:
+    rows = []
+    for r in config.routes:
+        a = r.auth
+        rows.append({
+            "route": r.name,
+            "methods": list(r.methods) if r.methods else ["*"],
+            "host": r.host or "*",
+            "path": r.path if r.path is not None else f"{r.path_prefix}*",
+            "upstream": r.upstream,
+            "auth": "required" if a.required else "public",
+            "issuers": list(a.issuers),
+            "scopes": list(a.scopes),
+            "any_scopes": list(a.any_scopes),
+            "roles": list(a.roles),
+            "claims": {rule.claim: list(rule.values) if len(rule.values) > 1 else rule.values[0]
+                       for rule in a.claims},
+            "forward": r.forward.identity if r.forward.identity != "token"
+            else f"token(aud={r.forward.audience}"
+                 + (f", scopes={' '.join(r.forward.scopes)}" if r.forward.scopes is not None else "") + ")",
+            "websocket": r.websocket,
+        })
+    return rows
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, list):
+        return " ".join(value) if value else "-"
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={'|'.join(v) if isinstance(v, list) else v}" for k, v in value.items()) or "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return str(value)
+
+
+def render(config: Config, fmt: str) -> str:
+    rows = access_matrix(config)
+    if fmt == "json":
+        return json.dumps(rows, indent=2)
+    cells = [[_cell(row[c]) for c in COLUMNS] for row in rows]
+    if fmt == "csv":
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(COLUMNS)
+        writer.writerows(cells)
+        return out.getvalue().rstrip("\n")
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(COLUMNS)]
+    lines = ["  ".join(c.upper().ljust(w) for c, w in zip(COLUMNS, widths, strict=True)).rstrip()]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip() for row in cells]
+    return "\n".join(lines)
