@@ -4,4 +4,5 @@ pytest_plugins = [
     "tests.support.issuer",
     "tests.support.redis_server",
     "tests.support.upstreams",
+    "tests.support.gateway",
 ]
