@@ -7,6 +7,8 @@ where its exceptions become gateway errors (httpx's `map_httpcore_exceptions` id
     reset, disconnect, malformed response                    -> BadGateway      (502)
     no response headers (or body bytes) within read timeout  -> UpstreamTimeout (504)
     every target's breaker open                              -> UpstreamUnavailable (503, Retry-After)
+    the target's own final 502 / 503 / 504 answer            -> BadGateway / UpstreamUnavailable /
+                                                                UpstreamTimeout (its body is dropped)
 """
 
 from __future__ import annotations
@@ -40,6 +42,25 @@ _BEFORE_SENDING = frozenset({"connect_error"})
 _CONNECT_TIMEOUT = frozenset({"connect_error", "timeout"})
 _READ_TIMEOUT = frozenset({"timeout"})
 _NONE: frozenset[str] = frozenset()
+
+
+def _status_error(resp: aiohttp.ClientResponse) -> GatewayError:
+    """The gateway's own error for a target that answered 502/503/504 and was not (or no more) retried.
+
+    Clients see one error vocabulary (SPEC 5) whatever sits behind the gateway, and an internal proxy's
+    error page never leaks out. A target's Retry-After on 503 is kept: it knows best when to come back.
+    """
+    status = resp.status
+    err: GatewayError
+    if status == 503:
+        retry_after = resp.headers.get("Retry-After", "")
+        err = UpstreamUnavailable(float(retry_after) if retry_after.isdigit() else 1.0)
+    elif status == 504:
+        err = UpstreamTimeout()
+    else:
+        err = BadGateway()
+    err.reason = f"upstream_{status}"
+    return err
 
 
 def _map_error(exc: BaseException) -> tuple[GatewayError, frozenset[str]]:
@@ -266,17 +287,17 @@ class Upstreams:
                 raise
             pool.duration.observe(time.perf_counter() - started)
             status = resp.status
-            if status in FAILURE_STATUSES:
-                breaker.record_failure()
-            else:
+            if status not in FAILURE_STATUSES:
                 breaker.record_success()
+                return UpstreamResponse(resp, target.url)
+            breaker.record_failure()
+            resp.release()
             if attempt < attempts and status in pool.retry_statuses:
                 nxt = pool.pick(tried)
                 if nxt is not None:
-                    resp.release()
                     target = nxt
                     continue
-            return UpstreamResponse(resp, target.url)
+            raise _status_error(resp)
 
     async def open_websocket(
         self, upstream: str, path_qs: str, headers: CIMultiDict[str], protocols: tuple[str, ...] = ()

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import datetime
 import hashlib
-import ipaddress
 import json
 import ssl
 import time
@@ -14,10 +12,6 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from multidict import CIMultiDict
 
 from gateway import metrics
@@ -25,6 +19,7 @@ from gateway.breaker import CLOSED, HALF_OPEN, OPEN
 from gateway.config_types import BreakerConfig, RetryConfig, TLSFiles, UpstreamConfig
 from gateway.errors import BadGateway, PayloadTooLarge, UpstreamTimeout, UpstreamUnavailable
 from gateway.upstream import UpstreamResponse, Upstreams
+from tests.support.pki import make_pki
 from tests.support.upstreams import Blackhole, EchoUpstream, pattern_bytes
 
 MakeUpstream = Callable[..., Awaitable[EchoUpstream]]
@@ -170,8 +165,9 @@ async def test_all_open_fails_fast_with_retry_after_then_half_open_probe_recover
     cfg = config("allopen", target.url, failures=2, open_for=30.0, connect=2.0, attempts=1)
     ups = await make_upstreams(cfg, clock=clock)
     for _ in range(2):
-        async with await get(ups, "allopen") as resp:
-            assert resp.status == 503  # the answer is passed on; it counts against the breaker
+        with pytest.raises(UpstreamUnavailable) as first:  # the target's 503 counts against its breaker
+            await get(ups, "allopen")
+        assert first.value.reason == "upstream_503" and first.value.headers["Retry-After"] == "1"
     assert gauge("allopen", target.url) == OPEN
     connections, hits = target.connections, target.hits
 
@@ -189,8 +185,8 @@ async def test_all_open_fails_fast_with_retry_after_then_half_open_probe_recover
     clock.now += 20
     assert ups.state("allopen", target.url) == HALF_OPEN
     assert gauge("allopen", target.url) == HALF_OPEN
-    async with await get(ups, "allopen") as resp:
-        assert resp.status == 503
+    with pytest.raises(UpstreamUnavailable):
+        await get(ups, "allopen")
     assert gauge("allopen", target.url) == OPEN
     with pytest.raises(UpstreamUnavailable):
         await get(ups, "allopen")
@@ -212,8 +208,8 @@ async def test_half_open_admits_only_the_probe_count(
     target.set_mode("status", status=502)
     clock = FakeClock()
     ups = await make_upstreams(config("probe", target.url, failures=1, open_for=5.0, attempts=1), clock=clock)
-    async with await get(ups, "probe"):
-        pass
+    with pytest.raises(BadGateway):
+        await get(ups, "probe")
     clock.now += 5
     target.set_mode("slow", delay=0.3)
     probe = asyncio.ensure_future(get(ups, "probe"))
@@ -235,13 +231,14 @@ async def test_post_to_502_target_is_sent_once(
     async def body() -> AsyncIterator[bytes]:
         yield b'{"order": 1}'
 
-    async with await ups.send("post", "POST", "/orders", CIMultiDict(), body()) as resp:
-        assert resp.status == 502 and resp.target == bad.url
+    with pytest.raises(BadGateway) as info:  # the target's 502 becomes the gateway's own
+        await ups.send("post", "POST", "/orders", CIMultiDict(), body())
+    assert info.value.reason == "upstream_502"
     assert (bad.hits, good.hits) == (1, 0)
     # The next request starts at the other target (round robin): make it the bad one again, no body.
     await get(ups, "post")  # a GET to good, to move the round robin back to bad
-    async with await ups.send("post", "POST", "/orders", CIMultiDict(), None) as resp:
-        assert resp.status == 502
+    with pytest.raises(BadGateway):
+        await ups.send("post", "POST", "/orders", CIMultiDict(), None)
     assert bad.hits == 2
 
 
@@ -254,16 +251,17 @@ async def test_get_retried_on_other_target_after_502(
     async with await get(ups, "retry") as resp:
         assert resp.status == 200 and resp.target == good.url
     assert (bad.hits, good.hits) == (1, 1)
-    # Both bad: at most `attempts` tries in all, then the last answer is passed on.
+    # Both bad: at most `attempts` tries in all, then the last answer decides the error.
     good.set_mode("status", status=502)
-    async with await get(ups, "retry") as resp:
-        assert resp.status == 502
+    with pytest.raises(BadGateway):
+        await get(ups, "retry")
     assert bad.hits + good.hits == 4
     # A status not listed in retry_on is not retried.
     bad.set_mode("status", status=504)
     good.set_mode("status", status=504)
-    async with await get(ups, "retry") as resp:
-        assert resp.status == 504
+    with pytest.raises(UpstreamTimeout) as timeout:
+        await get(ups, "retry")
+    assert timeout.value.reason == "upstream_504"
     assert bad.hits + good.hits == 5
 
 
@@ -383,65 +381,9 @@ async def test_client_body_failure_is_not_blamed_on_the_target(
 # --- mTLS -------------------------------------------------------------------------------------------
 
 
-def _cert(
-    subject: str, key: ec.EllipticCurvePrivateKey, issuer: x509.Certificate | None,
-    issuer_key: ec.EllipticCurvePrivateKey, *, ca: bool = False, server: bool = False,
-) -> x509.Certificate:
-    now = datetime.datetime.now(datetime.UTC)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(issuer.subject if issuer else name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(hours=1))
-        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-    )
-    if ca:
-        builder = builder.add_extension(
-            x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
-                          key_encipherment=False, data_encipherment=False, key_agreement=False,
-                          encipher_only=False, decipher_only=False), critical=True)
-        builder = builder.add_extension(
-            x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-    else:
-        assert issuer is not None
-        builder = builder.add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()), critical=False)
-        usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
-        builder = builder.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-        if server:
-            builder = builder.add_extension(
-                x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
-    return builder.sign(issuer_key, hashes.SHA256())
-
-
-def _write(path: Path, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey | None = None) -> None:
-    data = cert.public_bytes(serialization.Encoding.PEM)
-    if key is not None:
-        data += key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    path.write_bytes(data)
-
-
 @pytest.fixture
 def pki(tmp_path: Path) -> dict[str, str]:
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = _cert("test CA", ca_key, None, ca_key, ca=True)
-    server_key, client_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
-    server = _cert("upstream", server_key, ca, ca_key, server=True)
-    client = _cert("gateway", client_key, ca, ca_key)
-    _write(tmp_path / "ca.pem", ca)
-    _write(tmp_path / "server.pem", server, server_key)
-    _write(tmp_path / "client.pem", client, client_key)
-    # A client certificate from a CA the upstream does not trust.
-    other_key = ec.generate_private_key(ec.SECP256R1())
-    other_ca = _cert("other CA", other_key, None, other_key, ca=True)
-    stranger_key = ec.generate_private_key(ec.SECP256R1())
-    _write(tmp_path / "stranger.pem", _cert("stranger", stranger_key, other_ca, other_key), stranger_key)
-    return {name: str(tmp_path / f"{name}.pem") for name in ("ca", "server", "client", "stranger")}
+    return make_pki(tmp_path)
 
 
 async def test_mtls_needs_the_right_client_certificate(
