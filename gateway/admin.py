@@ -45,11 +45,14 @@ def admin_app(gw: GatewayApp) -> web.Application:
 
     async def jwks(request: web.Request) -> web.Response:
         keys = gw.services.keys
-        if keys is None:
-            return _json({"keys": []}, headers={"Cache-Control": "public, max-age=60"})
-        # Short cache: a service that meets a kid it has not seen refetches; old keys stay published
-        # until every token they signed has expired, so a cached copy never misses a valid key for long.
-        return _json(keys.public_jwks(), headers={"Cache-Control": "public, max-age=60"})
+        # Why max-age=60 is safe across a rotation: a cached copy can only lack a key that is NEWER
+        # than it, never one still in use, because a retired key stays published for ttl + 2 min
+        # after the last token it signed (keys.RETIRE_MARGIN). A new kid is met at most 60 s after a
+        # rotation, and verifiers refetch on an unknown kid (PyJWKClient, go-oidc, jose and Nimbus do;
+        # RFC 7517 s4.5 kid is the lookup). The short life also bounds how long a key removed from
+        # the store by hand (a compromise) is still trusted by caches.
+        headers = {"Cache-Control": "public, max-age=60"}
+        return _json(keys.public_jwks() if keys is not None else {"keys": []}, headers=headers)
 
     async def openid_configuration(request: web.Request) -> web.Response:
         cfg = gw.config.internal_token

@@ -32,6 +32,7 @@ from gateway.errors import (
 )
 from gateway.identity import TokenMinter, client_ip_from, request_id_from, response_headers
 from gateway.jwks import JwksCache
+from gateway.keys import CHECK_INTERVAL as KEY_CHECK_INTERVAL
 from gateway.keys import KeyStore
 from gateway.model import RequestView
 from gateway.pipeline import Exchange, Gateway
@@ -69,6 +70,18 @@ class Services:
 
     async def build(self, config: Config) -> Gateway:
         """A Gateway for `config`, reusing every resource whose configuration did not change."""
+        if config.internal_token is not None:
+            if self.keys is None or self._built.get("internal_token") != config.internal_token:
+                keys = KeyStore(config.internal_token)
+                # KeyStoreError (unreadable, corrupt) surfaces here, at start or reload, and first:
+                # nothing (session, JWKS tasks) is open yet, so `gateway run` exits with one clean line.
+                keys.load()
+                self.keys, self.minter = keys, TokenMinter(keys, config.internal_token)
+                self._built["internal_token"] = config.internal_token
+                if self._rotator is None:
+                    self._rotator = asyncio.create_task(self._rotate_keys())
+        else:
+            self.keys = self.minter = None
         if self.session is None:
             self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
         jwks: dict[str, JwksCache] = {}
@@ -90,16 +103,6 @@ class Services:
             self.revocation = create_store(config.revocation)
             await self.revocation.start()
             self._built["revocation"] = config.revocation
-        if config.internal_token is not None:
-            if self.keys is None or self._built.get("internal_token") != config.internal_token:
-                keys = KeyStore(config.internal_token)
-                keys.load()  # KeyStoreError (unreadable, corrupt) surfaces here, at start or reload
-                self.keys, self.minter = keys, TokenMinter(keys, config.internal_token)
-                self._built["internal_token"] = config.internal_token
-                if self._rotator is None:
-                    self._rotator = asyncio.create_task(self._rotate_keys())
-        else:
-            self.keys = self.minter = None
         if self.upstreams is None or self._built.get("upstreams") != config.upstreams:
             if self.upstreams is not None:
                 self._retired.append(self.upstreams)
@@ -112,14 +115,15 @@ class Services:
         """rotate_every: checked often, so a rotation by another replica is picked up quickly too."""
         loop = asyncio.get_running_loop()
         while True:
-            await asyncio.sleep(5.0)
+            await asyncio.sleep(KEY_CHECK_INTERVAL)
             keys = self.keys
             if keys is None:
                 continue
             try:
-                await loop.run_in_executor(None, keys.maybe_rotate)
-            except Exception as exc:  # noqa: BLE001 - keep signing with the current key; say why
-                log.error("signing key rotation failed: %s", exc)
+                # check() logs each key store problem once and keeps signing with the current key.
+                await loop.run_in_executor(None, keys.check)
+            except Exception as exc:  # noqa: BLE001 - a bug must not stop later checks
+                log.error("signing key check failed: %s", exc)
 
     async def close_retired(self) -> None:
         retired, self._retired = self._retired, []

@@ -8,6 +8,7 @@ import errno
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import stat
 import threading
@@ -22,6 +23,8 @@ from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 from gateway.config_types import InternalTokenConfig
 from gateway.errors import KeyStoreError
 
+log = logging.getLogger("gateway.keys")
+
 SUPPORTED_ALGORITHMS = ("ES256", "EdDSA", "RS256")
 
 # A retired key stays published for ttl + this margin. Tokens it signed live at most ttl after the
@@ -29,9 +32,11 @@ SUPPORTED_ALGORITHMS = ("ES256", "EdDSA", "RS256")
 # check interval, and verifiers allow some clock leeway; 2 minutes covers both with room to spare.
 RETIRE_MARGIN = 120.0
 
-# How often a replica should call maybe_rotate() (from a background thread: rotation writes a file
-# and RSA key generation takes tens of milliseconds). Must stay well under RETIRE_MARGIN.
-CHECK_INTERVAL = 15.0
+# How often a replica calls check() (from a background thread: rotation writes a file and RSA key
+# generation takes tens of milliseconds). Between rotations a check is one stat() of the file, so it
+# can be frequent: a rotation by `gateway keys rotate` or another replica is picked up within a second.
+# Must stay well under RETIRE_MARGIN.
+CHECK_INTERVAL = 1.0
 
 # RFC 7517/7518: the members that make up each public key. Published JWKs are built from this
 # allowlist, never by deleting private members, so no private member (d, p, q, dp, dq, qi, oth)
@@ -116,6 +121,8 @@ class KeyStore:
         self._records: list[dict[str, Any]] = []
         self._current: SigningKey | None = None
         self._signature: tuple[int, int, int, int] | None = None
+        self._read_only = False
+        self._problem: str | None = None  # the last problem check() logged, so each is logged once
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -183,6 +190,10 @@ class KeyStore:
         self._records = records
         self._current = self._pick_current(records)
         self._signature = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+        # A file without its owner-write bit, or in a directory we cannot write (a Kubernetes Secret is
+        # a read-only mount, files mode 0400/0440), is managed elsewhere: we read it, never rotate it.
+        # The mode bit is checked, not just access(2), because root may write any file on a rw mount.
+        self._read_only = not st.st_mode & stat.S_IWUSR or not os.access(os.path.dirname(self.path), os.W_OK)
         return True
 
     @staticmethod
@@ -227,12 +238,48 @@ class KeyStore:
 
     # -- writing ---------------------------------------------------------------------------
 
+    @property
+    def read_only(self) -> bool:
+        """The store is managed elsewhere (read-only mount or file without owner write bit)."""
+        return self._read_only
+
+    def _refuse_if_read_only(self) -> None:
+        if self._read_only:
+            raise KeyStoreError(
+                f"key store {self.path}: read-only (e.g. a mounted Secret), not rotating it here; rotate "
+                f"a writable copy with `gateway keys rotate` and publish that"
+            )
+
     def rotate(self) -> SigningKey:
         """Add a new key of the configured algorithm and make it current; retire the previous one."""
         with self._mutex, self._exclusive():
             self._read_file()
+            self._refuse_if_read_only()
             self._rotate_locked()
             return self.current()
+
+    def check(self) -> None:
+        """The periodic job (every CHECK_INTERVAL): maybe_rotate() that never raises and never spams.
+
+        Each distinct problem is logged once, and its end once; meanwhile the keys held in memory keep
+        signing (an unwritable store must not take the gateway down, nor fill its log every second).
+        """
+        before = self._current.kid if self._current else None
+        try:
+            rotated = self.maybe_rotate()
+        except KeyStoreError as exc:
+            problem = str(exc)
+            if problem != self._problem:
+                self._problem = problem
+                log.warning("%s; still signing with key %s", problem, before)
+            return
+        if self._problem is not None:
+            self._problem = None
+            log.info("key store %s: usable again", self.path)
+        now = self._current.kid if self._current else None
+        if now != before:
+            how = "rotated (rotate_every)" if rotated else "picked up from the key store"
+            log.info("signing key %s: %s, replacing %s", now, how, before)
 
     def maybe_rotate(self) -> bool:
         """Pick up another process's rotation; rotate when the current key is older than rotate_every.
@@ -243,6 +290,7 @@ class KeyStore:
         self.reload_if_changed()
         if not self._due():
             return False
+        self._refuse_if_read_only()
         with self._mutex, self._exclusive():
             self._read_file()
             if not self._due():  # another process rotated while we waited for the lock
