@@ -21,6 +21,8 @@ from typing import Any
 
 import aiohttp
 import pytest
+from multidict import CIMultiDict
+from yarl import URL
 
 from gateway.app import GatewayApp
 from gateway.config import load
@@ -82,18 +84,20 @@ class RunningGateway:
         return f"http://127.0.0.1:{self.app.admin_port}"
 
     async def request(self, method: str, path: str, *, token: str | None = None,
-                      headers: dict[str, str] | None = None, **kw: Any) -> tuple[int, dict[str, str], Any]:
+                      headers: dict[str, str] | None = None, **kw: Any) -> tuple[int, CIMultiDict[str], Any]:
         """One request; returns (status, response headers, JSON body or text)."""
         h = dict(headers or {})
         if token is not None:
             h["Authorization"] = f"Bearer {token}"
-        async with self.session.request(method, self.url + path, headers=h, allow_redirects=False, **kw) as r:
+        # encoded=True: the path goes out exactly as written (no client-side dot-segment or escape rewriting)
+        url = URL(self.url + path, encoded=True)
+        async with self.session.request(method, url, headers=h, allow_redirects=False, **kw) as r:
             text = await r.text()
             try:
                 body: Any = await r.json(content_type=None)
             except ValueError:
                 body = text
-            return r.status, dict(r.headers), body
+            return r.status, CIMultiDict(r.headers), body  # case-insensitive, like HTTP
 
 
 @asynccontextmanager
