@@ -328,3 +328,56 @@ def test_openid_configuration(tmp_path: Path) -> None:
     assert doc["issuer"] == "https://gateway.internal"
     assert doc["jwks_uri"] == "https://admin/.well-known/jwks.json"
     assert doc["id_token_signing_alg_values_supported"] == ["EdDSA"]
+
+
+def test_mode_0400_store_is_read_only_never_rotated_and_logged_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A Kubernetes Secret mount: files 0400/0440, no owner write bit. Root could still write it, so the
+    # store goes by the mode bit, not access(2): it reads the file but never rewrites it.
+    clock = Clock()
+    path = tmp_path / "k.json"
+    make(path, clock)
+    path.chmod(0o400)
+    before = path.read_bytes()
+    store = make(path, clock, rotate_every=10.0)
+    assert store.read_only
+    kid = store.current().kid
+    with pytest.raises(KeyStoreError, match=rf"{path}: read-only"):
+        store.rotate()  # `gateway keys rotate` on the mount: a clear refusal
+    clock.now += 10
+    caplog.set_level("INFO", logger="gateway.keys")
+    for _ in range(50):  # fifty check intervals past rotate_every
+        store.check()
+        clock.now += 1
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "read-only" in warnings[0].getMessage()
+    assert store.current().kid == kid and path.read_bytes() == before
+    # The operator publishes a rotated copy (as an updated Secret would): picked up, logged once.
+    path.chmod(0o600)
+    writable = make(path, clock)
+    writable.rotate()
+    path.chmod(0o400)
+    caplog.clear()
+    store.check()
+    assert store.current().kid == writable.current().kid != kid
+    assert any("picked up" in r.getMessage() for r in caplog.records)
+
+
+def test_check_logs_a_failure_once_and_its_recovery(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    clock = Clock()
+    path = tmp_path / "k.json"
+    store = make(path, clock, rotate_every=10.0)
+    lock = tmp_path / "k.json.lock"
+    lock.unlink()
+    lock.mkdir()  # rotation cannot take the lock: fails every time
+    clock.now += 10
+    caplog.set_level("INFO", logger="gateway.keys")
+    for _ in range(5):
+        store.check()
+    assert len([r for r in caplog.records if r.levelname == "WARNING"]) == 1
+    lock.rmdir()
+    store.check()
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("usable again" in m for m in messages)
+    assert any("rotated (rotate_every)" in m for m in messages)
