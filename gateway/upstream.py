@@ -159,7 +159,10 @@ class _Pool:
         targets = self.targets
         n = len(targets)
         start = self.next
-        self.next = (start + 1) % n
+        if not tried:
+            # Only a request's first pick moves the rotation: a retry advancing it too would send every
+            # next request to the sick target first (with two targets, one bad: always).
+            self.next = (start + 1) % n
         fallback = None
         for i in range(n):
             t = targets[(start + i) % n]
