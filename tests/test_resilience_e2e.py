@@ -1,0 +1,345 @@
+"""Issue 5 end to end through the real gateway: breakers, retries, timeouts, mTLS, WebSocket, reload, drain.
+
+Every test sends HTTP to a running gateway (in-process, or `python -m gateway run` as a child process)
+in front of real aiohttp upstreams that the test stops, slows, resets or makes answer 5xx.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import WSMsgType, web
+
+from gateway.devissuer import DevIssuer
+from tests.support.gateway import RunningGateway, config_text, eventually
+from tests.support.pki import make_pki
+from tests.support.upstreams import Blackhole, EchoUpstream
+
+MakeUpstream = Callable[..., Awaitable[EchoUpstream]]
+
+PUBLIC_ROUTE = """\
+  - name: {name}
+    match: {{path_prefix: /{name}/}}
+    upstream: {name}
+    auth: {{required: false}}
+"""
+
+
+def upstream_yaml(name: str, *targets: str, connect: str = "1s", read: str = "5s", attempts: int = 2,
+                  retry_on: str = "[connect_error, 502, 503]", failures: int = 3, window: str = "10s",
+                  open_for: str = "30s", half_open: int = 1, tls: str = "") -> str:
+    text = (f"  {name}:\n    targets: [{', '.join(targets)}]\n"
+            f"    timeouts: {{connect: {connect}, read: {read}}}\n"
+            f"    retries: {{attempts: {attempts}, retry_on: {retry_on}}}\n"
+            f"    circuit_breaker: {{failures: {failures}, window: {window}, open_for: {open_for}, "
+            f"half_open_requests: {half_open}}}\n")
+    return text + (f"    tls: {tls}\n" if tls else "")
+
+
+def gateway_yaml(issuer_url: str, upstreams: list[str], routes: str, **kw: Any) -> str:
+    """config_text() with upstreams written in full (timeouts, retries, breaker, tls)."""
+    text = config_text(issuer_url, {}, routes, **kw)
+    assert "upstreams:\n\nroutes:" in text
+    return text.replace("upstreams:\n\nroutes:", "upstreams:\n" + "".join(upstreams) + "routes:")
+
+
+def public_routes(*names: str) -> str:
+    return "".join(PUBLIC_ROUTE.format(name=n) for n in names)
+
+
+async def metric(session: aiohttp.ClientSession, admin_url: str, name: str, **labels: str) -> float | None:
+    """The value of one sample on /metrics, or None when absent."""
+    async with session.get(admin_url + "/metrics") as r:
+        text = await r.text()
+    wanted = {f'{k}="{v}"' for k, v in labels.items()}
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            head, _, value = line.rpartition(" ")
+            found = set(head[len(name) + 1:-1].split(",")) if "{" in head else set()
+            if found == wanted:
+                return float(value)
+    return None
+
+
+async def timed(gw: RunningGateway, method: str, path: str, **kw: Any) -> tuple[int, dict[str, str], Any, float]:
+    started = time.perf_counter()
+    status, headers, body = await gw.request(method, path, **kw)
+    return status, headers, body, time.perf_counter() - started
+
+
+# --- circuit breaker --------------------------------------------------------------------------------
+
+
+async def test_breaker_opens_after_threshold_then_answers_503_fast_without_touching_the_target(
+        issuer: DevIssuer, make_upstream: MakeUpstream, blackhole: Blackhole, gateway_factory: Any) -> None:
+    sick = await make_upstream()
+    sick.set_mode("status", status=502)
+    text = gateway_yaml(issuer.url, [
+        upstream_yaml("sick", sick.url, failures=3, attempts=1),
+        upstream_yaml("hole", blackhole.url, connect="400ms", failures=2, attempts=1),
+    ], public_routes("sick", "hole"))
+    async with gateway_factory(text) as gw:
+        for _ in range(3):
+            status, _, body = await gw.request("GET", "/sick/x")
+            assert (status, body["error"]) == (502, "bad_gateway")
+        assert sick.hits == 3
+        assert await metric(gw.session, gw.admin_url, "gateway_circuit_state", upstream="sick", target=sick.url) == 1
+        connections = sick.connections
+        for _ in range(10):
+            status, headers, body, elapsed = await timed(gw, "GET", "/sick/x")
+            assert (status, body["error"]) == (503, "upstream_unavailable")
+            assert 1 <= int(headers["Retry-After"]) <= 30
+            assert body["request_id"] == headers["X-Request-Id"]
+            assert elapsed < 0.1
+        assert (sick.hits, sick.connections) == (3, connections)  # no attempt while open
+
+        # Against a target whose connect never completes: each try costs the connect timeout until the
+        # breaker opens; then the answer comes far faster than one connect timeout.
+        for _ in range(2):
+            status, _, body, elapsed = await timed(gw, "GET", "/hole/x")
+            assert (status, body["error"]) == (502, "bad_gateway")
+            assert 0.35 <= elapsed < 0.9
+        status, headers, body, elapsed = await timed(gw, "GET", "/hole/x")
+        assert (status, body["error"]) == (503, "upstream_unavailable") and "Retry-After" in headers
+        assert elapsed < 0.04  # a tenth of the 400 ms connect timeout
+
+
+async def test_half_open_probe_then_recovery(issuer: DevIssuer, make_upstream: MakeUpstream,
+                                             gateway_factory: Any) -> None:
+    target = await make_upstream()
+    target.set_mode("status", status=503)
+    text = gateway_yaml(issuer.url, [upstream_yaml("flaky", target.url, failures=2, open_for="400ms", attempts=1)],
+                        public_routes("flaky"))
+    async with gateway_factory(text) as gw:
+        async def state() -> float | None:
+            return await metric(gw.session, gw.admin_url, "gateway_circuit_state", upstream="flaky", target=target.url)
+
+        for _ in range(2):
+            status, _, body = await gw.request("GET", "/flaky/x")
+            assert (status, body["error"]) == (503, "upstream_unavailable")
+        assert await state() == 1
+        assert (await gw.request("GET", "/flaky/x"))[0] == 503 and target.hits == 2
+
+        # After open_for: one probe goes through; it fails, so the circuit opens again at once.
+        await asyncio.sleep(0.45)
+        assert (await gw.request("GET", "/flaky/x"))[0] == 503
+        assert target.hits == 3 and await state() == 1
+        await gw.request("GET", "/flaky/x")
+        assert target.hits == 3
+
+        # The target recovers. While the (slow) probe is in flight the state is half-open and a second
+        # request is refused without reaching the target; the probe's success closes the circuit.
+        target.set_mode("slow", delay=0.4)
+        await asyncio.sleep(0.45)
+        probe = asyncio.ensure_future(gw.request("GET", "/flaky/x"))
+        await eventually(lambda: asyncio.sleep(0, target.hits == 4), timeout=2)
+        assert await state() == 2
+        status, headers, body = await gw.request("GET", "/flaky/x")
+        assert (status, body["error"]) == (503, "upstream_unavailable") and "Retry-After" in headers
+        assert (await probe)[0] == 200
+        assert await state() == 0
+        target.set_mode("echo")
+        for _ in range(5):
+            assert (await gw.request("GET", "/flaky/x"))[0] == 200
+        assert target.hits == 9
+
+
+# --- balancing and retries --------------------------------------------------------------------------
+
+
+async def test_one_target_down_of_two_no_client_error_after_the_breaker_opens(
+        issuer: DevIssuer, make_upstream: MakeUpstream, gateway_factory: Any) -> None:
+    live, dead = await make_upstream(), await make_upstream()
+    await dead.stop()
+    text = gateway_yaml(issuer.url, [upstream_yaml("pair", dead.url, live.url, failures=2)], public_routes("pair"))
+    async with gateway_factory(text) as gw:
+        # GET: a refused connection is retried on the other target, so no client ever sees it.
+        for _ in range(6):
+            status, _, body = await gw.request("GET", "/pair/x")
+            assert status == 200 and body["path"] == "/pair/x"
+        assert await metric(gw.session, gw.admin_url, "gateway_circuit_state", upstream="pair", target=dead.url) == 1
+        # Breaker open: even a POST (never retried) only goes to the live target.
+        for i in range(6):
+            status, _, body = await gw.request("POST" if i % 2 else "GET", "/pair/x", data=b"{}")
+            assert status == 200, body
+        assert live.hits == 12
+
+
+async def test_post_sent_once_to_a_502_target_and_the_client_gets_bad_gateway(
+        issuer: DevIssuer, make_upstream: MakeUpstream, gateway_factory: Any) -> None:
+    bad, good = await make_upstream(), await make_upstream()
+    bad.set_mode("status", status=502)
+    text = gateway_yaml(issuer.url, [upstream_yaml("orders", bad.url, good.url, attempts=3, failures=10)],
+                        public_routes("orders"))
+    async with gateway_factory(text) as gw:
+        seen_502 = 0
+        for _ in range(4):  # round robin: half of them start at the bad target
+            status, headers, body = await gw.request("POST", "/orders/new", data=b'{"order": 1}')
+            if status == 502:
+                seen_502 += 1
+                assert headers["Content-Type"].startswith("application/json")
+                assert body == {"error": "bad_gateway", "error_description": body["error_description"],
+                                "request_id": headers["X-Request-Id"]}
+                assert "status" not in body  # the target's own body does not leak out
+            else:
+                assert status == 200
+        assert seen_502 == 2
+        assert (bad.hits, good.hits) == (2, 2)  # each POST reached exactly one target, once
+
+
+async def test_get_retried_on_the_other_target(issuer: DevIssuer, make_upstream: MakeUpstream,
+                                               gateway_factory: Any) -> None:
+    bad, good = await make_upstream(), await make_upstream()
+    bad.set_mode("status", status=502)
+    text = gateway_yaml(issuer.url, [upstream_yaml("orders", bad.url, good.url, failures=10)],
+                        public_routes("orders"))
+    async with gateway_factory(text) as gw:
+        for _ in range(4):
+            status, _, body = await gw.request("GET", "/orders/1")
+            assert status == 200 and body["method"] == "GET"
+        assert (bad.hits, good.hits) == (2, 4)  # every request that tried the bad target got a second try
+
+
+async def test_hanging_target_gives_504_within_the_read_timeout(
+        issuer: DevIssuer, make_upstream: MakeUpstream, gateway_factory: Any) -> None:
+    target = await make_upstream()
+    target.set_mode("hang")
+    text = gateway_yaml(issuer.url, [upstream_yaml("hang", target.url, read="500ms")], public_routes("hang"))
+    async with gateway_factory(text) as gw:
+        status, _, body, elapsed = await timed(gw, "GET", "/hang/x")
+        assert (status, body["error"]) == (504, "upstream_timeout")
+        assert 0.45 <= elapsed < 0.9
+        assert target.hits == 1  # a timeout is not in retry_on: not retried
+
+
+async def test_reset_connection_gives_502(issuer: DevIssuer, make_upstream: MakeUpstream,
+                                          gateway_factory: Any) -> None:
+    target = await make_upstream()
+    target.set_mode("reset")
+    text = gateway_yaml(issuer.url, [upstream_yaml("rst", target.url)], public_routes("rst"))
+    async with gateway_factory(text) as gw:
+        status, _, body = await gw.request("POST", "/rst/x", data=b"x")
+        assert (status, body["error"]) == (502, "bad_gateway")
+
+
+# --- mTLS to the upstream ---------------------------------------------------------------------------
+
+
+async def test_mtls_upstream_from_config(issuer: DevIssuer, make_upstream: MakeUpstream, tmp_path: Path,
+                                         gateway_factory: Any) -> None:
+    pki = make_pki(tmp_path)
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=pki["ca"])
+    server_ctx.load_cert_chain(pki["server"])
+    server_ctx.verify_mode = ssl.CERT_REQUIRED
+    target = await make_upstream(ssl_context=server_ctx)
+    text = gateway_yaml(issuer.url, [
+        upstream_yaml("secure", target.url, attempts=1,
+                      tls=f"{{ca_file: {pki['ca']}, cert_file: {pki['client']}, key_file: {pki['client']}}}"),
+        upstream_yaml("nocert", target.url, attempts=1, tls=f"{{ca_file: {pki['ca']}}}"),
+    ], public_routes("secure", "nocert"))
+    async with gateway_factory(text) as gw:
+        status, _, body = await gw.request("GET", "/secure/x")
+        assert status == 200 and body["path"] == "/secure/x"
+        status, _, body = await gw.request("GET", "/nocert/x")
+        assert (status, body["error"]) == (502, "bad_gateway")
+        assert target.hits == 1  # the handshake without a client certificate never became a request
+
+
+# --- WebSocket --------------------------------------------------------------------------------------
+
+
+class WsUpstream:
+    """A WebSocket server that echoes, closes with code 4001 when told "close-me", and records each
+    connection's end (the close code it last saw from its peer)."""
+
+    def __init__(self) -> None:
+        self.ended: asyncio.Queue[int | None] = asyncio.Queue()
+        self.upgrades = 0
+        self.runner: web.AppRunner | None = None
+        self.url = ""
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_get("/{tail:.*}", self.handle)
+        self.runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        self.url = f"http://127.0.0.1:{self.runner.addresses[0][1]}"
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        self.upgrades += 1
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        async for msg in ws:
+            if msg.type == WSMsgType.TEXT and msg.data == "close-me":
+                await ws.close(code=4001)
+            elif msg.type == WSMsgType.TEXT:
+                await ws.send_str(request.headers.get("X-Auth-Subject", "?") + ":" + msg.data)
+            elif msg.type == WSMsgType.BINARY:
+                await ws.send_bytes(msg.data[::-1])
+        await self.ended.put(ws.close_code)
+        return ws
+
+
+@pytest.fixture
+async def ws_upstream() -> Any:
+    server = WsUpstream()
+    await server.start()
+    yield server
+    assert server.runner is not None
+    await server.runner.cleanup()
+
+
+WS_ROUTE = """\
+  - name: ws
+    match: {path_prefix: /ws/, websocket: true}
+    upstream: ws
+  - name: plain
+    match: {path_prefix: /plain/}
+    upstream: ws
+"""
+
+
+async def test_websocket_through_the_gateway_with_auth(issuer: DevIssuer, ws_upstream: WsUpstream,
+                                                       gateway_factory: Any) -> None:
+    text = gateway_yaml(issuer.url, [upstream_yaml("ws", ws_upstream.url)], WS_ROUTE)
+    async with gateway_factory(text) as gw:
+        ws_url = gw.url.replace("http://", "ws://")
+        # No token: 401 before any upgrade, and nothing reaches the upstream.
+        with pytest.raises(aiohttp.WSServerHandshakeError) as info:
+            await gw.session.ws_connect(ws_url + "/ws/chat")
+        assert info.value.status == 401
+        assert ws_upstream.upgrades == 0
+        token = issuer.token({"sub": "alice"})
+        auth = {"Authorization": f"Bearer {token}"}
+        # A route without match.websocket does not upgrade, token or not.
+        with pytest.raises(aiohttp.WSServerHandshakeError):
+            await gw.session.ws_connect(ws_url + "/plain/chat", headers=auth)
+        assert ws_upstream.upgrades == 0
+
+        # Frames both ways (the upstream saw the identity header, not the token); the client closes:
+        # the upstream side is closed too.
+        async with gw.session.ws_connect(ws_url + "/ws/chat", headers=auth) as ws:
+            await ws.send_str("hello")
+            assert await ws.receive_str(timeout=2) == "alice:hello"
+            await ws.send_bytes(b"\x01\x02\x03")
+            assert await ws.receive_bytes(timeout=2) == b"\x03\x02\x01"
+            await ws.close()
+        assert await asyncio.wait_for(ws_upstream.ended.get(), 2) is not None
+
+        # The upstream closes: the client sees the close with the upstream's code.
+        async with gw.session.ws_connect(ws_url + "/ws/chat", headers=auth) as ws:
+            await ws.send_str("close-me")
+            msg = await ws.receive(timeout=2)
+            assert msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED)
+            assert msg.type == WSMsgType.CLOSE and msg.data == 4001
+        await asyncio.wait_for(ws_upstream.ended.get(), 2)  # the upstream's handler finished too
+        assert ws_upstream.upgrades == 2
