@@ -7,6 +7,7 @@ in front of real aiohttp upstreams that the test stops, slows, resets or makes a
 from __future__ import annotations
 
 import asyncio
+import signal
 import ssl
 import time
 from collections.abc import Awaitable, Callable
@@ -18,7 +19,7 @@ import pytest
 from aiohttp import WSMsgType, web
 
 from gateway.devissuer import DevIssuer
-from tests.support.gateway import RunningGateway, config_text, eventually
+from tests.support.gateway import GatewayProcess, RunningGateway, config_text, eventually, free_port
 from tests.support.pki import make_pki
 from tests.support.upstreams import Blackhole, EchoUpstream
 
@@ -343,3 +344,148 @@ async def test_websocket_through_the_gateway_with_auth(issuer: DevIssuer, ws_ups
             assert msg.type == WSMsgType.CLOSE and msg.data == 4001
         await asyncio.wait_for(ws_upstream.ended.get(), 2)  # the upstream's handler finished too
         assert ws_upstream.upgrades == 2
+
+
+# --- live operations: `python -m gateway run` as a child process ------------------------------------
+
+
+def process_ports() -> dict[str, str]:
+    """Fixed free ports for a child process (gateway_yaml keywords): the test must know them in advance."""
+    return {"listen": f"127.0.0.1:{free_port()}", "admin_listen": f"127.0.0.1:{free_port()}"}
+
+
+def start_process(gateway_processes: Any, tmp_path: Path, text: str, ports: dict[str, str],
+                  args: tuple[str, ...] = ()) -> GatewayProcess:
+    path = tmp_path / "gateway.yaml"
+    path.write_text(text)
+    port, admin_port = (int(ports[k].rsplit(":", 1)[1]) for k in ("listen", "admin_listen"))
+    return gateway_processes(GatewayProcess(path, port=port, admin_port=admin_port, args=args))  # type: ignore[no-any-return]
+
+
+async def load_loop(session: aiohttp.ClientSession, url: str, seconds: float, *, concurrency: int = 4,
+                    max_requests: int = 4000) -> tuple[int, list[str]]:
+    """GET `url` from `concurrency` tasks until `seconds` pass (or `max_requests`); (ok count, failures)."""
+    deadline = time.monotonic() + seconds
+    failures: list[str] = []
+    ok = 0
+
+    async def worker() -> None:
+        nonlocal ok
+        while time.monotonic() < deadline and ok + len(failures) < max_requests:
+            try:
+                async with session.get(url) as r:
+                    await r.read()
+                    if r.status == 200:
+                        ok += 1
+                    else:
+                        failures.append(f"status {r.status}")
+            except aiohttp.ClientError as exc:
+                failures.append(repr(exc))
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return ok, failures
+
+
+async def test_sighup_reload_good_and_bad_file_under_load(
+        issuer: DevIssuer, make_upstream: MakeUpstream, tmp_path: Path, gateway_processes: Any) -> None:
+    a, b = await make_upstream(), await make_upstream()
+    ports = process_ports()
+    old = gateway_yaml(issuer.url, [upstream_yaml("a", a.url)], public_routes("a"), **ports)
+    gw = start_process(gateway_processes, tmp_path, old, ports)
+    path = gw.config_path
+    await gw.wait_ready()
+    async with aiohttp.ClientSession() as session:
+        load = asyncio.ensure_future(load_loop(session, gw.url + "/a/x", 2.5))
+        await asyncio.sleep(0.3)
+        async with session.get(gw.url + "/b/x") as r:
+            assert r.status == 404
+
+        # Good file: a new upstream and route; the old route keeps answering throughout.
+        good = gateway_yaml(issuer.url, [upstream_yaml("a", a.url), upstream_yaml("b", b.url)],
+                            public_routes("a", "b"), **ports)
+        path.write_text(good)
+        gw.signal(signal.SIGHUP)
+
+        async def b_answers() -> bool:
+            async with session.get(gw.url + "/b/x") as r:
+                return r.status == 200
+        await eventually(b_answers, timeout=3)
+
+        # Bad file: refused, counted; the running config (with route b) stays.
+        path.write_text(good.replace("upstream: b", "upstream: nowhere"))
+        gw.signal(signal.SIGHUP)
+
+        async def refused() -> bool:
+            value = await metric(session, gw.admin_url, "gateway_config_reloads_total", result="error")
+            return value == 1
+        await eventually(refused, timeout=3)
+        assert await metric(session, gw.admin_url, "gateway_config_reloads_total", result="ok") == 1
+        async with session.get(gw.url + "/b/x") as r:
+            assert r.status == 200
+        ok, failures = await load
+    assert failures == [] and ok > 50
+    assert "reload refused" in gw.err.read_text()
+    assert gw.stop() == 0
+
+
+async def test_sigterm_during_a_slow_request_drains_and_exits_within_grace(
+        issuer: DevIssuer, make_upstream: MakeUpstream, tmp_path: Path, gateway_processes: Any) -> None:
+    slow = await make_upstream()
+    slow.set_mode("slow", delay=1.5)
+    ports = process_ports()
+    text = gateway_yaml(issuer.url, [upstream_yaml("slow", slow.url)], public_routes("slow"), **ports)
+    text = text.replace("shutdown_grace: 5s", "shutdown_grace: 3s")
+    gw = start_process(gateway_processes, tmp_path, text, ports)
+    await gw.wait_ready()
+    assert gw.proc is not None
+    async with aiohttp.ClientSession() as session:
+        request = asyncio.ensure_future(session.get(gw.url + "/slow/x"))
+        await eventually(lambda: asyncio.sleep(0, slow.hits == 1), timeout=3)
+        gw.signal(signal.SIGTERM)
+        signalled = time.monotonic()
+
+        async def not_ready() -> bool:  # the admin listener stays up while draining, answering 503
+            async with session.get(gw.admin_url + "/readyz") as r:
+                return r.status == 503
+        assert await eventually(not_ready, timeout=1) < 0.5
+        # No new connections are accepted on the public port while draining.
+        with pytest.raises(aiohttp.ClientConnectionError):
+            async with aiohttp.ClientSession() as fresh, fresh.get(gw.url + "/slow/x"):
+                pass
+
+        async with await request as r:  # the request in flight completes
+            assert r.status == 200
+            assert (await r.json())["path"] == "/slow/x"
+        assert time.monotonic() - signalled < 1.5
+    while gw.proc.poll() is None and time.monotonic() - signalled < 5:
+        await asyncio.sleep(0.02)
+    assert gw.proc.returncode == 0
+    assert time.monotonic() - signalled < 3.0  # within shutdown_grace
+    assert slow.hits == 1
+
+
+def _children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(p) for p in f.read().split()]
+
+
+async def test_two_workers_serve_and_exit_cleanly_on_sigterm(
+        issuer: DevIssuer, echo_upstream: EchoUpstream, tmp_path: Path, gateway_processes: Any) -> None:
+    ports = process_ports()
+    text = gateway_yaml(issuer.url, [upstream_yaml("echo", echo_upstream.url)], public_routes("echo"), **ports)
+    gw = start_process(gateway_processes, tmp_path, text, ports, args=("--workers", "2"))
+    await gw.wait_ready()
+    assert gw.proc is not None
+    workers = _children(gw.proc.pid)
+    assert len(workers) == 2  # two full gateway processes sharing the port
+    async with aiohttp.ClientSession() as session:
+        ok, failures = await load_loop(session, gw.url + "/echo/x", 0.5, max_requests=200)
+    assert failures == [] and ok > 20
+    gw.signal(signal.SIGTERM)
+    signalled = time.monotonic()
+    while gw.proc.poll() is None and time.monotonic() - signalled < 8:
+        await asyncio.sleep(0.02)
+    assert gw.proc.returncode == 0
+    assert time.monotonic() - signalled < 5.0
+    for pid in workers:
+        assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
