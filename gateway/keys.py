@@ -252,6 +252,7 @@ class KeyStore:
 
     def rotate(self) -> SigningKey:
         """Add a new key of the configured algorithm and make it current; retire the previous one."""
+        self._refuse_if_read_only()  # before the lock: on a read-only mount even the lock file cannot be made
         with self._mutex, self._exclusive():
             self._read_file()
             self._refuse_if_read_only()
@@ -363,7 +364,10 @@ class KeyStore:
         drop_before = self._clock() - self._cfg.ttl - RETIRE_MARGIN
         current = self._current.kid if self._current else None
         keys = []
-        for rec in sorted(self._records, key=lambda r: r["iat"], reverse=True):
+        # Newest first, ties (two keys made in one second) broken by file order as _pick_current does,
+        # so the first published key is always the one signing now.
+        order = sorted(range(len(self._records)), key=lambda i: (self._records[i]["iat"], i), reverse=True)
+        for rec in (self._records[i] for i in order):
             if rec["kid"] != current and rec.get("retired_at", float("inf")) < drop_before:
                 continue
             public = {m: rec[m] for m in _PUBLIC_MEMBERS[rec["kty"]]}

@@ -381,3 +381,11 @@ def test_check_logs_a_failure_once_and_its_recovery(tmp_path: Path, caplog: pyte
     messages = [r.getMessage() for r in caplog.records]
     assert any("usable again" in m for m in messages)
     assert any("rotated (rotate_every)" in m for m in messages)
+
+
+def test_first_published_key_is_the_current_one_even_within_one_second(tmp_path: Path) -> None:
+    clock = Clock()  # the clock does not move: every key has the same iat
+    store = make(tmp_path / "k.json", clock)
+    for _ in range(3):
+        key = store.rotate()
+        assert store.public_jwks()["keys"][0]["kid"] == key.kid == store.current().kid
