@@ -1,0 +1,495 @@
+"""Revocation stores (SPEC 6): Redis keys + pub/sub feeding a local view, and a one-process memory store.
+
+The only module that imports redis. Hot path: `check()` answers from the local view with a few dict
+lookups; the view is trusted only while the subscription that keeps it current is known to be live.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import redis.asyncio as aioredis
+from redis.asyncio.client import PubSub
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+from gateway import errors, metrics
+from gateway.config_types import RevocationConfig
+from gateway.model import Principal
+
+log = logging.getLogger("gateway.revocation")
+
+Clock = Callable[[], float]
+KINDS = ("jti", "subject", "session")
+_KEY_PART = {"jti": "jti", "subject": "sub", "session": "sid"}
+_KIND_OF_PART = {v: k for k, v in _KEY_PART.items()}
+
+DIRECT_TIMEOUT = 0.25  # a request waits at most this long for Redis while the view is not live
+WRITE_TIMEOUT = 2.0
+START_WAIT = 2.0  # start() waits this long for the first sync; readiness reports the rest
+POLL = 0.1  # listener wake-up: ping timing and expiry purge
+PING_EVERY = 0.3
+DEAD_AFTER = 1.0  # nothing (not even a PONG) heard for this long: the subscription is dead
+BACKOFF_MIN, BACKOFF_MAX = 0.05, 1.0  # capped low so recovery after a Redis restart is quick
+_BACKEND_ERRORS = (RedisError, OSError, TimeoutError)
+
+
+class RevocationStore(Protocol):
+    backend_up: bool
+
+    async def start(self) -> None: ...
+    async def close(self) -> None: ...
+    def ready(self) -> bool: ...
+    async def check(self, p: Principal) -> None: ...
+    async def revoke(
+        self, kind: str, value: str, issuer: str | None, *, exp: int | None = None
+    ) -> dict[str, Any]: ...
+
+
+def _parse_time(raw: bytes | str | None) -> float:
+    """A revocation time T; unreadable values revoke everything for that key (fail closed)."""
+    try:
+        t = float(raw)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return math.inf
+    return t if not math.isnan(t) else math.inf
+
+
+class _View:
+    """The local copy of every live revocation: jti -> expiry, issuer -> subject/session -> (T, expiry)."""
+
+    __slots__ = ("jti", "sub", "sid", "_heap")
+
+    def __init__(self) -> None:
+        self.jti: dict[str, float] = {}
+        self.sub: dict[str, dict[str, tuple[float, float]]] = {}
+        self.sid: dict[str, dict[str, tuple[float, float]]] = {}
+        self._heap: list[tuple[float, str, str, str]] = []  # (expires_at, kind, issuer, value)
+
+    def revoked(self, p: Principal, clock: Clock) -> bool:
+        # The clock is read only when something matched: the common case is three misses.
+        if p.jti is not None and self.jti:
+            exp = self.jti.get(p.jti)
+            if exp is not None and exp > clock():
+                return True
+        for table, value in ((self.sub, p.subject), (self.sid, p.session)):
+            if value is not None and table:
+                per_issuer = table.get(p.issuer)
+                if per_issuer is not None:
+                    entry = per_issuer.get(value)
+                    # A token without iat cannot prove it was issued after T: revoked (fail closed).
+                    if entry is not None and (p.iat is None or p.iat <= entry[0]) and entry[1] > clock():
+                        return True
+        return False
+
+    def apply(self, kind: str, issuer: str | None, value: str, at: float, expires_at: float,
+              *, replace: bool = False) -> None:
+        """Record one revocation; merging keeps the later T and expiry so a stale hint never un-revokes."""
+        if kind == "jti":
+            old = self.jti.get(value)
+            self.jti[value] = expires_at if replace or old is None else max(old, expires_at)
+            issuer = ""
+        else:
+            table = self.sub if kind == "subject" else self.sid
+            per_issuer = table.setdefault(issuer or "", {})
+            prev = per_issuer.get(value)
+            if prev is not None and not replace:
+                at, expires_at = max(prev[0], at), max(prev[1], expires_at)
+            per_issuer[value] = (at, expires_at)
+        if expires_at != math.inf:
+            heapq.heappush(self._heap, (expires_at, kind, issuer or "", value))
+
+    def purge(self, now: float) -> None:
+        """Drop entries whose key has expired in Redis too (bounded memory)."""
+        heap = self._heap
+        while heap and heap[0][0] <= now:
+            _, kind, issuer, value = heapq.heappop(heap)
+            if kind == "jti":
+                exp = self.jti.get(value)
+                if exp is not None and exp <= now:
+                    del self.jti[value]
+                continue
+            table = self.sub if kind == "subject" else self.sid
+            per_issuer = table.get(issuer)
+            if per_issuer is not None:
+                entry = per_issuer.get(value)
+                if entry is not None and entry[1] <= now:
+                    del per_issuer[value]
+                    if not per_issuer:
+                        del table[issuer]
+
+
+@dataclass(frozen=True, slots=True)
+class _Write:
+    kind: str
+    issuer: str | None
+    value: str
+    key: str
+    stored: str  # what the key holds: "1" for a jti, T for a subject/session
+    ttl: int
+    at: int
+
+    def record(self) -> dict[str, Any]:
+        return {"type": self.kind, "value": self.value, "issuer": self.issuer,
+                "key": self.key, "stored": self.stored, "ttl": self.ttl, "at": self.at}
+
+    def message(self) -> str:
+        return json.dumps({"type": self.kind, "value": self.value, "issuer": self.issuer, "at": self.at})
+
+
+def key_for(prefix: str, kind: str, value: str, issuer: str | None) -> str:
+    if kind == "jti":
+        return f"{prefix}jti:{value}"
+    return f"{prefix}{_KEY_PART[kind]}:{issuer}:{value}"
+
+
+def _plan_write(cfg: RevocationConfig, kind: str, value: str, issuer: str | None,
+                exp: int | None, now: float) -> _Write:
+    if kind not in KINDS:
+        raise ValueError(f"unknown revocation type {kind!r}; expected one of: {', '.join(KINDS)}")
+    if not value:
+        raise ValueError("the revoked value must not be empty")
+    if kind != "jti" and not issuer:
+        raise ValueError(f"a {kind} revocation needs the issuer's name")
+    if issuer is not None and ":" in issuer:
+        raise ValueError("issuer names cannot contain ':' (it separates the key's parts)")
+    at = int(now)  # iat is whole seconds; a token issued within this second is revoked too (fail closed)
+    if kind == "jti":
+        # The key only has to outlive the token it revokes; without exp, the longest a token may live.
+        ttl = math.ceil(exp - now) if exp is not None else math.ceil(cfg.max_token_lifetime)
+        stored = "1"
+    else:
+        ttl, stored = math.ceil(cfg.max_token_lifetime), str(at)
+    return _Write(kind, issuer, value, key_for(cfg.key_prefix, kind, value, issuer), stored, max(1, ttl), at)
+
+
+def _parse_message(data: bytes | str) -> tuple[str, str | None, str, float]:
+    """A published event -> (kind, issuer, value, at); ValueError when it cannot be understood."""
+    msg = json.loads(data)
+    if not isinstance(msg, dict):
+        raise ValueError("not an object")
+    kind, value, issuer, at = msg.get("type"), msg.get("value"), msg.get("issuer"), msg.get("at")
+    if kind not in KINDS or not isinstance(value, str) or not value:
+        raise ValueError("bad type or value")
+    if issuer is not None and not isinstance(issuer, str):
+        raise ValueError("bad issuer")
+    if kind != "jti" and not issuer:
+        raise ValueError("issuer missing")
+    if isinstance(at, bool) or not isinstance(at, int | float):
+        if kind != "jti":
+            raise ValueError("bad at")
+        at = 0
+    return kind, issuer, value, float(at)
+
+
+def _parse_key(key: str, prefix: str) -> tuple[str, str | None, str] | None:
+    """`{prefix}jti:X` / `{prefix}sub:ISS:X` / `{prefix}sid:ISS:X` -> (kind, issuer, value)."""
+    part, _, rest = key[len(prefix):].partition(":")
+    kind = _KIND_OF_PART.get(part)
+    if kind is None or not rest:
+        return None
+    if kind == "jti":
+        return kind, None, rest
+    issuer, _, value = rest.partition(":")
+    return (kind, issuer, value) if issuer and value else None
+
+
+def _glob_escape(text: str) -> str:
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
+
+
+class _Results:
+    """The check outcome counters, labelled once."""
+
+    def __init__(self) -> None:
+        c = metrics.revocation_checks_total
+        self.ok, self.revoked = c.labels(result="ok"), c.labels(result="revoked")
+        self.denied = c.labels(result="backend_error_denied")
+        self.allowed = c.labels(result="backend_error_allowed")
+
+
+class MemoryRevocationStore:
+    """One process only (demo, tests of other parts): the view is the whole truth."""
+
+    backend_up = True
+
+    def __init__(self, cfg: RevocationConfig, *, clock: Clock = time.time) -> None:
+        self._cfg, self._clock = cfg, clock
+        self._view = _View()
+        self._results = _Results()
+
+    async def start(self) -> None:
+        metrics.revocation_backend_up.set(1)
+
+    async def close(self) -> None:
+        return None
+
+    def ready(self) -> bool:
+        return True
+
+    async def check(self, p: Principal) -> None:
+        if self._view.revoked(p, self._clock):
+            self._results.revoked.inc()
+            raise errors.InvalidToken("revoked", issuer=p.issuer)
+        self._results.ok.inc()
+
+    async def revoke(
+        self, kind: str, value: str, issuer: str | None, *, exp: int | None = None
+    ) -> dict[str, Any]:
+        now = self._clock()
+        w = _plan_write(self._cfg, kind, value, issuer, exp, now)
+        self._view.purge(now)  # amortised cleanup: memory stays bounded by the live revocations
+        self._view.apply(kind, issuer, value, w.at, now + w.ttl)
+        return w.record()
+
+
+class RedisRevocationStore:
+    """Shared by every replica through Redis; a pub/sub-fed local view answers checks."""
+
+    def __init__(self, cfg: RevocationConfig, *, clock: Clock = time.time) -> None:
+        self._cfg, self._clock = cfg, clock
+        self._prefix = cfg.key_prefix
+        self._channel = cfg.key_prefix + "events"
+        self._deny = cfg.on_backend_error != "allow"
+        self._results = _Results()
+        self._view = _View()
+        self._live = False
+        self._live_event = asyncio.Event()
+        self.backend_up = False
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        common: dict[str, Any] = {"socket_timeout": 1.0, "socket_connect_timeout": 0.5}
+        # Commands may retry once: a pooled connection left stale by a Redis restart reconnects silently.
+        self._redis = aioredis.Redis.from_url(cfg.redis_url, retry=Retry(NoBackoff(), 1), **common)
+        # The subscription must NEVER reconnect silently (redis-py would resubscribe and we would miss
+        # what was published in the gap), so it has its own client with no retry: any error -> resync.
+        self._sub = aioredis.Redis.from_url(cfg.redis_url, retry=Retry(NoBackoff(), 0), **common)
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        metrics.revocation_backend_up.set(0)
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="revocation-sync")
+        await self.wait_live(START_WAIT)
+
+    async def close(self) -> None:
+        self._closing = True
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            # redis-py can swallow a cancellation that lands mid-command; the flag ends the loop anyway
+            # (within one POLL). asyncio.wait, unlike awaiting the task, never eats our own cancellation.
+            await asyncio.wait({task}, timeout=DEAD_AFTER * 2)
+        self._set_live(False)
+        await self._sub.aclose()
+        await self._redis.aclose()
+
+    def ready(self) -> bool:
+        return self._live
+
+    async def wait_live(self, within: float) -> bool:
+        """True once the view is live (subscribed and synced), False if not within `within` seconds."""
+        try:
+            async with asyncio.timeout(within):
+                await self._live_event.wait()
+        except TimeoutError:
+            return False
+        return True
+
+    def _set_live(self, live: bool) -> None:
+        if live == self._live:
+            return
+        self._live = self.backend_up = live
+        metrics.revocation_backend_up.set(1 if live else 0)
+        if live:
+            self._live_event.set()
+        else:
+            self._live_event.clear()
+
+    # -- request path ------------------------------------------------------------------------------
+
+    async def check(self, p: Principal) -> None:
+        if self._live:
+            revoked = self._view.revoked(p, self._clock)
+        else:
+            direct = await self._check_direct(p)
+            if direct is None:
+                return
+            revoked = direct
+        if revoked:
+            self._results.revoked.inc()
+            raise errors.InvalidToken("revoked", issuer=p.issuer)
+        self._results.ok.inc()
+
+    async def _check_direct(self, p: Principal) -> bool | None:
+        """The view may have missed messages: ask Redis. None = backend failed and policy is allow."""
+        keys: list[str] = []
+        if p.jti is not None:
+            keys.append(key_for(self._prefix, "jti", p.jti, None))
+        n_jti = len(keys)
+        if p.subject is not None:
+            keys.append(key_for(self._prefix, "subject", p.subject, p.issuer))
+        if p.session is not None:
+            keys.append(key_for(self._prefix, "session", p.session, p.issuer))
+        if not keys:
+            return False
+        try:
+            async with asyncio.timeout(DIRECT_TIMEOUT):
+                values = await self._redis.mget(keys)
+        except _BACKEND_ERRORS:
+            if self._deny:
+                self._results.denied.inc()
+                raise errors.BackendUnavailable() from None
+            self._results.allowed.inc()
+            return None
+        if n_jti and values[0] is not None:
+            return True
+        return any(
+            v is not None and (p.iat is None or p.iat <= _parse_time(v)) for v in values[n_jti:]
+        )
+
+    # -- writers -----------------------------------------------------------------------------------
+
+    async def revoke(
+        self, kind: str, value: str, issuer: str | None, *, exp: int | None = None
+    ) -> dict[str, Any]:
+        now = self._clock()
+        w = _plan_write(self._cfg, kind, value, issuer, exp, now)
+        try:
+            async with asyncio.timeout(WRITE_TIMEOUT):
+                # MULTI/EXEC: the key and its announcement go together or not at all.
+                pipe = self._redis.pipeline(transaction=True)
+                pipe.set(w.key, w.stored, ex=w.ttl)
+                pipe.publish(self._channel, w.message())
+                await pipe.execute()
+        except _BACKEND_ERRORS:
+            raise errors.BackendUnavailable("the revocation backend is unreachable; nothing was written") from None
+        # This replica refuses at once, without waiting for its own message to come back.
+        self._view.apply(kind, issuer, value, w.at, now + w.ttl)
+        return w.record()
+
+    # -- keeping the view current ------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        delay = BACKOFF_MIN
+        while not self._closing:
+            pubsub = self._sub.pubsub()
+            try:
+                # Subscribe BEFORE reading the keys: whatever is written during the scan is then
+                # queued on the subscription and applied after it, so nothing falls in between.
+                await pubsub.subscribe(self._channel)
+                await self._confirm_subscribed(pubsub)
+                await self._resync()
+                self._set_live(True)
+                delay = BACKOFF_MIN
+                await self._listen(pubsub)
+            except _BACKEND_ERRORS as exc:
+                log.warning("revocation backend: %s; reconnecting in %.2fs", type(exc).__name__, delay)
+            except Exception:
+                log.exception("revocation sync failed; reconnecting in %.2fs", delay)
+            finally:
+                self._set_live(False)
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, BACKOFF_MAX)
+
+    async def _confirm_subscribed(self, pubsub: PubSub) -> None:
+        async with asyncio.timeout(DEAD_AFTER * 2):
+            while True:
+                msg = await pubsub.get_message(timeout=POLL)
+                if msg is not None and msg["type"] == "subscribe":
+                    return
+
+    async def _listen(self, pubsub: PubSub) -> None:
+        loop = asyncio.get_running_loop()
+        last_heard = next_ping = loop.time()
+        while not self._closing:
+            msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=POLL)
+            now = loop.time()
+            if msg is not None:
+                last_heard = now
+                if msg["type"] == "message":
+                    await self._on_message(msg["data"])
+            elif now - last_heard > DEAD_AFTER:
+                # A half-open TCP connection raises nothing; the missing PONGs are how we notice.
+                raise ConnectionError("revocation subscription went silent")
+            if now >= next_ping:
+                await pubsub.ping()
+                next_ping = now + PING_EVERY
+            self._view.purge(self._clock())
+
+    async def _on_message(self, data: bytes | str) -> None:
+        try:
+            kind, issuer, value, at = _parse_message(data)
+        except ValueError:
+            # We cannot tell what it revoked: distrust the view and rebuild it from the keys.
+            log.warning("unreadable revocation message on %s; resyncing", self._channel)
+            self._set_live(False)
+            await self._resync()
+            self._set_live(True)
+            return
+        # The message is a hint: apply it at once (fail closed), then let the key give exact T and TTL.
+        self._view.apply(kind, issuer, value, at, self._clock() + self._cfg.max_token_lifetime)
+        key = key_for(self._prefix, kind, value, issuer)
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.get(key)
+        pipe.pttl(key)
+        stored, pttl = await pipe.execute()
+        if stored is not None and pttl != -2:
+            self._apply_key(kind, issuer, value, stored, pttl, self._view, self._clock())
+
+    def _apply_key(self, kind: str, issuer: str | None, value: str, stored: bytes, pttl: int,
+                   view: _View, now: float) -> None:
+        expires_at = math.inf if pttl < 0 else now + pttl / 1000
+        at = 0.0 if kind == "jti" else _parse_time(stored)
+        view.apply(kind, issuer, value, at, expires_at, replace=True)
+
+    async def _resync(self) -> None:
+        """Rebuild the view from every key under the prefix (SCAN, then GET + PTTL in batches)."""
+        view = _View()
+        now = self._clock()
+        pattern = _glob_escape(self._prefix) + "*"
+        cursor = 0
+        while True:
+            cursor, keys = await self._redis.scan(cursor, match=pattern, count=1000)
+            raw_keys: list[bytes | str] = []
+            parsed: list[tuple[str, str | None, str]] = []
+            for k in keys:
+                what = _parse_key(k.decode(errors="replace") if isinstance(k, bytes) else k, self._prefix)
+                if what is not None:
+                    raw_keys.append(k)
+                    parsed.append(what)
+            if parsed:
+                pipe = self._redis.pipeline(transaction=False)
+                for k in raw_keys:
+                    pipe.get(k)
+                    pipe.pttl(k)
+                # A key of another type under our prefix is someone else's: skip it, do not fail.
+                res = await pipe.execute(raise_on_error=False)
+                for i, (kind, issuer, value) in enumerate(parsed):
+                    stored, pttl = res[2 * i], res[2 * i + 1]
+                    if isinstance(stored, bytes) and isinstance(pttl, int) and pttl != -2:
+                        self._apply_key(kind, issuer, value, stored, pttl, view, now)
+            if cursor == 0:
+                break
+        self._view = view
+
+
+def create_store(cfg: RevocationConfig, *, clock: Clock = time.time) -> RevocationStore:
+    if cfg.backend == "memory":
+        return MemoryRevocationStore(cfg, clock=clock)
+    if cfg.backend == "redis":
+        return RedisRevocationStore(cfg, clock=clock)
+    raise ValueError(f"unknown revocation backend {cfg.backend!r}; expected redis or memory")
