@@ -35,6 +35,7 @@ _KEY_PART = {"jti": "jti", "subject": "sub", "session": "sid"}
 _KIND_OF_PART = {v: k for k, v in _KEY_PART.items()}
 
 DIRECT_TIMEOUT = 0.25  # a request waits at most this long for Redis while the view is not live
+DOWN_MEMO = 0.1  # after a failed direct check, the next ones fail at once for this long
 WRITE_TIMEOUT = 2.0
 START_WAIT = 2.0  # start() waits this long for the first sync; readiness reports the rest
 POLL = 0.1  # listener wake-up: ping timing and expiry purge
@@ -65,6 +66,11 @@ def _parse_time(raw: bytes | str | None) -> float:
     return t if not math.isnan(t) else math.inf
 
 
+def _hit(entry: tuple[float, float] | None, iat: int | None, clock: Clock) -> bool:
+    # A token without iat cannot prove it was issued after T: revoked (fail closed).
+    return entry is not None and (iat is None or iat <= entry[0]) and entry[1] > clock()
+
+
 class _View:
     """The local copy of every live revocation: jti -> expiry, issuer -> subject/session -> (T, expiry)."""
 
@@ -82,14 +88,15 @@ class _View:
             exp = self.jti.get(p.jti)
             if exp is not None and exp > clock():
                 return True
-        for table, value in ((self.sub, p.subject), (self.sid, p.session)):
-            if value is not None and table:
-                per_issuer = table.get(p.issuer)
-                if per_issuer is not None:
-                    entry = per_issuer.get(value)
-                    # A token without iat cannot prove it was issued after T: revoked (fail closed).
-                    if entry is not None and (p.iat is None or p.iat <= entry[0]) and entry[1] > clock():
-                        return True
+        # Written out twice rather than looped: no per-request tuple allocation on this path.
+        if p.subject is not None and self.sub:
+            per_issuer = self.sub.get(p.issuer)
+            if per_issuer is not None and _hit(per_issuer.get(p.subject), p.iat, clock):
+                return True
+        if p.session is not None and self.sid:
+            per_issuer = self.sid.get(p.issuer)
+            if per_issuer is not None and _hit(per_issuer.get(p.session), p.iat, clock):
+                return True
         return False
 
     def apply(self, kind: str, issuer: str | None, value: str, at: float, expires_at: float,
@@ -268,6 +275,7 @@ class RedisRevocationStore:
         self.backend_up = False
         self._task: asyncio.Task[None] | None = None
         self._closing = False
+        self._down_until = 0.0  # loop time until which direct checks skip a Redis that just failed
         common: dict[str, Any] = {"socket_timeout": 1.0, "socket_connect_timeout": 0.5}
         # Commands may retry once: a pooled connection left stale by a Redis restart reconnects silently.
         self._redis = aioredis.Redis.from_url(cfg.redis_url, retry=Retry(NoBackoff(), 1), **common)
@@ -344,20 +352,31 @@ class RedisRevocationStore:
             keys.append(key_for(self._prefix, "session", p.session, p.issuer))
         if not keys:
             return False
+        loop = asyncio.get_running_loop()
+        if loop.time() < self._down_until:
+            self._backend_failed()
+            return None
         try:
             async with asyncio.timeout(DIRECT_TIMEOUT):
                 values = await self._redis.mget(keys)
         except _BACKEND_ERRORS:
-            if self._deny:
-                self._results.denied.inc()
-                raise errors.BackendUnavailable() from None
-            self._results.allowed.inc()
+            # Remember the failure briefly: under load, a hung Redis would otherwise collect one
+            # connection per request; the background task keeps probing and goes live on recovery.
+            self._down_until = loop.time() + DOWN_MEMO
+            self._backend_failed()
             return None
         if n_jti and values[0] is not None:
             return True
         return any(
             v is not None and (p.iat is None or p.iat <= _parse_time(v)) for v in values[n_jti:]
         )
+
+    def _backend_failed(self) -> None:
+        """on_backend_error: deny fails closed (503); allow lets the request through and counts it."""
+        if self._deny:
+            self._results.denied.inc()
+            raise errors.BackendUnavailable()
+        self._results.allowed.inc()
 
     # -- writers -----------------------------------------------------------------------------------
 

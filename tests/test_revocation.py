@@ -217,6 +217,24 @@ async def test_redis_down_denies_with_deny_and_passes_with_allow(
         await deny.revoke("jti", "x", None)
 
 
+async def test_a_view_that_is_not_live_is_not_trusted_redis_answers_directly(
+    redis_server: RedisServer, rdb: aioredis.Redis
+) -> None:
+    store = RedisRevocationStore(config(redis_server.url))  # never started: no subscription, no view
+    try:
+        assert not store.ready()
+        t = int(time.time())
+        await rdb.set(f"{PREFIX}jti:direct", "1", ex=60)
+        await rdb.set(f"{PREFIX}sid:customers:s-d", str(t), ex=60)
+        assert await is_revoked(store, principal(jti="direct"))
+        assert await is_revoked(store, principal(jti=None, sid="s-d", iat=t))
+        assert not await is_revoked(store, principal(jti=None, sid="s-d", iat=t + 1))
+        assert not await is_revoked(store, principal(jti="fine", sid="s-other"))
+        assert "cmdstat_mget" in await rdb.info("commandstats")
+    finally:
+        await store.close()
+
+
 async def test_check_against_a_hung_redis_is_bounded(make_store: MakeStore, redis_server: RedisServer) -> None:
     import os
     import signal
@@ -226,6 +244,10 @@ async def test_check_against_a_hung_redis_is_bounded(make_store: MakeStore, redi
     os.kill(redis_server.proc.pid, signal.SIGSTOP)  # alive but silent: only the missing PONGs tell
     try:
         await until(lambda: asyncio.sleep(0, not store.ready()), within=2.0)
+        t0 = time.monotonic()
+        results = await asyncio.gather(*(store.check(principal()) for _ in range(50)), return_exceptions=True)
+        assert all(isinstance(r, errors.BackendUnavailable) for r in results)
+        assert time.monotonic() - t0 < 0.6  # one short Redis timeout, not 50 of them in a row
         t0 = time.monotonic()
         with pytest.raises(errors.BackendUnavailable):
             await store.check(principal())
