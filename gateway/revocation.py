@@ -393,7 +393,9 @@ class RedisRevocationStore:
                 pipe.publish(self._channel, w.message())
                 await pipe.execute()
         except _BACKEND_ERRORS:
-            raise errors.BackendUnavailable("the revocation backend is unreachable; nothing was written") from None
+            raise errors.BackendUnavailable(
+                "the revocation backend is unreachable; the revocation may not have been written"
+            ) from None
         # This replica refuses at once, without waiting for its own message to come back.
         self._view.apply(kind, issuer, value, w.at, now + w.ttl)
         return w.record()
