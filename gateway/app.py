@@ -219,13 +219,19 @@ class GatewayApp:
     async def drain_and_stop(self) -> None:
         """SIGTERM: not ready at once, stop accepting, let in-flight requests finish within shutdown_grace."""
         self.draining = True
-        grace = self.config.server.shutdown_grace
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.server.shutdown_grace
         if self._runners:
             public = self._runners[0]
             for site in list(public.sites):
                 await site.stop()  # closes the listening socket: no new connections
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._idle.wait(), grace)
+                await asyncio.wait_for(self._idle.wait(), max(0.0, deadline - loop.time()))
+            # Whatever still runs has had its grace: cut it now. Left to runner.cleanup(), each request
+            # would get a second shutdown_grace and the process would outlive the orchestrator's patience.
+            if isinstance(public, web.ServerRunner) and public.server is not None:
+                public.server.pre_shutdown()
+                await public.server.shutdown(0.1)  # 0 would mean "no limit" to aiohttp
         await self.stop()
 
     async def stop(self) -> None:
@@ -304,6 +310,8 @@ class GatewayApp:
                 resp = web.Response(status=err.status, body=error_body(err, ex.request_id),
                                     headers={**err.headers, "X-Request-Id": ex.request_id},
                                     content_type="application/json")
+                if self.draining:
+                    resp.force_close()
                 return resp
             auth = "ok" if ex.principal is not None else "none"
             status, target, upstream_status = up.status, up.target, up.status
@@ -352,6 +360,8 @@ class GatewayApp:
         headers = response_headers(up.headers)
         headers["X-Request-Id"] = request_id
         resp = web.StreamResponse(status=up.status, headers=headers)
+        if self.draining:
+            resp.force_close()  # Connection: close, so a keep-alive client reconnects to another replica
         try:
             await resp.prepare(request)
             async for chunk in up.iter_chunks():

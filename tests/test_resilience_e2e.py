@@ -455,6 +455,7 @@ async def test_sigterm_during_a_slow_request_drains_and_exits_within_grace(
 
         async with await request as r:  # the request in flight completes
             assert r.status == 200
+            assert r.headers.get("Connection", "").lower() == "close"  # go elsewhere next time
             assert (await r.json())["path"] == "/slow/x"
         assert time.monotonic() - signalled < 1.5
     while gw.proc.poll() is None and time.monotonic() - signalled < 5:
@@ -489,3 +490,29 @@ async def test_two_workers_serve_and_exit_cleanly_on_sigterm(
     assert time.monotonic() - signalled < 5.0
     for pid in workers:
         assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
+
+
+async def test_sigterm_exits_within_grace_even_when_a_request_outlasts_it(
+        issuer: DevIssuer, make_upstream: MakeUpstream, tmp_path: Path, gateway_processes: Any) -> None:
+    stuck = await make_upstream()
+    stuck.set_mode("hang")
+    ports = process_ports()
+    text = gateway_yaml(issuer.url, [upstream_yaml("stuck", stuck.url, read="30s")], public_routes("stuck"),
+                        **ports)
+    gw = start_process(gateway_processes, tmp_path, text.replace("shutdown_grace: 5s", "shutdown_grace: 1s"),
+                       ports)
+    await gw.wait_ready()
+    assert gw.proc is not None
+    async with aiohttp.ClientSession() as session:
+        request = asyncio.ensure_future(session.get(gw.url + "/stuck/x"))
+        await eventually(lambda: asyncio.sleep(0, stuck.hits == 1), timeout=3)
+        gw.signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        while gw.proc.poll() is None and time.monotonic() - signalled < 5:
+            await asyncio.sleep(0.02)
+        exited = time.monotonic() - signalled
+        with pytest.raises(aiohttp.ClientError):  # cut off at the end of the grace period
+            async with await request:
+                pass
+    assert gw.proc.returncode == 0
+    assert 0.9 <= exited < 1.6
