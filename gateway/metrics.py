@@ -1,30 +1,53 @@
 """Every metric the gateway exports; the only module that imports prometheus_client.
 
-With several worker processes, `PROMETHEUS_MULTIPROC_DIR` must be set before this module is
-imported (cli.py does it); then each worker writes its samples to that directory and the admin
-listener of any worker serves the aggregate.
+Multiprocess: a worker started by the `--workers N` supervisor (workers.py) has both
+`PROMETHEUS_MULTIPROC_DIR` and `GATEWAY_SUPERVISOR_PID` in its environment; it writes its samples to
+that directory and the admin listener of any worker serves the aggregate of all of them. Every other
+process (a single `gateway run`, `gateway revoke`, tests) keeps its metrics in memory even when
+`PROMETHEUS_MULTIPROC_DIR` is set: it is the only writer, so files would add nothing but stale
+samples from earlier processes (and a short-lived CLI command would leave its zeros in the aggregate).
 """
 
 from __future__ import annotations
 
+import glob
 import os
 
 from prometheus_client import (
-    CONTENT_TYPE_LATEST,
+    REGISTRY,
     CollectorRegistry,
     Counter,
     Gauge,
     Histogram,
+    disable_created_metrics,
     generate_latest,
 )
 from prometheus_client import multiprocess as _mp
+from prometheus_client import values as _values
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+WORKER_ENV = "GATEWAY_SUPERVISOR_PID"  # set by workers.supervise for its children only
+
+MULTIPROC_DIR = os.environ.get(MULTIPROC_ENV) or None
+MULTIPROCESS = MULTIPROC_DIR is not None and bool(os.environ.get(WORKER_ENV))
+
+if not MULTIPROCESS:
+    # prometheus_client picks file-backed values whenever the variable is set; a process that is not a
+    # supervised worker must not write there (see the module docstring), so it gets in-memory values.
+    _values.ValueClass = _values.MutexValue
+
+# `*_created` series would double the series count for nothing a dashboard uses, and the multiprocess
+# collector never emits them: without them, one worker and N workers expose the same families.
+disable_created_metrics()  # type: ignore[no-untyped-call]
+
+# The classic text format: every name here is a legacy name, so generate_latest's body is exactly
+# 0.0.4, which every Prometheus parses (prometheus-client >= 0.22 announces 1.0.0 as "latest").
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 # Sub-millisecond to tens of seconds: a proxy's own latency and its upstreams' both fit.
 LATENCY_BUCKETS = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 )
-
-MULTIPROCESS = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
 
 requests_total = Counter(
     "gateway_requests_total", "Requests answered, by route, method and status.", ["route", "method", "status"]
@@ -41,15 +64,18 @@ auth_failures_total = Counter(
     "gateway_auth_failures_total", "Requests refused by authentication or authorization, by reason.",
     ["issuer", "reason"],
 )
+# Gauges across workers: each worker has its own breakers, key caches and Redis view. The "live"
+# modes drop a worker's value once the supervisor marks it dead, so an exited worker cannot hold a
+# breaker "open" or the backend "down" forever. Worst case wins: max for breakers, min for the backend.
 circuit_state = Gauge(
     "gateway_circuit_state", "Circuit breaker state per target: 0 closed, 1 open, 2 half-open.",
-    ["upstream", "target"], multiprocess_mode="max",
+    ["upstream", "target"], multiprocess_mode="livemax",
 )
 jwks_refresh_total = Counter(
     "gateway_jwks_refresh_total", "JWKS fetches by issuer and result (ok, error).", ["issuer", "result"]
 )
 jwks_keys = Gauge(
-    "gateway_jwks_keys", "Keys currently held for the issuer.", ["issuer"], multiprocess_mode="max"
+    "gateway_jwks_keys", "Keys currently held for the issuer.", ["issuer"], multiprocess_mode="livemax"
 )
 revocation_checks_total = Counter(
     "gateway_revocation_checks_total",
@@ -58,7 +84,7 @@ revocation_checks_total = Counter(
 )
 revocation_backend_up = Gauge(
     "gateway_revocation_backend_up", "1 when the revocation backend is reachable and its view is live.",
-    multiprocess_mode="min",
+    multiprocess_mode="livemin",
 )
 internal_tokens_minted_total = Counter(
     "gateway_internal_tokens_minted_total", "Internal tokens signed (cache misses of the minted-token cache)."
@@ -75,15 +101,35 @@ inflight_requests = Gauge(
 
 
 def render() -> tuple[bytes, str]:
-    """The exposition text for /metrics and its content type; aggregates workers when multiprocess."""
+    """The exposition text for /metrics and its content type; the aggregate of all workers when supervised."""
     if MULTIPROCESS:
         registry = CollectorRegistry()
-        _mp.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
-        return generate_latest(registry), CONTENT_TYPE_LATEST
-    return generate_latest(), CONTENT_TYPE_LATEST
+        _mp.MultiProcessCollector(registry, MULTIPROC_DIR)  # type: ignore[no-untyped-call]
+        return generate_latest(registry), CONTENT_TYPE
+    return generate_latest(REGISTRY), CONTENT_TYPE
 
 
-def mark_process_dead(pid: int) -> None:
-    """Drop a finished worker's live gauges (multiprocess mode only)."""
-    if MULTIPROCESS:
-        _mp.mark_process_dead(pid)  # type: ignore[no-untyped-call]
+def reset_multiprocess_dir(directory: str) -> None:
+    """Create `directory` or delete the sample files in it: files of an earlier run would be summed
+    with the new workers' (counters jumping, a dead run's breaker still "open"). Only prometheus-client's
+    own `*.db` files go, so a wrongly chosen directory loses nothing else."""
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    for path in glob.glob(os.path.join(glob.escape(directory), "*.db")):
+        os.remove(path)
+
+
+def mark_process_dead(pid: int, directory: str | None = None) -> None:
+    """Drop a finished worker's live gauges (its counters stay: what it counted still happened)."""
+    directory = directory or (MULTIPROC_DIR if MULTIPROCESS else None)
+    if directory is not None:
+        _mp.mark_process_dead(pid, directory)  # type: ignore[no-untyped-call]
+
+
+# Series that exist from the start at 0: a counter whose series is born with its first increment shows
+# no increase() for that first event, so "config reload failed" would stay silent on the first failure.
+for _result in ("ok", "error"):
+    config_reloads_total.labels(result=_result)
+# The reasons raised before any issuer is known (no/unreadable token, unknown iss), so the family is
+# there before the first failure; per-issuer series appear with their first failure.
+for _reason in ("missing_token", "malformed", "wrong_issuer"):
+    auth_failures_total.labels(issuer="-", reason=_reason)

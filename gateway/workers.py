@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
 import signal
@@ -11,16 +12,47 @@ import tempfile
 import time
 from types import FrameType
 
+from gateway import metrics
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    """Linux: the kernel sends SIGTERM to a worker whose supervisor died, even by SIGKILL, so no orphan
+    keeps serving (and holding the ports) with nobody to aggregate or restart it."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
+
+
+def metrics_dir(env: dict[str, str]) -> tuple[str, bool]:
+    """The workers' multiprocess directory, emptied of an earlier run's files, and whether it is ours
+    to delete at the end (True when none was given)."""
+    given = env.get(metrics.MULTIPROC_ENV)
+    if given:
+        metrics.reset_multiprocess_dir(given)
+        return given, False
+    return tempfile.mkdtemp(prefix="gateway-metrics-"), True
+
+
+def _exit_code(rc: int) -> int:
+    """A worker killed by signal N reads as 128+N, as a shell shows it; a clean but unasked exit is still
+    a failure of the group."""
+    if rc < 0:
+        return 128 - rc
+    return rc or 1
+
 
 def supervise(config_path: str, workers: int) -> int:
     """Start the workers, pass SIGHUP/SIGTERM/SIGINT on to them, exit when they have all exited."""
     env = dict(os.environ)
-    own_dir = None
-    if not env.get("PROMETHEUS_MULTIPROC_DIR"):
-        own_dir = tempfile.mkdtemp(prefix="gateway-metrics-")
-        env["PROMETHEUS_MULTIPROC_DIR"] = own_dir
+    directory, own_dir = metrics_dir(env)
+    env[metrics.MULTIPROC_ENV] = directory
+    env[metrics.WORKER_ENV] = str(os.getpid())
     cmd = [sys.executable, "-m", "gateway", "run", "-c", config_path, "--workers", "1", "--reuse-port"]
-    procs = [subprocess.Popen(cmd, env=env) for _ in range(workers)]
+    preexec = _die_with_parent if sys.platform == "linux" else None
+    procs: list[subprocess.Popen[bytes]] = []
     stopping = False
 
     def forward(signum: int, frame: FrameType | None) -> None:
@@ -35,19 +67,28 @@ def supervise(config_path: str, workers: int) -> int:
         signal.signal(sig, forward)
     code = 0
     try:
+        procs.extend(subprocess.Popen(cmd, env=env, preexec_fn=preexec)  # noqa: S603 - our own argv
+                     for _ in range(workers))
         while procs:
             for proc in list(procs):
                 rc = proc.poll()
                 if rc is None:
                     continue
                 procs.remove(proc)
-                if not stopping and rc != 0:
-                    # A worker that dies takes the group down: the orchestrator restarts it whole.
-                    code = rc
+                # Its live gauges (inflight, breaker states, backend up) must not count any more.
+                metrics.mark_process_dead(proc.pid, directory)
+                if not stopping:
+                    # A worker that exits unasked takes the group down: the orchestrator restarts it whole.
+                    code = _exit_code(rc)
                     stopping = True
                     forward(signal.SIGTERM, None)
             time.sleep(0.1)
     finally:
-        if own_dir is not None:
-            shutil.rmtree(own_dir, ignore_errors=True)
+        for proc in procs:  # only when the loop itself failed: leave no worker behind
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            metrics.mark_process_dead(proc.pid, directory)
+        if own_dir:
+            shutil.rmtree(directory, ignore_errors=True)
     return code
