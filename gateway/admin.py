@@ -86,7 +86,11 @@ def admin_app(gw: GatewayApp) -> web.Application:
             store = gw.services.revocation
             assert store is not None
             issuer = body.get("issuer") or (gw.config.issuers[0].name if len(gw.config.issuers) == 1 else None)
-            written = await store.revoke(body["type"], body["value"], issuer, exp=body.get("exp"))
+            try:
+                written = await store.revoke(body["type"], body["value"], issuer, exp=body.get("exp"))
+            except ValueError as exc:  # the store's own input rules (e.g. ':' in an issuer name)
+                return _json({"error": "invalid_request", "error_description": str(exc)}, 400)
+            # BackendUnavailable (a GatewayError) falls through to _error: 503 temporarily_unavailable.
             return _json({"revoked": written}, 201)
         except GatewayError as err:
             if isinstance(err, AuthError):

@@ -159,6 +159,8 @@ def cmd_revoke(args: Any) -> int:
         store = RedisRevocationStore(config.revocation)
         try:
             written = await store.revoke(args.kind, args.value, issuer, exp=args.exp)
+        except ValueError as exc:  # the store's input rules: a usage problem, exit 2
+            raise UsageError(f"gateway revoke: {exc}") from None
         finally:
             await store.close()
         print(json.dumps({"revoked": written}))
