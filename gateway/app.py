@@ -69,47 +69,60 @@ class Services:
         self._rotator: asyncio.Task[None] | None = None
 
     async def build(self, config: Config) -> Gateway:
-        """A Gateway for `config`, reusing every resource whose configuration did not change."""
-        if config.internal_token is not None:
-            if self.keys is None or self._built.get("internal_token") != config.internal_token:
-                keys = KeyStore(config.internal_token)
-                # KeyStoreError (unreadable, corrupt) surfaces here, at start or reload, and first:
-                # nothing (session, JWKS tasks) is open yet, so `gateway run` exits with one clean line.
-                keys.load()
-                self.keys, self.minter = keys, TokenMinter(keys, config.internal_token)
-                self._built["internal_token"] = config.internal_token
-                if self._rotator is None:
-                    self._rotator = asyncio.create_task(self._rotate_keys())
-        else:
-            self.keys = self.minter = None
+        """A Gateway for `config`, reusing every resource whose configuration did not change.
+
+        Transactional: new resources are built first; only when all are built are they swapped in
+        (the replaced ones retired); on any failure the new ones are closed and nothing changes.
+        """
+        fresh: list[Any] = []  # what this call created, closed again if it fails
+        keys, minter = self.keys, self.minter
+        itc = config.internal_token
+        if itc is None:
+            keys = minter = None
+        elif keys is None or self._built.get("internal_token") != itc:
+            # KeyStoreError (unreadable, corrupt) surfaces here, first: nothing (session, JWKS tasks)
+            # is open yet, so `gateway run` exits with one clean line.
+            keys = KeyStore(itc)
+            keys.load()
+            minter = TokenMinter(keys, itc)
         if self.session is None:
             self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
-        jwks: dict[str, JwksCache] = {}
-        for issuer in config.issuers:
-            cache = self.jwks.get(issuer.name)
-            if cache is None or self._jwks_cfg.get(issuer.name) != issuer:
-                cache = JwksCache(issuer, self.session)
-                await cache.start()
-                if issuer.name in self.jwks:
-                    self._retired.append(self.jwks[issuer.name])
-            jwks[issuer.name] = cache
-            self._jwks_cfg[issuer.name] = issuer
-        self._retired.extend(c for n, c in self.jwks.items() if n not in jwks)
-        self.jwks = jwks
-        verifier = TokenVerifier(config.issuers, jwks)
-        if self.revocation is None or self._built.get("revocation") != config.revocation:
-            if self.revocation is not None:
-                self._retired.append(self.revocation)
-            self.revocation = create_store(config.revocation)
-            await self.revocation.start()
-            self._built["revocation"] = config.revocation
-        if self.upstreams is None or self._built.get("upstreams") != config.upstreams:
-            if self.upstreams is not None:
-                self._retired.append(self.upstreams)
-            self.upstreams = Upstreams(config.upstreams)
-            await self.upstreams.start()
-            self._built["upstreams"] = config.upstreams
-        return Gateway(config, verifier, self.revocation, self.minter, self.upstreams)
+        try:
+            jwks: dict[str, JwksCache] = {}
+            for issuer in config.issuers:
+                cache = self.jwks.get(issuer.name)
+                if cache is None or self._jwks_cfg.get(issuer.name) != issuer:
+                    cache = JwksCache(issuer, self.session)
+                    fresh.append(cache)
+                    await cache.start()
+                jwks[issuer.name] = cache
+            revocation = self.revocation
+            if revocation is None or self._built.get("revocation") != config.revocation:
+                revocation = create_store(config.revocation)
+                fresh.append(revocation)
+                await revocation.start()
+            upstreams = self.upstreams
+            if upstreams is None or self._built.get("upstreams") != config.upstreams:
+                upstreams = Upstreams(config.upstreams)
+                fresh.append(upstreams)
+                await upstreams.start()
+            gateway = Gateway(config, TokenVerifier(config.issuers, jwks), revocation, minter, upstreams)
+        except BaseException:
+            for item in fresh:
+                with contextlib.suppress(Exception):
+                    await item.close()
+            raise
+        # Commit: swap in, retire what was replaced (closed after in-flight requests had time to finish).
+        self._retired.extend(c for n, c in self.jwks.items() if jwks.get(n) is not c)
+        self.jwks, self._jwks_cfg = jwks, {i.name: i for i in config.issuers}
+        for new, old in ((revocation, self.revocation), (upstreams, self.upstreams)):
+            if old is not None and old is not new:
+                self._retired.append(old)
+        self.revocation, self.upstreams, self.keys, self.minter = revocation, upstreams, keys, minter
+        self._built.update(revocation=config.revocation, upstreams=config.upstreams, internal_token=itc)
+        if keys is not None and self._rotator is None:
+            self._rotator = asyncio.create_task(self._rotate_keys())
+        return gateway
 
     async def _rotate_keys(self) -> None:
         """rotate_every: checked often, so a rotation by another replica is picked up quickly too."""
