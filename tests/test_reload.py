@@ -1,0 +1,58 @@
+"""Reload in-process: a good file swaps atomically; a bad one — invalid, or failing while built — changes nothing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from gateway.devissuer import DevIssuer
+from tests.support.gateway import config_text
+from tests.support.upstreams import EchoUpstream
+
+ONE = """\
+  - name: one
+    match: {path: /one}
+    upstream: svc
+    auth: {required: false}
+"""
+TWO = ONE + """\
+  - name: two
+    match: {path: /two}
+    upstream: svc
+    auth: {required: false}
+"""
+
+
+async def test_reload_good_bad_and_failing_build(issuer: DevIssuer, echo_upstream: EchoUpstream,
+                                                 gateway_factory: Any, tmp_path: Path) -> None:
+    text = config_text(issuer.url, {"svc": [echo_upstream.url]}, ONE)
+    async with gateway_factory(text) as gw:
+        path = tmp_path / "next.yaml"
+        assert (await gw.request("GET", "/two"))[0] == 404
+        path.write_text(config_text(issuer.url, {"svc": [echo_upstream.url]}, TWO))
+        assert await gw.app.reload(str(path)) is True
+        assert (await gw.request("GET", "/two"))[0] == 200
+        # invalid: refused, the running config keeps serving
+        path.write_text("routes: [\n")
+        assert await gw.app.reload(str(path)) is False
+        assert (await gw.request("GET", "/two"))[0] == 200
+        # valid but fails while built (corrupt key store): refused, nothing swapped
+        store = tmp_path / "keys.json"
+        store.write_text("{not json")
+        store.chmod(0o600)
+        bad = config_text(issuer.url, {"svc": [echo_upstream.url]}, ONE,
+                          extra=f"internal_token: {{key_store: {store}}}\n")
+        path.write_text(bad)
+        assert await gw.app.reload(str(path)) is False
+        assert (await gw.request("GET", "/two"))[0] == 200
+        # valid, but the upstream pool cannot be built (a CA file that is no certificate): the new pool
+        # is closed again, the running one stays
+        ca = tmp_path / "ca.pem"
+        ca.write_text("not a certificate")
+        bad = config_text(issuer.url, {"svc": [echo_upstream.url]}, ONE).replace(
+            "timeouts: {connect: 1s, read: 5s}", f"timeouts: {{connect: 1s, read: 5s}}\n    tls: {{ca_file: {ca}}}")
+        path.write_text(bad)
+        upstreams_before = gw.app.services.upstreams
+        assert await gw.app.reload(str(path)) is False
+        assert gw.app.services.upstreams is upstreams_before
+        assert (await gw.request("GET", "/two"))[0] == 200
