@@ -379,3 +379,39 @@ async def test_a_killed_worker_takes_the_group_down_and_its_live_gauges_go(
     with pytest.raises(ProcessLookupError):
         os.kill(other, 0)  # the other worker was stopped, not orphaned
     assert not [f for f in _db_files(mp_dir) if f.startswith("gauge_live")]
+
+
+async def test_workers_do_not_outlive_a_killed_supervisor(
+        issuer: DevIssuer, echo_upstream: EchoUpstream, redis_server: RedisServer, gateway_processes: Any,
+        tmp_path: Path) -> None:
+    path, port, admin_port = _write_config(tmp_path, issuer, echo_upstream, redis_server)
+    group = gateway_processes(GatewayProcess(path, port=port, admin_port=admin_port, args=("--workers", "2")))
+    await group.wait_ready()
+    assert group.proc is not None
+    workers = _children(group.proc.pid)
+    assert len(workers) == 2
+    group.proc.kill()
+    group.proc.wait(5)
+
+    async def gone() -> bool:
+        for pid in workers:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                continue
+            # Still there, or a zombie reparented to an init that has not reaped it yet.
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    if f.read().rsplit(")", 1)[1].split()[0] != "Z":
+                        return False
+            except FileNotFoundError:
+                continue
+        return True
+    try:
+        await eventually(gone, timeout=10, interval=0.05)
+    finally:
+        for pid in workers:  # never leave a worker holding the ports, whatever the outcome
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
