@@ -15,7 +15,10 @@ from aiohttp import web
 from gateway.config import load
 from gateway.devissuer import DevIssuer
 
-ISSUER_PORT, ORDERS_PORT, USERS_PORT = 8400, 8401, 8402
+# Fixed ports so the printed curl lines are stable; each can be moved with an environment variable.
+ISSUER_PORT = int(os.environ.get("DEMO_ISSUER_PORT", "8400"))
+ORDERS_PORT = int(os.environ.get("DEMO_ORDERS_PORT", "8401"))
+USERS_PORT = int(os.environ.get("DEMO_USERS_PORT", "8402"))
 
 
 def demo_config_path() -> Path:
@@ -57,14 +60,19 @@ async def run_demo(config_path: str | None = None, *, stop: asyncio.Event | None
         os.environ.setdefault("DEMO_REVOCATION_BACKEND", "redis")
     path = Path(config_path) if config_path else demo_config_path()
     issuer = DevIssuer("dev", audience="demo-api", subject="alice")
-    await issuer.start("127.0.0.1", ISSUER_PORT)
-    runners = [await _site(sample_service("orders"), ORDERS_PORT), await _site(sample_service("users"), USERS_PORT)]
-    os.environ.setdefault("DEMO_ISSUER", issuer.url)
-    config = load(path)
-    gateway = GatewayApp(config)
-    await gateway.start()
+    runners: list[web.AppRunner] = []
+    gateway: GatewayApp | None = None
     try:
-        _print_guide(issuer, config.server.port, config.admin.port, config.revocation.backend)
+        await issuer.start("127.0.0.1", ISSUER_PORT)
+        runners.append(await _site(sample_service("orders"), ORDERS_PORT))
+        runners.append(await _site(sample_service("users"), USERS_PORT))
+        os.environ.setdefault("DEMO_ISSUER", issuer.url)
+        os.environ.setdefault("DEMO_ORDERS", f"http://127.0.0.1:{ORDERS_PORT}")
+        os.environ.setdefault("DEMO_USERS", f"http://127.0.0.1:{USERS_PORT}")
+        config = load(path)
+        gateway = GatewayApp(config)
+        await gateway.start()
+        _print_guide(issuer, gateway.public_port, gateway.admin_port, config.revocation.backend)
         done = stop or asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -72,7 +80,8 @@ async def run_demo(config_path: str | None = None, *, stop: asyncio.Event | None
         await done.wait()
         print("\nstopping the demo ...", flush=True)
     finally:
-        await gateway.drain_and_stop()
+        if gateway is not None:
+            await gateway.drain_and_stop()
         for runner in runners:
             await runner.cleanup()
         await issuer.stop()

@@ -1,0 +1,130 @@
+"""The command line as an operator uses it: exit codes, one-line errors, the access matrix, explain, the demo."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.support.gateway import ROOT, free_port
+
+EXAMPLE = str(ROOT / "config" / "gateway.yaml")
+
+
+def gateway(*args: str, env: dict[str, str] | None = None, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "gateway", *args], capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, **(env or {})}, timeout=timeout)
+
+
+def test_check_ok_on_the_example() -> None:
+    result = gateway("check", "-c", EXAMPLE)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok: 4 routes, 2 upstreams, 2 issuers"
+
+
+def test_check_reports_each_problem_with_file_and_line(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(Path(EXAMPLE).read_text().replace("upstream: users\n    auth: {required: false}",
+                                                     "upstream: billing\n    auth: {required: false}")
+                   .replace("leeway: 30s", "leeway: soon"))
+    result = gateway("check", "-c", str(bad))
+    assert result.returncode == 2 and result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 2, result.stderr
+    assert all(re.match(rf"^{re.escape(str(bad))}:\d+: [\w.\[\]]+: ", line) for line in lines), lines
+    assert any("routes[0].upstream: unknown upstream 'billing'; known: orders, users" in line for line in lines)
+    assert "Traceback" not in result.stderr
+
+
+def test_usage_errors_exit_2_in_one_line() -> None:
+    for args in (("bogus",), ("run", "--workers", "x"), ("revoke", "token", "abc")):
+        result = gateway(*args)
+        assert result.returncode == 2, args
+        assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+
+
+def test_missing_file_exits_2() -> None:
+    result = gateway("check", "-c", "/nonexistent/gateway.yaml")
+    assert result.returncode == 2
+    assert result.stderr.startswith("/nonexistent/gateway.yaml:1: (file): cannot read")
+
+
+def test_routes_matrix_in_three_formats() -> None:
+    table = gateway("routes", "-c", EXAMPLE)
+    assert table.returncode == 0
+    assert table.stdout.splitlines()[0].split()[:4] == ["ROUTE", "METHODS", "HOST", "PATH"]
+    assert "orders-read" in table.stdout and "token(aud=orders-service" in table.stdout
+    rows = json.loads(gateway("routes", "-c", EXAMPLE, "--format", "json").stdout)
+    by_name = {r["route"]: r for r in rows}
+    assert by_name["orders-read"]["scopes"] == ["orders:read"]
+    assert by_name["orders-read"]["claims"] == {"tenant": "{path.tenant}"}
+    assert by_name["health"]["auth"] == "public"
+    parsed = list(csv.DictReader(io.StringIO(gateway("routes", "-c", EXAMPLE, "--format", "csv").stdout)))
+    assert [r["route"] for r in parsed] == ["health", "orders-read", "orders-write", "users"]
+
+
+def test_explain_without_token() -> None:
+    result = gateway("explain", "-c", EXAMPLE, "GET", "/api/tenants/acme/orders/9", "--host", "api.example.com")
+    assert "route: orders-read" in result.stdout and "tenant=acme, id=9" in result.stdout
+    assert "path sent: /tenants/acme/orders/9" in result.stdout
+    nothing = gateway("explain", "-c", EXAMPLE, "GET", "/nowhere")
+    assert nothing.returncode == 1 and "404 not_found" in nothing.stdout
+    wrong = gateway("explain", "-c", EXAMPLE, "DELETE", "/health")
+    assert "405 method_not_allowed" in wrong.stdout and "Allow: GET" in wrong.stdout
+
+
+@pytest.mark.timeout(60)
+def test_demo_works_as_printed(tmp_path: Path) -> None:
+    """Start `gateway demo`, run every curl line it prints, and check each answer."""
+    ports = {name: free_port() for name in ("issuer", "orders", "users", "gw", "admin")}
+    env = {**os.environ, "DEMO_ISSUER_PORT": str(ports["issuer"]), "DEMO_ORDERS_PORT": str(ports["orders"]),
+           "DEMO_USERS_PORT": str(ports["users"]), "DEMO_LISTEN": f"127.0.0.1:{ports['gw']}",
+           "DEMO_ADMIN_LISTEN": f"127.0.0.1:{ports['admin']}", "GATEWAY_KEY_STORE": str(tmp_path / "keys.json"),
+           "PYTHONUNBUFFERED": "1"}
+    env.pop("REDIS_URL", None)
+    proc = subprocess.Popen([sys.executable, "-m", "gateway", "demo"], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        lines: list[str] = []
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line.rstrip("\n"))
+            if line.startswith("# more tokens"):
+                break
+        curls = [line for line in lines if line.startswith("curl ")]
+        assert len(curls) >= 10, "\n".join(lines)
+        statuses = []
+        bodies = []
+        for command in curls:
+            out = subprocess.run(command + " --max-time 10", shell=True, capture_output=True, text=True, timeout=20)
+            statuses.append(int(out.stdout.split()[1]))
+            bodies.append(out.stdout)
+        assert statuses[:9] == [200, 200, 401, 403, 404, 200, 201, 401, 200], statuses
+        assert '"X-Auth-Subject": "alice"' in bodies[0] and '"Authorization"' not in bodies[0]
+        assert '"Authorization": "Bearer ' in bodies[1]  # the internal token, token mode
+        assert statuses[9:] == [200, 200, 200]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+        if proc.stdout:
+            proc.stdout.close()
+        if proc.stderr:
+            proc.stderr.close()
+    assert proc.returncode == 0
