@@ -15,7 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.gateway import ROOT, free_port
+from gateway.config import load
+from gateway.devissuer import DevIssuer
+from gateway.explain import explain
+from tests.support.gateway import ROOT, config_text, free_port
 
 EXAMPLE = str(ROOT / "config" / "gateway.yaml")
 
@@ -128,3 +131,25 @@ def test_demo_works_as_printed(tmp_path: Path) -> None:
         if proc.stderr:
             proc.stderr.close()
     assert proc.returncode == 0
+
+
+async def test_explain_with_token_gives_each_rules_verdict(issuer: DevIssuer, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    routes = """\
+  - name: orders
+    match: {path: "/t/{tenant}/orders", methods: [GET]}
+    upstream: svc
+    auth: {scopes: [orders:read], roles: [clerk], claims: {tenant: "{path.tenant}"}}
+"""
+    path = tmp_path / "gw.yaml"
+    path.write_text(config_text(issuer.url, {"svc": ["http://127.0.0.1:9"]}, routes))
+    config = load(path)
+    token = issuer.token({"scope": "orders:read", "roles": ["clerk"], "tenant_id": "acme"})
+    assert await explain(config, "GET", "/t/acme/orders", "", token) == 0
+    out = capsys.readouterr().out
+    assert "PASS scopes" in out and "PASS roles" in out and "PASS claims.tenant" in out and "allowed" in out
+    assert await explain(config, "GET", "/t/globex/orders", "", token) == 1
+    out = capsys.readouterr().out
+    assert "FAIL claims.tenant" in out and "403 insufficient_scope" in out
+    assert await explain(config, "GET", "/t/acme/orders", "", issuer.token_alg_none()) == 1
+    assert "refused (alg_not_allowed) -> 401 invalid_token" in capsys.readouterr().out
