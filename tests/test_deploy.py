@@ -414,7 +414,7 @@ def test_alerts_cover_the_operational_failures_with_severity_and_text() -> None:
     exprs = {r["alert"]: r["expr"] for r in rules}
     assert re.search(r'gateway_requests_total\{status=~"5\.\."\}', exprs["GatewayHigh5xxRatio"])
     assert "gateway_auth_failures_total" in exprs["GatewayAuthFailureSpike"]
-    assert re.search(r"gateway_circuit_state\)?\s*==\s*1", exprs["GatewayCircuitBreakerOpen"])
+    assert re.search(r"gateway_circuit_state\)?\s*>=\s*1", exprs["GatewayCircuitBreakerOpen"])
     assert re.search(r"gateway_revocation_backend_up\s*==\s*0", exprs["GatewayRevocationBackendDown"])
     assert 'gateway_jwks_refresh_total{result="error"}' in exprs["GatewayJWKSRefreshFailing"]
     assert 'result="ok"' in exprs["GatewayJWKSRefreshFailing"]
