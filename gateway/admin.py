@@ -24,6 +24,8 @@ def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -
 
 
 def _error(err: GatewayError) -> web.Response:
+    if isinstance(err, AuthError):  # admin API refusals count like the public port's
+        metrics.auth_failures_total.labels(issuer=err.issuer or "-", reason=err.reason).inc()
     body = {"error": err.code, "error_description": err.description, "request_id": "-"}
     return _json(body, err.status, err.headers)
 
@@ -93,8 +95,6 @@ def admin_app(gw: GatewayApp) -> web.Application:
             # BackendUnavailable (a GatewayError) falls through to _error: 503 temporarily_unavailable.
             return _json({"revoked": written}, 201)
         except GatewayError as err:
-            if isinstance(err, AuthError):
-                metrics.auth_failures_total.labels(issuer=err.issuer or "-", reason=err.reason).inc()
             return _error(err)
 
     async def routes(request: web.Request) -> web.Response:

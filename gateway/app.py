@@ -10,6 +10,7 @@ import signal
 import ssl
 import sys
 import time
+import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
@@ -42,6 +43,8 @@ from gateway.upstream import Upstreams
 
 log = logging.getLogger("gateway")
 _CHUNK = 64 * 1024
+# The method label is bounded: the HTTP parser accepts ~35 methods (PROPFIND, PURGE, ...).
+_METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT", "TRACE"))
 
 
 def _now_iso() -> str:
@@ -176,8 +179,17 @@ class _Handler(RequestHandler):
             err = BadRequest()
         else:
             err = GatewayError()
-        resp = web.Response(status=err.status, body=error_body(err, "-"), content_type="application/json")
+        request_id = uuid.uuid4().hex
+        resp = web.Response(status=err.status, body=error_body(err, request_id), content_type="application/json",
+                            headers={"X-Request-Id": request_id})
         resp.force_close()
+        # Refused by the HTTP parser before the gateway saw a request: still counted and logged.
+        metrics.requests_total.labels(route="-", method="OTHER", status=str(err.status)).inc()
+        sys.stdout.write(json.dumps({
+            "ts": _now_iso(), "request_id": request_id, "method": None, "path": None, "route": "-",
+            "status": err.status, "duration_ms": 0.0, "upstream": None, "target": None, "upstream_status": None,
+            "client_ip": request.remote if request is not None else None, "iss": None, "sub": None, "aud": None,
+            "jti": None, "auth": err.reason}, separators=(",", ":")) + "\n")
         return resp
 
 
@@ -295,12 +307,14 @@ class GatewayApp:
         self._idle.clear()
         metrics.inflight_requests.inc()
         status, auth, target, upstream_status = 500, "-", "", 0
+        client_ip = request.remote or ""
         body_state: dict[str, bool] = {}
         try:
             try:
                 if _header_bytes(request) > cfg.max_header_bytes:
                     raise HeaderTooLarge()
                 view = self._view(request, cfg.trusted_proxies)
+                client_ip = view.client_ip
                 body = self._body(request, cfg.max_body_bytes, body_state)
                 if request.headers.get("Upgrade", "").lower() == "websocket":
                     from gateway.websocket import proxy_websocket
@@ -335,8 +349,8 @@ class GatewayApp:
                 self._idle.set()
             metrics.inflight_requests.dec()
             elapsed = time.perf_counter() - started
-            self._observe(ex.route, request.method, status, elapsed)
-            self._access_log(request, ex, status, elapsed, target, upstream_status, auth)
+            self._observe(ex.route, request.method if request.method in _METHODS else "OTHER", status, elapsed)
+            self._access_log(request, ex, status, elapsed, target, upstream_status, auth, client_ip)
 
     def _view(self, request: web.BaseRequest, trusted: Any) -> RequestView:
         raw = request.raw_path
@@ -401,13 +415,13 @@ class GatewayApp:
 
     @staticmethod
     def _access_log(request: web.BaseRequest, ex: Exchange, status: int, elapsed: float, target: str,
-                    upstream_status: int, auth: str) -> None:
+                    upstream_status: int, auth: str, client_ip: str) -> None:
         p = ex.principal
         line = {
             "ts": _now_iso(), "request_id": ex.request_id, "method": request.method,
             "path": request.raw_path.partition("?")[0], "route": ex.route, "status": status,
             "duration_ms": round(elapsed * 1000, 3), "upstream": ex.upstream or None, "target": target or None,
-            "upstream_status": upstream_status or None, "client_ip": request.remote,
+            "upstream_status": upstream_status or None, "client_ip": client_ip,
             "iss": p.iss if p else None, "sub": p.subject if p else None,
             "aud": list(p.aud) if p else None, "jti": p.jti if p else None, "auth": auth,
         }

@@ -226,8 +226,6 @@ async def test_unmatched_paths_add_one_route_series_not_one_per_path(
 EXOTIC_METHODS = ("PROPFIND", "PROPPATCH", "MKCOL", "COPY", "MOVE", "LOCK", "UNLOCK", "PURGE", "REPORT", "SEARCH")
 
 
-@pytest.mark.xfail(strict=True, reason="app.py labels requests_total with the raw client method; "
-                   "the lead maps methods outside the standard nine to OTHER (see the metrics report)")
 async def test_unusual_methods_add_one_series_not_one_per_method(
         issuer: DevIssuer, echo_upstream: EchoUpstream, gateway_factory: Any) -> None:
     text = config_text(issuer.url, {"svc": [echo_upstream.url]}, ROUTES.split("  - name: orders")[0])
