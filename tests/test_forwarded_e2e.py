@@ -1,0 +1,39 @@
+"""X-Forwarded-For is extended only from a trusted proxy, otherwise replaced; the log names the real client."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from gateway.devissuer import DevIssuer
+from tests.support.gateway import config_text
+from tests.support.upstreams import EchoUpstream
+
+ROUTES = """\
+  - name: hello
+    match: {path: /hello}
+    upstream: svc
+    auth: {required: false}
+"""
+
+
+@pytest.mark.parametrize(("trusted", "expected_xff", "expected_client"), [
+    ("[127.0.0.0/8]", "203.0.113.7, 127.0.0.1", "203.0.113.7"),
+    ("[10.0.0.0/8]", "127.0.0.1", "127.0.0.1"),
+])
+async def test_xff_trusted_and_untrusted(issuer: DevIssuer, echo_upstream: EchoUpstream, gateway_factory: Any,
+                                         capsys: pytest.CaptureFixture[str], trusted: str, expected_xff: str,
+                                         expected_client: str) -> None:
+    text = config_text(issuer.url, {"svc": [echo_upstream.url]}, ROUTES).replace(
+        "  shutdown_grace: 5s", f"  shutdown_grace: 5s\n  trusted_proxies: {trusted}")
+    async with gateway_factory(text) as gw:
+        status, _, _ = await gw.request("GET", "/hello", headers={"X-Forwarded-For": "203.0.113.7",
+                                                                   "Host": "api.example.com"})
+        assert status == 200
+        got = {k.lower(): v for k, v in echo_upstream.requests[-1][2].items()}
+        assert got["x-forwarded-for"] == expected_xff
+        assert got["x-forwarded-host"] == "api.example.com"
+        line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert line["client_ip"] == expected_client
