@@ -46,6 +46,7 @@ AUDIENCE = "bench-api"
 ISSUER_PATH = "/realms/bench"
 SUBJECT = "bench-user"
 TENANT = "t1"
+QUIET_WAIT = 20.0  # seconds a sample may wait for the rest of the machine to go quiet (--quiet-wait)
 PROXY_CORE, LOAD_CORE = "1", "0"  # the proxy under test alone on core 1; wrk, nginx and redis on core 0
 REQUIRED = {"nginx": "nginx", "haproxy": "haproxy", "wrk": "wrk", "redis-server": "redis-server",
             "taskset": "util-linux"}
@@ -175,6 +176,16 @@ class ForeignCpu:
         wall = time.monotonic() - self.t0
         foreign = (_busy_ticks() - self.busy0) - (self._ours() - self.ours0)
         return max(0.0, foreign / self.tck / wall) if wall > 0 else 0.0
+
+    def wait_quiet(self, limit: float, threshold: float = 0.15) -> float:
+        """Before a sample: wait (at most `limit` s) until others use under `threshold` cores; the wait."""
+        started = time.monotonic()
+        while time.monotonic() - started < limit:
+            self.start()
+            time.sleep(0.5)
+            if self.stop() < threshold:
+                break
+        return time.monotonic() - started
 
 
 def children(pid: int) -> list[int]:
@@ -445,7 +456,9 @@ def wrk(url: str, duration: float, *, token: str | None = None, connections: int
     cmd.append(url)
     if pin:
         cmd = ["taskset", "-c", LOAD_CORE, *cmd]
+    waited = 0.0
     if noise is not None:
+        waited = noise.wait_quiet(QUIET_WAIT)
         noise.start()
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 60, check=False).stdout
     other = noise.stop() if noise is not None else math.nan
@@ -459,7 +472,8 @@ def wrk(url: str, duration: float, *, token: str | None = None, connections: int
     errs = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
     return {"rps": float(rps.group(1)), "requests": int(total.group(1)), "p50_ms": _ms(p50.group(1)),
             "p99_ms": _ms(p99.group(1)), "non2xx": int(non2xx.group(1)) if non2xx else 0,
-            "socket_errors": sum(int(x) for x in errs.groups()) if errs else 0, "other_cpu": other}
+            "socket_errors": sum(int(x) for x in errs.groups()) if errs else 0, "other_cpu": other,
+            "waited_s": round(waited, 1)}
 
 
 def paced_script(tmp: Path, rate: float, connections: int) -> Path:
@@ -777,7 +791,10 @@ def main() -> int:
     p.add_argument("--no-write", action="store_true", help="do not write bench/results or bench/LAST_RUN.md")
     p.add_argument("--profile", nargs="+", choices=sorted(PATHS), metavar="ROUTE",
                    help="instead of the table: py-spy the gateway under wrk on these routes")
+    p.add_argument("--quiet-wait", type=float, default=QUIET_WAIT, metavar="S",
+                   help="before each sample wait up to S s for other processes to leave the CPUs (0: never)")
     args = p.parse_args()
+    globals()["QUIET_WAIT"] = args.quiet_wait
     if args.profile:
         return profile(args)
     if args.quick:
