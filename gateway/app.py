@@ -319,7 +319,7 @@ class GatewayApp:
                 if request.headers.get("Upgrade", "").lower() == "websocket":
                     from gateway.websocket import proxy_websocket
                     resp = await proxy_websocket(gateway, request, view, ex)
-                    status, auth = resp.status, "ok" if ex.principal else "none"
+                    status, auth = resp.status, "ok" if ex.authorized else "none"
                     return resp
                 try:
                     up = await gateway.handle(view, body, ex)
@@ -332,15 +332,17 @@ class GatewayApp:
                 if isinstance(err, AuthError):
                     auth = err.reason
                     metrics.auth_failures_total.labels(issuer=err.issuer or "-", reason=err.reason).inc()
-                elif ex.principal is not None:
+                elif ex.authorized:
                     auth = "ok"
+                elif ex.principal is not None:  # verified, then the revocation backend failed
+                    auth = err.reason
                 resp = web.Response(status=err.status, body=error_body(err, ex.request_id),
                                     headers={**err.headers, "X-Request-Id": ex.request_id},
                                     content_type="application/json")
                 if self.draining:
                     resp.force_close()
                 return resp
-            auth = "ok" if ex.principal is not None else "none"
+            auth = "ok" if ex.authorized else "none"
             status, target, upstream_status = up.status, up.target, up.status
             return await self._relay(request, up, ex.request_id)
         finally:

@@ -45,7 +45,8 @@ class Exchange:
     request_id: str
     route: str = "-"
     upstream: str = ""
-    principal: Principal | None = None
+    principal: Principal | None = None  # set once the token verified, even if refused afterwards
+    authorized: bool = False  # revocation and rules passed
     issuer: str = ""  # issuer name once known, even when verification failed later
 
 
@@ -62,10 +63,12 @@ class Gateway:
     def match(self, view: RequestView) -> RouteMatch:
         return self.routes.match(view.method, view.raw_path, view.host)  # normalises, or raises BadPath
 
-    async def authenticate(self, view: RequestView, route: RouteConfig, match: RouteMatch) -> Principal:
+    async def authenticate(self, view: RequestView, route: RouteConfig, match: RouteMatch, ex: Exchange) -> Principal:
         principal = await self.verifier.verify(bearer_token(view.headers.get("Authorization")))
+        ex.principal = principal  # known from here on: the log names who used a revoked or refused token
         await self.revocations.check(principal)  # also for tokens served from the verified-token cache
         authorize(route.auth, principal, match.params)
+        ex.authorized = True
         return principal
 
     async def admit(self, view: RequestView, ex: Exchange) -> tuple[RouteMatch, CIMultiDict[str]]:
@@ -75,7 +78,7 @@ class Gateway:
         ex.route, ex.upstream = route.name, route.upstream
         principal = None
         if route.auth.required:
-            ex.principal = principal = await self.authenticate(view, route, match)
+            principal = await self.authenticate(view, route, match, ex)
         return match, self.upstream_headers(view, route, principal, ex.request_id)
 
     async def handle(self, view: RequestView, body: AsyncIterable[bytes] | None, ex: Exchange) -> UpstreamResponse:

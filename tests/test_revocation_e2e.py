@@ -7,7 +7,6 @@ import json
 import os
 import re
 import shlex
-import socket
 import statistics
 import sys
 import time
@@ -362,23 +361,13 @@ async def cli(*args: str) -> tuple[int, str, str]:
 
 # -- gateway demo with REDIS_URL -----------------------------------------------------------------------------
 
-def _port_free(port: int) -> bool:
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-        return True
-
-
 async def test_demo_uses_redis_when_redis_url_is_set_and_its_revocation_lines_work(
     redis_server: RedisServer, rdb: aioredis.Redis, tmp_path: Path
 ) -> None:
-    from gateway.demo import ISSUER_PORT, ORDERS_PORT, USERS_PORT
-    if not all(_port_free(p) for p in (ISSUER_PORT, ORDERS_PORT, USERS_PORT)):
-        pytest.skip("the demo's fixed ports 8400-8402 are in use on this machine")
     port, admin_port = free_port(), free_port()
     env = {"REDIS_URL": redis_server.url, "DEMO_LISTEN": f"127.0.0.1:{port}",
+           "DEMO_ISSUER_PORT": str(free_port()), "DEMO_ORDERS_PORT": str(free_port()),
+           "DEMO_USERS_PORT": str(free_port()),
            "DEMO_ADMIN_LISTEN": f"127.0.0.1:{admin_port}", "GATEWAY_KEY_STORE": str(tmp_path / "keys.json"),
            "PYTHONUNBUFFERED": "1"}
     out_path = tmp_path / "demo.out"
