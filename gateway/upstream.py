@@ -102,6 +102,18 @@ class UpstreamResponse:
         self.target = target
         self._resp = resp
 
+    @property
+    def content_length(self) -> int | None:
+        """The body's length when the target declared it (Content-Length, not chunked), else None."""
+        return self._resp.content_length
+
+    async def read(self) -> bytes:
+        """The whole body — only for small bodies of known length; errors mapped as in iter_chunks()."""
+        try:
+            return await self._resp.read()
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise _map_error(exc)[0] from exc
+
     async def iter_chunks(self) -> AsyncIterator[bytes]:
         try:
             async for chunk in self._resp.content.iter_any():
