@@ -106,10 +106,10 @@ async def test_breaker_opens_after_threshold_then_answers_503_fast_without_touch
         for _ in range(2):
             status, _, body, elapsed = await timed(gw, "GET", "/hole/x")
             assert (status, body["error"]) == (502, "bad_gateway")
-            assert 0.35 <= elapsed < 0.9
+            assert 0.35 <= elapsed < 1.3
         status, headers, body, elapsed = await timed(gw, "GET", "/hole/x")
         assert (status, body["error"]) == (503, "upstream_unavailable") and "Retry-After" in headers
-        assert elapsed < 0.04  # a tenth of the 400 ms connect timeout
+        assert elapsed < 0.12  # far below the 400 ms connect timeout: no connection attempt
 
 
 async def test_half_open_probe_then_recovery(issuer: DevIssuer, make_upstream: MakeUpstream,
@@ -216,7 +216,7 @@ async def test_hanging_target_gives_504_within_the_read_timeout(
     async with gateway_factory(text) as gw:
         status, _, body, elapsed = await timed(gw, "GET", "/hang/x")
         assert (status, body["error"]) == (504, "upstream_timeout")
-        assert 0.45 <= elapsed < 0.9
+        assert 0.45 <= elapsed < 1.3
         assert target.hits == 1  # a timeout is not in retry_on: not retried
 
 
