@@ -1,7 +1,9 @@
 """Sending requests to upstream targets: the one shared ClientSession, balancing, breakers, retries, errors.
 
-This is the only module that uses aiohttp's client for proxying, and `_map_error` is the one place
-where its exceptions become gateway errors (httpx's `map_httpcore_exceptions` idea):
+This is the only module that sends requests to targets: plain-HTTP targets through the lean keep-alive
+client of `h1client` (built on aiohttp's own protocol and C parser), TLS targets and WebSockets through
+aiohttp's ClientSession. `_map_error` is the one place where their exceptions become gateway errors
+(httpx's `map_httpcore_exceptions` idea):
 
     connect refused / DNS / TLS handshake / connect timeout  -> BadGateway      (502)
     reset, disconnect, malformed response                    -> BadGateway      (502)
@@ -18,8 +20,11 @@ import ssl
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping
 from types import TracebackType
+from typing import Protocol
 
 import aiohttp
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.streams import StreamReader
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
@@ -27,6 +32,7 @@ from gateway import metrics
 from gateway.breaker import CircuitBreaker
 from gateway.config_types import TLSFiles, UpstreamConfig
 from gateway.errors import BadGateway, GatewayError, UpstreamTimeout, UpstreamUnavailable
+from gateway.h1client import ConnectError, H1Pool
 
 # RFC 9110 s9.2.2: repeating these has the same effect as sending once, so a retry is safe.
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
@@ -42,9 +48,16 @@ _BEFORE_SENDING = frozenset({"connect_error"})
 _CONNECT_TIMEOUT = frozenset({"connect_error", "timeout"})
 _READ_TIMEOUT = frozenset({"timeout"})
 _NONE: frozenset[str] = frozenset()
+# Failures of a send that _map_error translates (anything else propagates untouched).
+_CLIENT_ERRORS = (TimeoutError, aiohttp.ClientError, HttpProcessingError)
+# Idle keep-alive connections per plain-HTTP target: at most this many, each closed after this long
+# (below the keep-alive timeout of common servers, nginx 75 s, aiohttp 75 s, so that the target rarely
+# closes one just as a request goes out on it).
+MAX_IDLE_PER_TARGET = 64
+IDLE_TIMEOUT = 15.0
 
 
-def _status_error(resp: aiohttp.ClientResponse) -> GatewayError:
+def _status_error(resp: _Answer) -> GatewayError:
     """The gateway's own error for a target that answered 502/503/504 and was not (or no more) retried.
 
     Clients see one error vocabulary (SPEC 5) whatever sits behind the gateway, and an internal proxy's
@@ -75,11 +88,11 @@ def _map_error(exc: BaseException) -> tuple[GatewayError, frozenset[str]]:
         return UpstreamTimeout(), _READ_TIMEOUT
     if isinstance(exc, aiohttp.ClientSSLError | aiohttp.ClientConnectorCertificateError):
         return BadGateway(reason="upstream_tls"), _BEFORE_SENDING
-    if isinstance(exc, aiohttp.ClientConnectorError):
+    if isinstance(exc, aiohttp.ClientConnectorError | ConnectError):
         return BadGateway(reason="connect_error"), _BEFORE_SENDING
     if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError | aiohttp.ClientPayloadError):
         return BadGateway(reason="upstream_reset"), _NONE
-    if isinstance(exc, aiohttp.ClientResponseError):  # unparsable status line or headers
+    if isinstance(exc, aiohttp.ClientResponseError | HttpProcessingError):  # unparsable status line/headers
         return BadGateway(reason="bad_response"), _NONE
     return BadGateway(), _NONE
 
@@ -96,7 +109,7 @@ class UpstreamResponse:
 
     __slots__ = ("status", "headers", "target", "_resp")
 
-    def __init__(self, resp: aiohttp.ClientResponse, target: str) -> None:
+    def __init__(self, resp: _Answer, target: str) -> None:
         self.status: int = resp.status
         self.headers: CIMultiDictProxy[str] = resp.headers
         self.target = target
@@ -105,21 +118,25 @@ class UpstreamResponse:
     @property
     def content_length(self) -> int | None:
         """The body's length when the target declared it (Content-Length, not chunked), else None."""
-        return self._resp.content_length
+        value = self.headers.get("Content-Length")
+        return int(value) if value is not None and value.isdigit() else None
 
     async def read(self) -> bytes:
         """The whole body — only for small bodies of known length; errors mapped as in iter_chunks()."""
         try:
-            return await self._resp.read()
-        except (TimeoutError, aiohttp.ClientError) as exc:
+            body = await self._resp.content.read()
+        except _CLIENT_ERRORS as exc:
             raise _map_error(exc)[0] from exc
+        self._resp.release()
+        return body
 
     async def iter_chunks(self) -> AsyncIterator[bytes]:
         try:
             async for chunk in self._resp.content.iter_any():
                 yield chunk
-        except (TimeoutError, aiohttp.ClientError) as exc:
+        except _CLIENT_ERRORS as exc:
             raise _map_error(exc)[0] from exc
+        self._resp.release()  # at the end: a keep-alive connection goes back to its pool at once
 
     def release(self) -> None:
         self._resp.release()
@@ -133,13 +150,27 @@ class UpstreamResponse:
         self._resp.release()
 
 
-class _Target:
-    __slots__ = ("url", "base", "breaker")
+class _Answer(Protocol):
+    """What UpstreamResponse needs of aiohttp's ClientResponse or of h1client's H1Response."""
 
-    def __init__(self, url: str, breaker: CircuitBreaker) -> None:
+    @property
+    def status(self) -> int: ...
+    @property
+    def headers(self) -> CIMultiDictProxy[str]: ...
+    @property
+    def content(self) -> StreamReader: ...
+    def release(self) -> None: ...
+
+
+class _Target:
+    __slots__ = ("url", "base", "prefix", "breaker", "h1")
+
+    def __init__(self, url: str, breaker: CircuitBreaker, h1: H1Pool | None) -> None:
         self.url = url
         self.base = url.rstrip("/")
+        self.prefix = URL(self.base).raw_path.rstrip("/")  # a target's own path goes before every path
         self.breaker = breaker
+        self.h1 = h1  # plain-HTTP targets: the lean keep-alive client; TLS targets: None (ClientSession)
 
 
 class _Pool:
@@ -203,10 +234,13 @@ class Upstreams:
     """Every configured upstream behind one shared keep-alive connection pool."""
 
     def __init__(
-        self, configs: Mapping[str, UpstreamConfig], *, clock: Callable[[], float] = time.monotonic
+        self, configs: Mapping[str, UpstreamConfig], *, clock: Callable[[], float] = time.monotonic,
+        max_idle: int = MAX_IDLE_PER_TARGET, idle_timeout: float = IDLE_TIMEOUT,
     ) -> None:
         self._configs = dict(configs)
         self._clock = clock
+        self._max_idle = max_idle
+        self._idle_timeout = idle_timeout
         self._pools: dict[str, _Pool] = {}
         self._session: aiohttp.ClientSession | None = None
 
@@ -217,7 +251,7 @@ class Upstreams:
                 gauge = metrics.circuit_state.labels(name, url)
                 gauge.set(0)
                 targets.append(_Target(url, CircuitBreaker(cfg.circuit_breaker, clock=self._clock,
-                                                          on_change=gauge.set)))
+                                                          on_change=gauge.set), self._h1(url, cfg)))
             self._pools[name] = _Pool(cfg, tuple(targets), _ssl_context(cfg.tls))
         connector = aiohttp.TCPConnector(limit=1000, limit_per_host=0, ttl_dns_cache=10)
         self._session = aiohttp.ClientSession(
@@ -232,7 +266,28 @@ class Upstreams:
             max_line_size=16384,
         )
 
+    def _h1(self, url: str, cfg: UpstreamConfig) -> H1Pool | None:
+        u = URL(url)
+        if u.scheme != "http" or u.host is None or u.port is None:
+            return None  # TLS (and mTLS) stay with aiohttp's ClientSession
+        return H1Pool(
+            u.host, u.port, u.host_port_subcomponent or u.host,  # Host: as aiohttp writes it (RFC 9112 s3.2)
+            connect_timeout=cfg.connect_timeout, read_timeout=cfg.read_timeout or None,
+            max_idle=self._max_idle, idle_timeout=self._idle_timeout,
+        )
+
+    def h1_pool(self, upstream: str, target: str) -> H1Pool | None:
+        """The lean client's connection pool of one target (None for TLS targets): for tests and debugging."""
+        for t in self._pools[upstream].targets:
+            if t.url == target:
+                return t.h1
+        raise KeyError(target)
+
     async def close(self) -> None:
+        for pool in self._pools.values():
+            for target in pool.targets:
+                if target.h1 is not None:
+                    target.h1.close()
         session, self._session = self._session, None
         if session is not None:
             await session.close()
@@ -255,9 +310,10 @@ class Upstreams:
         """Send one request and return once the response headers arrived.
 
         `path_qs` is sent exactly as given (already normalised and percent-encoded). `headers` must be
-        the filtered set to forward; Host is left to aiohttp (the target's). `body` is streamed as it
-        is iterated, so a request with a body is never retried; without one, idempotent methods are
-        retried per the upstream's `retries`, on another target when there is one.
+        the filtered set to forward; Host is the target's. `body` is streamed as it is iterated (chunked
+        unless `headers` has Content-Length), so a request with a body is never retried; without one,
+        idempotent methods are retried per the upstream's `retries`, on another target when there is one,
+        and resent once on a new connection when a kept-alive one was dropped before any answer.
         """
         session = self._session
         assert session is not None, "Upstreams.start() was not awaited"
@@ -265,7 +321,8 @@ class Upstreams:
         if "Host" in headers:
             headers = headers.copy()
             del headers["Host"]
-        attempts = pool.attempts if body is None and method in IDEMPOTENT else 1
+        resend = body is None and method in IDEMPOTENT
+        attempts = pool.attempts if resend else 1
         target = pool.pick(())
         if target is None:
             raise pool.unavailable()
@@ -277,13 +334,19 @@ class Upstreams:
             tried += (target,)
             breaker = target.breaker
             started = time.perf_counter()
+            h1 = target.h1
+            resp: _Answer
             try:
-                resp = await session.request(
-                    method, URL(target.base + path_qs, encoded=True), headers=headers,
-                    data=guard.iterate() if guard is not None else None,
-                    allow_redirects=False, timeout=pool.timeout, ssl=pool.ssl,
-                )
-            except (TimeoutError, aiohttp.ClientError) as exc:
+                if h1 is not None:
+                    resp = await h1.request(method, target.prefix + path_qs, headers,
+                                            guard.iterate() if guard is not None else None, resend=resend)
+                else:
+                    resp = await session.request(
+                        method, URL(target.base + path_qs, encoded=True), headers=headers,
+                        data=guard.iterate() if guard is not None else None,
+                        allow_redirects=False, timeout=pool.timeout, ssl=pool.ssl,
+                    )
+            except _CLIENT_ERRORS as exc:
                 if guard is not None and guard.error is not None:
                     # The client's body failed (it went away, or was over a limit): not the target's fault.
                     breaker.release()
@@ -343,7 +406,7 @@ class Upstreams:
             else:
                 breaker.record_success()
             raise BadGateway(reason="websocket_refused") from exc
-        except (TimeoutError, aiohttp.ClientError) as exc:
+        except _CLIENT_ERRORS as exc:
             breaker.record_failure()
             raise _map_error(exc)[0] from exc
         except BaseException:

@@ -20,7 +20,7 @@ from gateway.config_types import BreakerConfig, RetryConfig, TLSFiles, UpstreamC
 from gateway.errors import BadGateway, PayloadTooLarge, UpstreamTimeout, UpstreamUnavailable
 from gateway.upstream import UpstreamResponse, Upstreams
 from tests.support.pki import make_pki
-from tests.support.upstreams import Blackhole, EchoUpstream, pattern_bytes
+from tests.support.upstreams import Answer, Blackhole, EchoUpstream, RawUpstream, pattern_bytes
 
 MakeUpstream = Callable[..., Awaitable[EchoUpstream]]
 
@@ -449,3 +449,216 @@ async def test_websocket_to_dead_target_is_bad_gateway(
 def test_aiohttp_is_the_client() -> None:
     # Guard for the dependency this module wraps: the error mapping relies on these classes existing.
     assert issubclass(aiohttp.ConnectionTimeoutError, TimeoutError)
+
+
+# --- the lean keep-alive client (plain-HTTP targets): connection reuse and response framing ---------
+
+MakeRaw = Callable[[Callable[[bytes, int], Answer]], Awaitable[RawUpstream]]
+
+
+def ok(body: bytes = b"ok", *extra: str) -> bytes:
+    head = "".join(f"{h}\r\n" for h in extra)
+    return f"HTTP/1.1 200 OK\r\nContent-Length: {len(body)}\r\n{head}\r\n".encode() + body
+
+
+async def body_of(resp: UpstreamResponse) -> bytes:
+    async with resp:
+        return b"".join([chunk async for chunk in resp.iter_chunks()])
+
+
+async def test_keep_alive_reuses_one_connection_and_sends_only_the_given_headers(
+    make_raw_upstream: MakeRaw, make_upstreams: Callable[..., Awaitable[Upstreams]]
+) -> None:
+    target = await make_raw_upstream(lambda head, i: ok(b"r%d" % i))
+    ups = await make_upstreams(config("ka", target.url))
+    for i in range(5):
+        resp = await ups.send("ka", "GET", f"/a?i={i}", CIMultiDict([("X-Request-Id", "r")]), None)
+        assert await body_of(resp) == b"r%d" % i
+    assert target.connections == 1
+    assert target.requests[0] == (f"GET /a?i=0 HTTP/1.1\r\nHost: 127.0.0.1:{target.port}\r\n"
+                                  "X-Request-Id: r\r\n\r\n").encode()
+    # RFC 9110 s8.6: a body-less POST says Content-Length: 0 (as aiohttp's client did), nothing else.
+    async with await ups.send("ka", "POST", "/p", CIMultiDict(), None):
+        pass
+    assert target.requests[-1].endswith(b"Host: 127.0.0.1:%d\r\nContent-Length: 0\r\n\r\n" % target.port)
+
+
+async def test_stale_connection_closed_by_the_target_between_requests_is_replaced(
+    make_raw_upstream: MakeRaw, make_upstreams: Callable[..., Awaitable[Upstreams]]
+) -> None:
+    target = await make_raw_upstream(lambda head, i: ok())
+    ups = await make_upstreams(config("stale", target.url, attempts=1, failures=1))
+    assert await body_of(await get(ups, "stale")) == b"ok"
+    target.drop_all()  # the target timed the idle connection out
+    await asyncio.sleep(0.05)
+    assert await body_of(await get(ups, "stale")) == b"ok"
+    assert target.connections == 2 and ups.state("stale", target.url) == CLOSED
+
+
+async def test_connection_dropped_as_the_next_request_arrives_is_resent_once_but_not_a_post(
+    make_raw_upstream: MakeRaw, make_upstreams: Callable[..., Awaitable[Upstreams]]
+) -> None:
+    # The race the idle check cannot see: the target closes a kept-alive connection just as a request
+    # goes out on it, answering nothing (every second request on a connection is dropped).
+    target = await make_raw_upstream(lambda head, i: ok() if i == 0 else (b"", "drop"))
+    ups = await make_upstreams(config("race", target.url, attempts=1, failures=1))
+    for _ in range(3):
+        assert await body_of(await get(ups, "race")) == b"ok"
+    assert (len(target.requests), target.connections) == (5, 3)  # 2 resends, each on a new connection
+    assert ups.state("race", target.url) == CLOSED  # a resend that worked is no failure
+    with pytest.raises(BadGateway) as info:  # the target may have acted on a POST: never sent twice
+        await ups.send("race", "POST", "/", CIMultiDict(), None)
+    assert info.value.reason == "upstream_reset"
+    assert len(target.requests) == 6
+
+
+async def test_connection_close_and_unfinished_responses_are_not_reused(
+    make_raw_upstream: MakeRaw, make_upstreams: Callable[..., Awaitable[Upstreams]]
+) -> None:
+    big = b"x" * (4 * 1024 * 1024)
+    answers = {b"/close": ok(b"bye", "Connection: close"), b"/big": ok(big), b"/http10": b"HTTP/1.0 200 OK\r\n"
+               b"Content-Length: 2\r\n\r\nok"}
+    target = await make_raw_upstream(lambda head, i: answers.get(head.split(b" ")[1], ok()))
+    ups = await make_upstreams(config("reuse", target.url))
+    assert await body_of(await get(ups, "reuse", "/close")) == b"bye"  # the target keeps it open anyway
+    assert await body_of(await get(ups, "reuse", "/")) == b"ok"
+    assert target.connections == 2
+    async with await get(ups, "reuse", "/big") as resp:  # one piece read, the rest left unread
+        async for _ in resp.iter_chunks():
+            break
+    assert await body_of(await get(ups, "reuse", "/")) == b"ok"
+    assert target.connections == 3
+    assert await body_of(await get(ups, "reuse", "/http10")) == b"ok"  # HTTP/1.0 without keep-alive
+    assert await body_of(await get(ups, "reuse", "/")) == b"ok"
+    assert target.connections == 4
+    await asyncio.sleep(0.05)
+    assert target.open == 1  # the connections not reused were closed, not leaked
+
+
+async def test_idle_connections_are_capped_and_closed_after_the_idle_timeout(
+    make_upstream: MakeUpstream, make_upstreams: Callable[..., Awaitable[Upstreams]]
+) -> None:
+    target = await make_upstream()
+    target.set_mode("slow", delay=0.1)
+    ups = Upstreams({"cap": config("cap", target.url)}, max_idle=2, idle_timeout=0.3)
+    await ups.start()
+    try:
+        pool = ups.h1_pool("cap", target.url)
+        assert pool is not None
+
+        async def one() -> None:
+            assert (await read_json(await get(ups, "cap")))["method"] == "GET"
+
+        await asyncio.gather(*(one() for _ in range(5)))
+        assert target.connections == 5 and len(pool.idle) == 2
+        started = time.perf_counter()
+        while pool.idle and time.perf_counter() - started < 2:
+            await asyncio.sleep(0.02)
+        assert not pool.idle and 0.25 <= time.perf_counter() - started < 1.0
+    finally:
+        await ups.close()
+
+
+async def test_response_framings(
+    make_raw_upstream: MakeRaw, make_upstreams: Callable[..., Awaitable[Upstreams]]
+) -> None:
+    answers = {
+        b"/chunked": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n1;ext=1\r\n \r\n"
+                     b"5\r\nworld\r\n0\r\nX-Trailer: t\r\n\r\n",
+        b"/interim": b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n" + ok(b"final"),
+        b"/204": b"HTTP/1.1 204 No Content\r\nContent-Length: 7\r\n\r\n",
+        b"/304": b"HTTP/1.1 304 Not Modified\r\nContent-Length: 7\r\nETag: \"e\"\r\n\r\n",
+    }
+
+    def respond(head: bytes, i: int) -> Answer:
+        method, path = head.split(b" ")[:2]
+        if method == b"HEAD":  # RFC 9110 s9.3.2: the length of the GET answer, and no body
+            return b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n"
+        return answers.get(path, ok())
+
+    target = await make_raw_upstream(respond)
+    ups = await make_upstreams(config("frame", target.url))
+    for _ in range(2):  # each framing ends at the right byte: the next answer on the connection is intact
+        assert await body_of(await get(ups, "frame", "/chunked")) == b"hello world"
+        assert await body_of(await get(ups, "frame", "/")) == b"ok"
+        resp = await get(ups, "frame", "/interim")
+        assert resp.status == 200 and await body_of(resp) == b"final"
+        resp = await get(ups, "frame", "/", method="HEAD")
+        assert resp.status == 200 and resp.content_length == 1000 and await body_of(resp) == b""
+        for status in (204, 304):
+            resp = await get(ups, "frame", f"/{status}")
+            assert resp.status == status and await body_of(resp) == b""
+        assert await body_of(await get(ups, "frame", "/")) == b"ok"
+    assert target.connections == 1
+
+
+async def test_response_without_length_is_read_until_the_target_closes(
+    make_raw_upstream: MakeRaw, make_upstreams: Callable[..., Awaitable[Upstreams]]
+) -> None:
+    target = await make_raw_upstream(lambda head, i: (b"HTTP/1.1 200 OK\r\n\r\n" + b"y" * 300000, "close"))
+    ups = await make_upstreams(config("eof", target.url))
+    resp = await get(ups, "eof")
+    assert resp.content_length is None and await body_of(resp) == b"y" * 300000
+    assert await body_of(await get(ups, "eof")) == b"y" * 300000
+    assert target.connections == 2
+
+
+async def test_broken_responses_are_mapped(
+    make_raw_upstream: MakeRaw, make_upstreams: Callable[..., Awaitable[Upstreams]]
+) -> None:
+    answers: dict[bytes, Answer] = {
+        b"/garbled": (b"HTTP/1.1 2OO OK\r\n\r\n", "hang"),
+        b"/cut": (b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123456789", "close"),
+        b"/stall": (b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123456789", "hang"),
+        b"/badchunk": (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", "hang"),
+    }
+    target = await make_raw_upstream(lambda head, i: answers[head.split(b" ")[1]])
+    ups = await make_upstreams(config("broken", target.url, read=0.3, attempts=1, failures=10))
+    with pytest.raises(BadGateway) as info:
+        await get(ups, "broken", "/garbled")
+    assert info.value.reason == "bad_response"
+    with pytest.raises(BadGateway) as info:
+        await body_of(await get(ups, "broken", "/cut"))
+    assert info.value.reason == "upstream_reset"
+    with pytest.raises(BadGateway):
+        await body_of(await get(ups, "broken", "/badchunk"))
+    resp = await get(ups, "broken", "/stall")
+    started = time.perf_counter()
+    with pytest.raises(UpstreamTimeout):  # sock_read also bounds the wait between body bytes
+        await body_of(resp)
+    assert 0.25 <= time.perf_counter() - started < 0.6
+    await asyncio.sleep(0.05)
+    assert target.open == 0  # no broken connection is kept or leaked
+
+
+async def test_header_injection_is_refused_before_connecting(
+    make_raw_upstream: MakeRaw, make_upstreams: Callable[..., Awaitable[Upstreams]]
+) -> None:
+    target = await make_raw_upstream(lambda head, i: ok())
+    ups = await make_upstreams(config("inject", target.url))
+    with pytest.raises(ValueError, match="control character"):
+        await ups.send("inject", "GET", "/", CIMultiDict([("X-Auth-Subject", "a\r\nX-Admin: 1")]), None)
+    assert target.connections == 0 and ups.state("inject", target.url) == CLOSED
+
+
+async def test_request_body_with_content_length_and_an_early_answer(
+    make_raw_upstream: MakeRaw, make_upstream: MakeUpstream, make_upstreams: Callable[..., Awaitable[Upstreams]]
+) -> None:
+    echo = await make_upstream()
+    ups = await make_upstreams(config("cl", echo.url))
+
+    async def body(n: int) -> AsyncIterator[bytes]:
+        for _ in range(n):
+            yield b"z" * 1000
+
+    async with await ups.send("cl", "PUT", "/", CIMultiDict([("Content-Length", "5000")]), body(5)) as resp:
+        reply = await read_json(resp)
+    assert reply["body_length"] == 5000 and "Transfer-Encoding" not in reply["headers"]  # type: ignore[operator]
+    assert reply["headers"]["Content-Length"] == "5000"  # type: ignore[index]
+    # A target that refuses at once, reading nothing of a large body: its answer comes through, no hang.
+    early = await make_raw_upstream(lambda head, i: (b"HTTP/1.1 413 Too Large\r\nContent-Length: 0\r\n"
+                                                     b"Connection: close\r\n\r\n", "hang"))
+    ups2 = await make_upstreams(config("early", early.url))
+    async with asyncio.timeout(5):
+        async with await ups2.send("early", "POST", "/", CIMultiDict(), body(100000)) as resp:
+            assert resp.status == 413

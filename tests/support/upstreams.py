@@ -15,6 +15,9 @@ request as it arrived. Its mode can change at runtime:
 
 `.hits` counts requests, `.connections` counts accepted TCP connections.
 
+`RawUpstream` speaks HTTP/1.1 by hand (framings, interim answers, dropped keep-alive connections) for
+the upstream client's own tests.
+
 `Blackhole` is a target whose TCP connect never completes (a listener with a full accept queue: Linux
 drops further SYNs), for connect timeouts.
 """
@@ -247,3 +250,101 @@ async def make_upstream() -> AsyncIterator[Callable[..., Awaitable[EchoUpstream]
 async def echo_upstream(make_upstream: Callable[..., Awaitable[EchoUpstream]]) -> EchoUpstream:
     return await make_upstream()
 
+
+
+Answer = bytes | tuple[bytes, str]
+
+
+class RawUpstream:
+    """A target that speaks HTTP/1.1 by hand, for framings and connection handling aiohttp would not produce.
+
+    Each request head (up to the blank line; a Content-Length body is read and dropped) is recorded in
+    `.requests` and answered with `respond(head, index_on_connection)`: the raw bytes to write, or
+    `(bytes, action)` with action "close" (close after writing), "hang" (write, then wait for the client to close) or
+    "drop" (close without writing anything). `.connections` counts accepted connections, `.open` those
+    still open; `drop_all()` closes every open connection (a target timing out idle keep-alive ones).
+    """
+
+    def __init__(self, respond: Callable[[bytes, int], Answer]) -> None:
+        self.respond = respond
+        self.requests: list[bytes] = []
+        self.connections = 0
+        self.open = 0
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def start(self) -> RawUpstream:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    def drop_all(self) -> None:
+        for writer in list(self._writers):
+            writer.close()
+
+    async def stop(self) -> None:
+        self.drop_all()
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        if self._tasks:  # every handler ends on its closed connection: none is left for the loop to cancel
+            await asyncio.wait(self._tasks, timeout=2)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        self.connections += 1
+        self.open += 1
+        self._writers.add(writer)
+        try:
+            index = 0
+            while True:
+                try:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    return
+                for line in head.split(b"\r\n"):
+                    if line.lower().startswith(b"content-length:"):
+                        await reader.readexactly(int(line.split(b":", 1)[1]))
+                self.requests.append(head)
+                answer = self.respond(head, index)
+                index += 1
+                data, action = answer if isinstance(answer, tuple) else (answer, "")
+                if action == "drop":
+                    return
+                writer.write(data)
+                await writer.drain()
+                if action == "close":
+                    return
+                if action == "hang":
+                    await reader.read()  # until the client closes (or stop() does)
+                    return
+        except ConnectionError:
+            return
+        finally:
+            self.open -= 1
+            self._writers.discard(writer)
+            writer.close()
+
+
+@pytest.fixture
+async def make_raw_upstream() -> AsyncIterator[Callable[[Callable[[bytes, int], Answer]], Awaitable[RawUpstream]]]:
+    """`await make_raw_upstream(respond)`: a started RawUpstream, stopped at teardown."""
+    made: list[RawUpstream] = []
+
+    async def make(respond: Callable[[bytes, int], Answer]) -> RawUpstream:
+        upstream = await RawUpstream(respond).start()
+        made.append(upstream)
+        return upstream
+
+    yield make
+    for upstream in made:
+        await upstream.stop()

@@ -1,0 +1,291 @@
+"""Lean keep-alive HTTP/1.1 connections to one plain-HTTP target, on aiohttp's ResponseHandler and C parser.
+
+aiohttp's ClientSession costs more per request than the rest of the proxy (issue 7: ~30 % of a request's
+CPU): URL objects, a ClientRequest, a ClientResponse, a connector key, traces, cookie handling. A proxy
+needs none of that. This module keeps only what decides correctness, and takes it from aiohttp itself:
+
+- `ResponseHandler` (the client protocol) with its C `HttpResponseParser`: response framing
+  (Content-Length, chunked, until-EOF, HEAD, 1xx/204/304), the `sock_read` timeout rearmed on every
+  read and paused while the caller is not reading, and the payload `StreamReader` whose high-water mark
+  pauses the socket (a large body is never buffered whole);
+- `_serialize_headers`, the C serializer aiohttp's own client uses, which refuses control characters
+  in the request line and headers (RFC 9110 s5.5: no header injection through a token claim).
+
+What aiohttp's connector decided is decided here: a connection is reused only when its response was
+parsed to the end, did not say `Connection: close` (RFC 9112 s9.6) and nothing unexpected arrived since;
+idle connections are capped and closed after `idle_timeout`; a request on a connection that the target
+dropped before sending a single byte back is resent once on a new connection, but only when resending
+is harmless (the caller decides: idempotent and without a body, RFC 9112 s9.3.1).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections import deque
+from collections.abc import AsyncIterable, Iterator
+from typing import Any, cast
+
+import aiohttp
+from aiohttp.client_proto import ResponseHandler
+from aiohttp.http import RawResponseMessage
+from aiohttp.http_writer import _serialize_headers
+from aiohttp.streams import StreamReader
+from multidict import CIMultiDict, CIMultiDictProxy
+
+# RFC 9110 s9.3: these define no meaning for content; the others get an explicit `Content-Length: 0`
+# when sent without a body, exactly as aiohttp's ClientRequest did before this module existed.
+_NO_BODY_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
+_ZERO_LENGTH = (("Content-Length", "0"),)
+_CHUNKED = (("Transfer-Encoding", "chunked"),)
+_NOTHING: tuple[tuple[str, str], ...] = ()
+# The same limits the ClientSession was given: a longer status line or header field is a bad response.
+_MAX_LINE = 16384
+_MAX_FIELD = 16384
+_CHUNK_END = b"\r\n"
+_LAST_CHUNK = b"0\r\n\r\n"
+
+
+class ConnectError(aiohttp.ClientConnectionError):
+    """The TCP connection could not be made (refused, unreachable, DNS): nothing was sent."""
+
+
+class ClientBodyError(aiohttp.ClientConnectionError):
+    """The caller's request body failed while it was being sent (see `.__cause__`)."""
+
+
+class _Conn(ResponseHandler):
+    """aiohttp's client protocol, remembering whether any byte arrived since the request was written."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(loop)
+        self.got_bytes = False
+        self.idle_since = 0.0
+
+    def data_received(self, data: bytes) -> None:
+        self.got_bytes = True
+        super().data_received(data)
+
+
+class _Head:
+    """Host first, then the caller's headers in order, then framing: what `_serialize_headers` iterates."""
+
+    __slots__ = ("host", "headers", "tail")
+
+    def __init__(self, host: tuple[tuple[str, str], ...], headers: CIMultiDict[str],
+                 tail: tuple[tuple[str, str], ...]) -> None:
+        self.host, self.headers, self.tail = host, headers, tail
+
+    def items(self) -> Iterator[tuple[str, str]]:
+        return itertools.chain(self.host, self.headers.items(), self.tail)
+
+
+class H1Response:
+    """A response whose headers arrived; its connection goes back to the pool on `release()` if reusable."""
+
+    __slots__ = ("status", "headers", "content", "_pool", "_conn", "_keep", "_writer")
+
+    def __init__(self, pool: H1Pool, conn: _Conn, message: RawResponseMessage, payload: StreamReader,
+                 writer: asyncio.Task[None] | None) -> None:
+        self.status: int = message.code
+        self.headers: CIMultiDictProxy[str] = message.headers
+        self.content = payload
+        self._pool = pool
+        self._conn: _Conn | None = conn
+        self._keep = not message.should_close
+        self._writer = writer
+
+    def release(self) -> None:
+        conn = self._conn
+        if conn is None:
+            return
+        self._conn = None
+        writer = self._writer
+        if writer is not None and not writer.done():
+            # The target answered before taking the whole body: the connection is mid-request, unusable.
+            writer.cancel()
+            conn.close()
+            return
+        # Reuse only what is provably at a message boundary: the parser saw this response's end, the
+        # target did not ask to close, and nothing else (early bytes, an error, an upgrade) is pending.
+        if self._keep and self.content.is_eof() and not conn.should_close and conn.is_connected():
+            self._pool.put(conn)
+        else:
+            conn.close()
+
+
+class H1Pool:
+    """Idle keep-alive connections to one (host, port) and the request/response exchange on them."""
+
+    def __init__(self, host: str, port: int, host_header: str, *, connect_timeout: float,
+                 read_timeout: float | None, max_idle: int, idle_timeout: float) -> None:
+        self.host, self.port = host, port
+        self._host_header = (("Host", host_header),)
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
+        self.max_idle = max_idle
+        self.idle_timeout = idle_timeout
+        # LIFO reuse (the most recently used connection is the least likely to have been closed by the
+        # target); the oldest sit at the left, where the sweep closes them.
+        self.idle: deque[_Conn] = deque()
+        self._loop = asyncio.get_running_loop()
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._closed = False
+        self.connects = 0  # connections opened (for tests and debugging)
+
+    # -- the pool ---------------------------------------------------------------------------------
+    def put(self, conn: _Conn) -> None:
+        if self._closed or len(self.idle) >= self.max_idle:
+            conn.close()
+            return
+        conn.idle_since = self._loop.time()
+        self.idle.append(conn)
+        if self._sweeper is None:
+            self._sweeper = self._loop.call_at(conn.idle_since + self.idle_timeout, self._sweep)
+
+    def _take(self) -> _Conn | None:
+        idle = self.idle
+        oldest = self._loop.time() - self.idle_timeout
+        while idle:
+            conn = idle.pop()
+            if conn.idle_since > oldest and conn.is_connected() and not conn.should_close:
+                return conn
+            conn.close()
+        return None
+
+    def _sweep(self) -> None:
+        self._sweeper = None
+        idle = self.idle
+        oldest = self._loop.time() - self.idle_timeout
+        while idle and (idle[0].idle_since <= oldest or not idle[0].is_connected()):
+            idle.popleft().close()
+        if idle:
+            self._sweeper = self._loop.call_at(idle[0].idle_since + self.idle_timeout, self._sweep)
+
+    def close(self) -> None:
+        self._closed = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        while self.idle:
+            self.idle.pop().close()
+
+    async def _connect(self) -> _Conn:
+        loop = self._loop
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                _, conn = await loop.create_connection(lambda: _Conn(loop), self.host, self.port)
+        except TimeoutError as exc:  # asyncio.timeout, or the kernel's own ETIMEDOUT
+            raise aiohttp.ConnectionTimeoutError(f"connect to {self.host}:{self.port} timed out") from exc
+        except OSError as exc:
+            raise ConnectError(f"connect to {self.host}:{self.port}: {exc.strerror or exc}") from exc
+        self.connects += 1
+        return conn
+
+    # -- one exchange -----------------------------------------------------------------------------
+    async def request(self, method: str, path_qs: str, headers: CIMultiDict[str],
+                      body: AsyncIterable[bytes] | None, *, resend: bool) -> H1Response:
+        """Send one request and return once the final response's headers arrived.
+
+        `resend`: the request may be sent again on a new connection if the one used was dropped before
+        any byte of the response arrived (the caller says so only for idempotent body-less requests).
+        """
+        length: int | None = None
+        tail: tuple[tuple[str, str], ...]
+        if body is not None:
+            declared = headers.get("Content-Length")
+            if declared is None:
+                tail = _CHUNKED
+            else:
+                if not declared.isdigit():
+                    raise ValueError("invalid Content-Length")
+                length, tail = int(declared), _NOTHING
+        else:
+            tail = _ZERO_LENGTH if method not in _NO_BODY_METHODS and "Content-Length" not in headers \
+                else _NOTHING
+        head = _serialize_headers(f"{method} {path_qs} HTTP/1.1",
+                                  cast(Any, _Head(self._host_header, headers, tail)))
+        conn = self._take()  # not `or`: a ResponseHandler is a queue, falsy when empty
+        if conn is None:
+            conn = await self._connect()
+        try:
+            return await self._exchange(conn, method, head, body, length)
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
+            if not resend or conn.got_bytes:
+                raise
+        # The target closed the connection without answering: typically a keep-alive connection it had
+        # just timed out. Nothing of the request was acted upon in a way a resend could repeat harmfully.
+        return await self._exchange(await self._connect(), method, head, body, length)
+
+    async def _exchange(self, conn: _Conn, method: str, head: bytes, body: AsyncIterable[bytes] | None,
+                        length: int | None) -> H1Response:
+        conn.got_bytes = False
+        # A new parser per request, as aiohttp does: HEAD changes the framing of the answer (RFC 9110 s9.3.2).
+        # read_until_eof: a response without Content-Length or chunked ends when the connection does
+        # (RFC 9112 s6.3 item 8).
+        conn.set_response_params(
+            skip_payload=method == "HEAD", read_until_eof=True, auto_decompress=False,
+            read_timeout=self.read_timeout, max_line_size=_MAX_LINE, max_field_size=_MAX_FIELD,
+        )
+        transport = conn.transport
+        if transport is None:
+            raise aiohttp.ServerDisconnectedError()
+        writer: asyncio.Task[None] | None = None
+        try:
+            transport.write(head)
+            if body is None:
+                conn.start_timeout()
+            else:
+                # The body goes out while the response is awaited: a target may answer (and stop reading)
+                # before it has taken all of it.
+                writer = asyncio.ensure_future(_send_body(conn, body, length))
+            while True:
+                message, payload = await conn.read()
+                # RFC 9110 s15.2: interim 1xx answers precede the real one (101 ends HTTP on this connection).
+                if message.code >= 200 or message.code == 101 or message.code < 100:
+                    break
+        except BaseException:
+            if writer is not None:
+                writer.cancel()
+            conn.close()
+            raise
+        return H1Response(self, conn, message, payload, writer)
+
+
+async def _send_body(conn: _Conn, body: AsyncIterable[bytes], length: int | None) -> None:
+    """Write the body with the transport's flow control (pause_writing -> wait for drain), then arm sock_read.
+
+    Without a declared length the body is sent chunked (RFC 9112 s7.1); with one, exactly that many
+    bytes must come, else the message would be cut or run into the next one (RFC 9112 s6.3): the request
+    fails instead. A failure of the caller's body is set on the connection, so the response read fails.
+    """
+    sent = 0
+    try:
+        async for chunk in body:
+            transport = conn.transport
+            if transport is None:
+                return  # the connection is gone: the response read reports it
+            if not chunk:
+                continue
+            sent += len(chunk)
+            if length is None:
+                transport.writelines((b"%x\r\n" % len(chunk), chunk, _CHUNK_END))
+            elif sent > length:
+                raise ValueError("request body longer than its Content-Length")
+            else:
+                transport.write(chunk)
+            if conn.writing_paused:
+                await conn._drain_helper()
+        if length is None:
+            if conn.transport is not None:
+                conn.transport.write(_LAST_CHUNK)
+        elif sent != length:
+            raise ValueError("request body shorter than its Content-Length")
+    except (ConnectionError, aiohttp.ClientConnectionResetError):
+        return  # the target went away mid-body: the response read reports it
+    except Exception as exc:
+        conn.set_exception(ClientBodyError("request body failed"), exc)
+        if conn.transport is not None:
+            conn.transport.abort()  # the request is incomplete: the target must not take it as whole
+        return
+    conn.start_timeout()
