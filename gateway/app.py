@@ -11,8 +11,9 @@ import ssl
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
+from json.encoder import encode_basestring_ascii as _esc
 from typing import Any
 
 import aiohttp
@@ -31,7 +32,7 @@ from gateway.errors import (
     HeaderTooLarge,
     PayloadTooLarge,
 )
-from gateway.identity import TokenMinter, client_ip_from, request_id_from, response_headers
+from gateway.identity import TokenMinter, client_ip_from, relay_response_headers, request_id_from
 from gateway.jwks import JwksCache
 from gateway.keys import CHECK_INTERVAL as KEY_CHECK_INTERVAL
 from gateway.keys import KeyStore
@@ -39,10 +40,13 @@ from gateway.model import RequestView
 from gateway.pipeline import Exchange, Gateway
 from gateway.revocation import RevocationStore, create_store
 from gateway.tokens import TokenVerifier
-from gateway.upstream import Upstreams
+from gateway.upstream import UpstreamResponse, Upstreams
 
 log = logging.getLogger("gateway")
 _CHUNK = 64 * 1024
+# Upstream bodies up to this declared length are read whole and sent with their headers in one write.
+_SMALL_BODY = 64 * 1024
+_NO_PRINCIPAL = ',"iss":null,"sub":null,"aud":null,"jti":null'
 # The method label is bounded: the HTTP parser accepts ~35 methods (PROPFIND, PURGE, ...).
 _METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT", "TRACE"))
 
@@ -214,6 +218,7 @@ class GatewayApp:
         self._labels: dict[tuple[str, str, int], Any] = {}
         self._durations: dict[str, Any] = {}
         self._flusher: asyncio.Task[None] | None = None
+        self._stamp = _Stamp()
         self.public_port = 0
         self.admin_port = 0
 
@@ -327,6 +332,12 @@ class GatewayApp:
                     if body_state.get("too_large"):
                         raise PayloadTooLarge() from None
                     raise
+                auth = "ok" if ex.authorized else "none"
+                target, upstream_status = up.target, up.status
+                # A small body is read whole before anything is sent: its failure is still an honest 502/504.
+                resp = await self._relay(request, up, ex.request_id)
+                status = resp.status
+                return resp
             except GatewayError as err:
                 status = err.status
                 if isinstance(err, AuthError):
@@ -342,9 +353,6 @@ class GatewayApp:
                 if self.draining:
                     resp.force_close()
                 return resp
-            auth = "ok" if ex.authorized else "none"
-            status, target, upstream_status = up.status, up.target, up.status
-            return await self._relay(request, up, ex.request_id)
         finally:
             self._inflight -= 1
             if self._inflight == 0:
@@ -385,10 +393,30 @@ class GatewayApp:
                 yield chunk
         return stream()
 
-    async def _relay(self, request: web.BaseRequest, up: Any, request_id: str) -> web.StreamResponse:
-        headers = response_headers(up.headers)
-        headers["X-Request-Id"] = request_id
-        resp = web.StreamResponse(status=up.status, headers=headers)
+    async def _relay(self, request: web.BaseRequest, up: UpstreamResponse, request_id: str) -> web.StreamResponse:
+        status = up.status
+        length = up.content_length
+        if (length is not None and length <= _SMALL_BODY and status >= 200 and status != 204 and status != 304
+                and request.method != "HEAD"):
+            # Small and of known length: read it, so aiohttp sends headers and body in one transport.write
+            # (a StreamResponse flushes the header block alone, then each chunk: two sends per response).
+            try:
+                body = await up.read()  # errors come mapped (BadGateway/UpstreamTimeout): nothing sent yet
+            finally:
+                up.release()
+            if len(body) != length:
+                # The declared framing and the bytes disagree: relaying both would desynchronise the
+                # client's connection (RFC 9112 s6.3), so answer 502 instead.
+                raise BadGateway(reason="bad_response")
+            small = web.Response(status=status, body=body)
+            relay_response_headers(up.headers, small.headers)
+            small.headers["X-Request-Id"] = request_id
+            if self.draining:
+                small.force_close()
+            return small
+        resp = web.StreamResponse(status=status)
+        relay_response_headers(up.headers, resp.headers)
+        resp.headers["X-Request-Id"] = request_id
         if self.draining:
             resp.force_close()  # Connection: close, so a keep-alive client reconnects to another replica
         try:
@@ -396,7 +424,7 @@ class GatewayApp:
             async for chunk in up.iter_chunks():
                 await resp.write(chunk)
             await resp.write_eof()
-        except (aiohttp.ClientError, TimeoutError, ConnectionError):
+        except (aiohttp.ClientError, TimeoutError, ConnectionError, GatewayError):
             # The status line is already sent: the only honest signal left is to cut the connection.
             if request.transport is not None:
                 request.transport.close()
@@ -415,19 +443,45 @@ class GatewayApp:
             hist = self._durations[route] = metrics.request_duration_seconds.labels(route=route)
         hist.observe(elapsed)
 
-    @staticmethod
-    def _access_log(request: web.BaseRequest, ex: Exchange, status: int, elapsed: float, target: str,
+    def _access_log(self, request: web.BaseRequest, ex: Exchange, status: int, elapsed: float, target: str,
                     upstream_status: int, auth: str, client_ip: str) -> None:
+        # One f-string, no dict and no json.dumps of the whole line: every string goes through the C
+        # JSON escaper (exact escaping, ASCII output like json.dumps), numbers are formatted as it would.
         p = ex.principal
-        line = {
-            "ts": _now_iso(), "request_id": ex.request_id, "method": request.method,
-            "path": request.raw_path.partition("?")[0], "route": ex.route, "status": status,
-            "duration_ms": round(elapsed * 1000, 3), "upstream": ex.upstream or None, "target": target or None,
-            "upstream_status": upstream_status or None, "client_ip": client_ip,
-            "iss": p.iss if p else None, "sub": p.subject if p else None,
-            "aud": list(p.aud) if p else None, "jti": p.jti if p else None, "auth": auth,
-        }
-        sys.stdout.write(json.dumps(line, separators=(",", ":")) + "\n")
+        if p is None:
+            who = _NO_PRINCIPAL
+        else:
+            who = (f',"iss":{_esc(p.iss)},"sub":{_opt(p.subject)},"aud":[{",".join(map(_esc, p.aud))}]'
+                   f',"jti":{_opt(p.jti)}')
+        sys.stdout.write(
+            f'{{"ts":"{self._stamp()}","request_id":{_esc(ex.request_id)},"method":{_esc(request.method)}'
+            f',"path":{_esc(request.raw_path.partition("?")[0])},"route":{_esc(ex.route)},"status":{status}'
+            f',"duration_ms":{round(elapsed * 1000, 3)!r},"upstream":{_opt(ex.upstream)}'
+            f',"target":{_opt(target)},"upstream_status":{upstream_status or "null"}'
+            f',"client_ip":{_esc(client_ip)}{who},"auth":{_esc(auth)}}}\n')
+
+
+def _opt(value: str | None) -> str:
+    """A JSON string, or null for None and "" (the log's "not known")."""
+    return _esc(value) if value else "null"
+
+
+class _Stamp:
+    """The access log's `ts` (ISO 8601 UTC, milliseconds): the date-time part is formatted once a second."""
+
+    __slots__ = ("_clock", "_sec", "_prefix")
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
+        self._sec = -1
+        self._prefix = ""
+
+    def __call__(self) -> str:
+        now = self._clock()
+        sec = int(now)
+        if sec != self._sec:
+            self._sec, self._prefix = sec, time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(sec))
+        return f"{self._prefix}{int((now - sec) * 1000):03d}Z"
 
 
 def _header_bytes(request: web.BaseRequest) -> int:

@@ -1,0 +1,200 @@
+"""The relay and the access log on the hot path: small bodies read whole, large/unknown ones streamed, hop-by-hop
+headers dropped, a short body answered 502; every access-log line is exact JSON whatever the path or claims hold."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import re
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from gateway.devissuer import DEFAULT_AUDIENCE, DevIssuer
+from tests.support.gateway import config_text
+
+ROUTES = """\
+  - name: raw
+    match: {path_prefix: /raw/}
+    upstream: raw
+    auth: {required: false}
+    forward: {identity: none}
+  - name: who
+    match: {path_prefix: /who/}
+    upstream: raw
+"""
+SMALL = 64 * 1024
+LOG_KEYS = ["ts", "request_id", "method", "path", "route", "status", "duration_ms", "upstream", "target",
+            "upstream_status", "client_ip", "iss", "sub", "aud", "jti", "auth"]
+
+
+def _body(n: int) -> bytes:
+    return (bytes(range(256)) * (n // 256 + 1))[:n]
+
+
+def _answer(status: str, headers: list[tuple[str, str]], body: bytes = b"", *, length: int | None = None) -> bytes:
+    head = [f"HTTP/1.1 {status}"] + [f"{k}: {v}" for k, v in headers]
+    if length is not None:
+        head.append(f"Content-Length: {length}")
+    return ("\r\n".join(head) + "\r\n\r\n").encode() + body
+
+
+class RawUpstream:
+    """A real TCP server answering scripted bytes per path (keep-alive unless the script says close)."""
+
+    def __init__(self) -> None:
+        self.scripts: dict[str, tuple[bytes, bool]] = {}
+        self.server: asyncio.Server | None = None
+
+    @property
+    def url(self) -> str:
+        assert self.server is not None
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                path = head.split(b" ", 2)[1].decode()
+                data, close = self.scripts.get(path, (_answer("404 Not Found", [], b"", length=0), False))
+                writer.write(data)
+                await writer.drain()
+                if close:
+                    break
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+@pytest.fixture
+async def raw() -> AsyncIterator[RawUpstream]:
+    up = RawUpstream()
+    up.server = await asyncio.start_server(up._serve, "127.0.0.1", 0)
+    yield up
+    up.server.close()
+    await up.server.wait_closed()
+
+
+@pytest.fixture
+async def gw(issuer: DevIssuer, raw: RawUpstream, gateway_factory: Any) -> AsyncIterator[Any]:
+    async with gateway_factory(config_text(issuer.url, {"raw": [raw.url]}, ROUTES)) as running:
+        yield running
+
+
+def _lines(out: str) -> list[dict[str, Any]]:
+    lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    for line in lines:
+        assert list(line) == LOG_KEYS
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", line["ts"])
+        assert isinstance(line["duration_ms"], float) and line["duration_ms"] >= 0
+    return lines
+
+
+async def test_small_body_relayed_whole_with_headers_minus_hop_by_hop(
+        gw: Any, raw: RawUpstream, capsys: pytest.CaptureFixture[str]) -> None:
+    body = b'{"ok": true}'
+    raw.scripts["/raw/small"] = (_answer("201 Created", [
+        ("Content-Type", "application/json"), ("Set-Cookie", "a=1"), ("Set-Cookie", "b=2"),
+        ("Connection", "keep-alive, X-Hop"), ("X-Hop", "secret"), ("Keep-Alive", "timeout=5"),
+        ("X-Kept", "yes")], body, length=len(body)), False)
+    status, headers, got = await gw.request("GET", "/raw/small")
+    assert status == 201 and got == {"ok": True}
+    assert headers.getall("Set-Cookie") == ["a=1", "b=2"] and headers["X-Kept"] == "yes"
+    assert headers["Content-Type"] == "application/json" and headers["Content-Length"] == str(len(body))
+    assert "X-Hop" not in headers and "Keep-Alive" not in headers
+    assert re.fullmatch(r"[0-9a-f]{32}", headers["X-Request-Id"])
+    line = _lines(capsys.readouterr().out)[-1]
+    assert (line["status"], line["upstream_status"], line["route"]) == (201, 201, "raw")
+    assert line["target"] == raw.url and line["upstream"] == "raw" and line["auth"] == "none"
+
+
+@pytest.mark.parametrize("n", [0, 1, SMALL - 1, SMALL, SMALL + 1, 3 * SMALL + 7])
+async def test_bodies_around_the_limit_arrive_intact(gw: Any, raw: RawUpstream, n: int) -> None:
+    raw.scripts["/raw/n"] = (_answer("200 OK", [("Content-Type", "application/octet-stream")], _body(n),
+                                     length=n), False)
+    async with gw.session.get(gw.url + "/raw/n") as r:
+        data = await r.read()
+        assert r.status == 200 and r.headers["Content-Length"] == str(n)
+    assert hashlib.sha256(data).hexdigest() == hashlib.sha256(_body(n)).hexdigest()
+
+
+async def test_chunked_body_is_streamed(gw: Any, raw: RawUpstream) -> None:
+    chunks = b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"
+    raw.scripts["/raw/chunked"] = (_answer("200 OK", [("Transfer-Encoding", "chunked")], chunks), False)
+    status, headers, got = await gw.request("GET", "/raw/chunked")
+    assert status == 200 and got == "hello world"
+
+
+async def test_head_204_304_have_no_body_and_do_not_wait_for_one(gw: Any, raw: RawUpstream) -> None:
+    raw.scripts["/raw/head"] = (_answer("200 OK", [("Content-Type", "text/plain")], length=10), False)
+    raw.scripts["/raw/nc"] = (_answer("204 No Content", []), False)
+    raw.scripts["/raw/nm"] = (_answer("304 Not Modified", [("ETag", '"v1"')]), False)
+    async with asyncio.timeout(5):
+        async with gw.session.head(gw.url + "/raw/head") as r:
+            assert r.status == 200 and r.headers["Content-Length"] == "10" and await r.read() == b""
+        async with gw.session.get(gw.url + "/raw/nc") as r:
+            assert r.status == 204 and await r.read() == b""
+        async with gw.session.get(gw.url + "/raw/nm") as r:
+            assert r.status == 304 and r.headers["ETag"] == '"v1"' and await r.read() == b""
+
+
+async def test_small_body_cut_short_is_an_honest_502(gw: Any, raw: RawUpstream,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    raw.scripts["/raw/short"] = (_answer("200 OK", [], b"abc", length=100), True)
+    status, headers, got = await gw.request("GET", "/raw/short")
+    assert status == 502 and got["error"] == "bad_gateway" and got["request_id"] == headers["X-Request-Id"]
+    line = _lines(capsys.readouterr().out)[-1]
+    assert (line["status"], line["upstream_status"], line["target"]) == (502, 200, raw.url)
+    # The gateway still answers the next request (the broken upstream connection was not reused).
+    raw.scripts["/raw/ok"] = (_answer("200 OK", [], b"fine", length=4), False)
+    assert (await gw.request("GET", "/raw/ok"))[0] == 200
+
+
+async def _raw_request(port: int, target: bytes) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(b"GET " + target + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        await writer.drain()
+        async with asyncio.timeout(5):
+            return await reader.read()
+    finally:
+        writer.close()
+
+
+@pytest.mark.parametrize("target", [b'/raw/q"uote', b"/raw/back\\slash", "/raw/caf\u00e9/\u2028".encode(),
+                                    b"/raw/ctl\x01x", b"/raw/tab\tx", b"/raw/%22%5c%00"])
+async def test_every_log_line_is_exact_json_whatever_the_path(
+        gw: Any, raw: RawUpstream, capsys: pytest.CaptureFixture[str], target: bytes) -> None:
+    reply = await _raw_request(gw.app.public_port, target)
+    assert reply.startswith(b"HTTP/1.")
+    line = _lines(capsys.readouterr().out)[-1]
+    if all(0x21 <= b < 0x7F for b in target):  # printable ASCII reaches the gateway (quotes, backslashes)
+        assert line["path"] is not None
+    if line["path"] is not None:  # else refused by the HTTP parser (logged with path null)
+        assert line["path"].encode("utf-8", "surrogateescape") == target
+    assert line["status"] == int(reply.split(b" ")[1])
+
+
+async def test_claims_with_quotes_backslashes_unicode_and_controls_log_exactly(
+        gw: Any, raw: RawUpstream, issuer: DevIssuer, capsys: pytest.CaptureFixture[str]) -> None:
+    raw.scripts["/who/x"] = (_answer("200 OK", [], b"ok", length=2), False)
+    odd = 'q"b\\s\u00e9\u2028\x01\x1f\ud7ff'
+    token = issuer.token({"sub": odd, "jti": odd + "j", "aud": [DEFAULT_AUDIENCE, odd]})
+    status, _, _ = await gw.request("GET", "/who/x", token=token)
+    assert status == 401  # a control character cannot become an identity header
+    out = capsys.readouterr().out
+    assert token not in out
+    line = _lines(out)[-1]
+    assert line["sub"] == odd and line["jti"] == odd + "j" and line["aud"] == [DEFAULT_AUDIENCE, odd]
+    assert line["auth"] == "malformed" and line["iss"] == issuer.url
+    fine = 'al"i\\ce'
+    status, headers, _ = await gw.request("GET", "/who/x", token=issuer.token({"sub": fine}),
+                                          headers={"X-Request-Id": "client.id:1-2_3"})
+    assert status == 200 and headers["X-Request-Id"] == "client.id:1-2_3"
+    line = _lines(capsys.readouterr().out)[-1]
+    assert line["sub"] == fine and line["auth"] == "ok" and line["request_id"] == "client.id:1-2_3"
+    assert line["jti"] is None or isinstance(line["jti"], str)
+
