@@ -31,10 +31,30 @@ WORKER_ENV = "GATEWAY_SUPERVISOR_PID"  # set by workers.supervise for its childr
 MULTIPROC_DIR = os.environ.get(MULTIPROC_ENV) or None
 MULTIPROCESS = MULTIPROC_DIR is not None and bool(os.environ.get(WORKER_ENV))
 
+
+
+class LoopValue(_values.MutexValue):
+    """An in-memory metric value without the per-update threading.Lock.
+
+    Every update comes from the event-loop thread (the request path, breakers, JWKS and revocation
+    tasks; the executor threads, key checks and config parsing, never touch a metric), and a scrape
+    reads on that same thread: a lock per inc() (three to five per request) guards nothing there.
+    """
+
+    def inc(self, amount: float) -> None:
+        self._value += amount
+
+    def set(self, value: float, timestamp: float | None = None) -> None:
+        self._value = value
+
+    def get(self) -> float:
+        return self._value
+
+
 if not MULTIPROCESS:
     # prometheus_client picks file-backed values whenever the variable is set; a process that is not a
     # supervised worker must not write there (see the module docstring), so it gets in-memory values.
-    _values.ValueClass = _values.MutexValue
+    _values.ValueClass = LoopValue
 
 # `*_created` series would double the series count for nothing a dashboard uses, and the multiprocess
 # collector never emits them: without them, one worker and N workers expose the same families.
