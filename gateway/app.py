@@ -46,6 +46,7 @@ log = logging.getLogger("gateway")
 _CHUNK = 64 * 1024
 # Upstream bodies up to this declared length are read whole and sent with their headers in one write.
 _SMALL_BODY = 64 * 1024
+_MILLIS = tuple(f"{ms:03d}Z" for ms in range(1000))  # the access log's ts suffixes, formatted once
 _NO_PRINCIPAL = ',"iss":null,"sub":null,"aud":null,"jti":null'
 # The method label is bounded: the HTTP parser accepts ~35 methods (PROPFIND, PURGE, ...).
 _METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT", "TRACE"))
@@ -219,6 +220,7 @@ class GatewayApp:
         self._durations: dict[str, Any] = {}
         self._flusher: asyncio.Task[None] | None = None
         self._stamp = _Stamp()
+        self._scheme = "http"
         self.public_port = 0
         self.admin_port = 0
 
@@ -233,8 +235,11 @@ class GatewayApp:
                          access_log=None)
         runner = web.ServerRunner(public, handle_signals=False, shutdown_timeout=cfg.shutdown_grace)
         await runner.setup()
+        server_ssl = _server_ssl(self.config)
+        # The listener is never rebuilt on reload: its scheme is fixed here, not looked up per request.
+        self._scheme = "https" if server_ssl is not None else "http"
         site = web.TCPSite(runner, cfg.host, cfg.port, reuse_port=self.reuse_port or None,
-                           ssl_context=_server_ssl(self.config), backlog=1024)
+                           ssl_context=server_ssl, backlog=1024)
         await site.start()
         self._runners.append(runner)
         self.public_port = _bound_port(runner)
@@ -313,14 +318,13 @@ class GatewayApp:
         metrics.inflight_requests.inc()
         status, auth, target, upstream_status = 500, "-", "", 0
         client_ip = request.remote or ""
-        body_state: dict[str, bool] = {}
         try:
             try:
                 if _header_bytes(request) > cfg.max_header_bytes:
                     raise HeaderTooLarge()
                 view = self._view(request, cfg.trusted_proxies)
                 client_ip = view.client_ip
-                body = self._body(request, cfg.max_body_bytes, body_state)
+                body = self._body(request, cfg.max_body_bytes, ex)
                 if request.headers.get("Upgrade", "").lower() == "websocket":
                     from gateway.websocket import proxy_websocket
                     resp = await proxy_websocket(gateway, request, view, ex)
@@ -329,7 +333,7 @@ class GatewayApp:
                 try:
                     up = await gateway.handle(view, body, ex)
                 except BadGateway:
-                    if body_state.get("too_large"):
+                    if ex.body_too_large:
                         raise PayloadTooLarge() from None
                     raise
                 auth = "ok" if ex.authorized else "none"
@@ -371,12 +375,11 @@ class GatewayApp:
         return RequestView(
             method=request.method, raw_path=path, query_string=query, host=host.lower(), headers=request.headers,
             client_ip=client_ip_from(request.headers.get("X-Forwarded-For"), peer, trusted) if trusted else peer,
-            peer_ip=peer, scheme="https" if request.transport and request.transport.get_extra_info(
-                "sslcontext") else "http",
+            peer_ip=peer, scheme=self._scheme,
         )
 
     @staticmethod
-    def _body(request: web.BaseRequest, limit: int, state: dict[str, bool]) -> AsyncIterator[bytes] | None:
+    def _body(request: web.BaseRequest, limit: int, ex: Exchange) -> AsyncIterator[bytes] | None:
         if not request.body_exists:
             return None
         if limit and request.content_length is not None and request.content_length > limit:
@@ -388,7 +391,7 @@ class GatewayApp:
             async for chunk in content.iter_chunked(_CHUNK):
                 seen += len(chunk)
                 if limit and seen > limit:
-                    state["too_large"] = True  # the upstream call fails; the client is told 413
+                    ex.body_too_large = True  # the upstream call fails; the client is told 413
                     raise PayloadTooLarge()
                 yield chunk
         return stream()
@@ -456,7 +459,7 @@ class GatewayApp:
         sys.stdout.write(
             f'{{"ts":"{self._stamp()}","request_id":{_esc(ex.request_id)},"method":{_esc(request.method)}'
             f',"path":{_esc(request.raw_path.partition("?")[0])},"route":{_esc(ex.route)},"status":{status}'
-            f',"duration_ms":{round(elapsed * 1000, 3)!r},"upstream":{_opt(ex.upstream)}'
+            f',"duration_ms":{elapsed * 1000:.3f},"upstream":{_opt(ex.upstream)}'
             f',"target":{_opt(target)},"upstream_status":{upstream_status or "null"}'
             f',"client_ip":{_esc(client_ip)}{who},"auth":{_esc(auth)}}}\n')
 
@@ -477,11 +480,10 @@ class _Stamp:
         self._prefix = ""
 
     def __call__(self) -> str:
-        now = self._clock()
-        sec = int(now)
+        sec, ms = divmod(int(self._clock() * 1000), 1000)
         if sec != self._sec:
             self._sec, self._prefix = sec, time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(sec))
-        return f"{self._prefix}{int((now - sec) * 1000):03d}Z"
+        return self._prefix + _MILLIS[ms]
 
 
 def _header_bytes(request: web.BaseRequest) -> int:

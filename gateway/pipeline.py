@@ -17,6 +17,8 @@ from gateway.routes import RouteTable
 from gateway.tokens import bearer_token
 from gateway.upstream import UpstreamResponse
 
+_IDENTITY_CACHE = 10_000  # tokens whose identity headers are kept (a few hundred bytes each)
+
 
 class Verifier(Protocol):
     async def verify(self, raw: str) -> Principal: ...
@@ -48,6 +50,7 @@ class Exchange:
     principal: Principal | None = None  # set once the token verified, even if refused afterwards
     authorized: bool = False  # revocation and rules passed
     issuer: str = ""  # issuer name once known, even when verification failed later
+    body_too_large: bool = False  # the request body passed max_body_bytes while streamed upstream
 
 
 class Gateway:
@@ -59,6 +62,9 @@ class Gateway:
         self.routes = RouteTable(config.routes)
         self.verifier, self.revocations, self.minter, self.upstreams = verifier, revocations, minter, upstreams
         self._trusted = config.server.trusted_proxies
+        # token_hash -> the identity headers of that token: the same token always yields the same
+        # headers under one config (a reload builds a new Gateway), so they are built once per token.
+        self._identity: dict[str, tuple[tuple[str, str], ...]] = {}
 
     def match(self, view: RequestView) -> RouteMatch:
         return self.routes.match(view.method, view.raw_path, view.host)  # normalises, or raises BadPath
@@ -97,7 +103,19 @@ class Gateway:
         if principal is not None:
             mode = route.forward.identity
             if mode == "headers":
-                headers.update(identity_headers(principal))
+                # extend, not update: upstream_request_headers already removed every X-Auth-* header.
+                headers.extend(self._identity_headers(principal))
             elif mode == "token" and self.minter is not None:
                 headers["Authorization"] = "Bearer " + self.minter.mint(principal, route.forward)
         return headers
+
+    def _identity_headers(self, p: Principal) -> tuple[tuple[str, str], ...]:
+        key = p.token_hash
+        hit = self._identity.get(key) if key else None
+        if hit is None:
+            hit = tuple(identity_headers(p).items())  # raises InvalidToken for unsafe values: never cached
+            if key:
+                if len(self._identity) >= _IDENTITY_CACHE:
+                    del self._identity[next(iter(self._identity))]  # FIFO: oldest insertion first
+                self._identity[key] = hit
+        return hit

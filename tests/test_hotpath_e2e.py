@@ -198,3 +198,84 @@ async def test_claims_with_quotes_backslashes_unicode_and_controls_log_exactly(
     assert line["sub"] == fine and line["auth"] == "ok" and line["request_id"] == "client.id:1-2_3"
     assert line["jti"] is None or isinstance(line["jti"], str)
 
+
+
+def test_single_process_metric_values_are_lock_free_and_exact() -> None:
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+    from gateway import metrics
+
+    assert not metrics.MULTIPROCESS
+    assert isinstance(metrics.requests_total.labels(route="-", method="GET", status="200")._value,
+                      metrics.LoopValue)
+    registry = CollectorRegistry()
+    c = Counter("t_requests", "t", ["route"], registry=registry)
+    g = Gauge("t_inflight", "t", registry=registry)
+    h = Histogram("t_seconds", "t", buckets=metrics.LATENCY_BUCKETS, registry=registry)
+    for i in range(1000):
+        c.labels(route="a").inc()
+        g.inc()
+        h.observe(0.002 if i % 2 else 0.2)
+        g.dec()
+    g.set(7)
+    text = generate_latest(registry).decode()
+    assert 't_requests_total{route="a"} 1000.0' in text and "t_inflight 7.0" in text
+    assert 't_seconds_bucket{le="0.0025"} 500.0' in text and 't_seconds_count 1000.0' in text
+    assert abs(h._sum.get() - (500 * 0.002 + 500 * 0.2)) < 1e-9
+
+
+def test_generated_request_ids_are_unique_valid_and_differ_in_a_forked_child() -> None:
+    import os
+
+    from multidict import CIMultiDict
+
+    from gateway.identity import request_id_from
+
+    ids = {request_id_from(CIMultiDict()) for _ in range(20000)}
+    assert len(ids) == 20000 and all(re.fullmatch(r"[0-9a-f]{32}", i) for i in ids)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: one id to the parent, then leave at once
+        os.write(write, request_id_from(CIMultiDict()).encode())
+        os._exit(0)
+    os.close(write)
+    child = os.read(read, 64).decode()
+    os.close(read)
+    os.waitpid(pid, 0)
+    mine = request_id_from(CIMultiDict())
+    assert re.fullmatch(r"[0-9a-f]{32}", child) and child not in ids and child[:16] != mine[:16]
+    assert request_id_from(CIMultiDict({"X-Request-Id": "bad id\r\n"})) not in ids
+
+
+async def test_identity_headers_per_token_stay_exact_across_repeats(
+        issuer: DevIssuer, echo_upstream: Any, gateway_factory: Any) -> None:
+    text = config_text(issuer.url, {"raw": [echo_upstream.url]}, ROUTES)
+    alice = issuer.token({"sub": "alice", "scope": "a b", "jti": "j-a"})
+    bob = issuer.token({"sub": "bob", "roles": ["admin"]})
+    evil = issuer.token({"sub": "eve\r\nX-Auth-Roles: admin"})
+    async with gateway_factory(text) as gw:
+        for _ in range(3):
+            for token, want in ((alice, {"x-auth-subject": "alice", "x-auth-scopes": "a b", "x-auth-token-id": "j-a"}),
+                                (bob, {"x-auth-subject": "bob", "x-auth-roles": "admin"})):
+                status, _, _ = await gw.request("GET", "/who/x", token=token,
+                                                headers={"X-Auth-Subject": "mallory", "X-Auth-Roles": "root"})
+                assert status == 200
+                got = {k.lower(): v for k, v in echo_upstream.requests[-1][2].items()}
+                assert {k: got.get(k) for k in want} == want and got["x-auth-issuer"] == "dev"
+                if token is alice:
+                    assert "x-auth-roles" not in got  # the client's X-Auth-Roles never passes
+            status, _, _ = await gw.request("GET", "/who/x", token=evil)
+            assert status == 401  # refused every time: a failure is never cached
+
+
+def test_log_timestamp_is_iso_utc_milliseconds_across_second_boundaries() -> None:
+    from datetime import UTC, datetime
+
+    from gateway.app import _Stamp
+
+    now = [1700000000.0]
+    stamp = _Stamp(clock=lambda: now[0])
+    for t in (1700000000.0, 1700000000.9994, 1700000001.0005, 1700000001.5, 1700086400.25, 1699999999.999):
+        now[0] = t
+        want = datetime.fromtimestamp(int(t * 1000) / 1000, UTC).isoformat(timespec="milliseconds")
+        assert stamp() == want.replace("+00:00", "Z")
