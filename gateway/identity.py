@@ -56,6 +56,16 @@ def _is_trusted(ip: str, trusted: tuple[IPNetwork, ...]) -> bool:
     return any(addr in net for net in trusted)
 
 
+@functools.lru_cache(maxsize=256)
+def _with_connection(base: frozenset[str], conn_values: tuple[str, ...], keep_upgrade: bool) -> frozenset[str]:
+    """`base` plus the names a Connection field lists. Cached: peers send the same few values
+    ("keep-alive", "Upgrade") on every message; the bound keeps arbitrary client values from growing it."""
+    named = {tok.strip().lower() for v in conn_values if v for tok in v.split(",")}
+    if keep_upgrade:
+        named.discard("upgrade")
+    return base | named
+
+
 def client_ip_from(xff: str | None, peer_ip: str, trusted: tuple[IPNetwork, ...]) -> str:
     """The real client address for logs: walk X-Forwarded-For right to left over trusted proxies.
 
@@ -122,14 +132,11 @@ def upstream_request_headers(
     drop = _DROP[(strip_authorization, keep_upgrade)]
     if "Connection" in client_headers:  # the common case (HTTP/1.1 keep-alive) sends none: no list built
         getall = getattr(client_headers, "getall", None)
-        conn_values = getall("Connection", []) if getall else [client_headers.get("Connection", "")]
-        if any(conn_values):
-            # RFC 9110 s7.6.1: headers named in Connection are hop-by-hop too (Connection: X-Auth-Subject
-            # would otherwise make a naive proxy drop the very header it adds).
-            named = {tok.strip().lower() for v in conn_values if v for tok in v.split(",")}
-            if keep_upgrade:
-                named.discard("upgrade")  # `Connection: Upgrade` is how a WebSocket handshake asks for it
-            drop = drop | named
+        conn_values = getall("Connection", ()) if getall else (client_headers.get("Connection", ""),)
+        # RFC 9110 s7.6.1: headers named in Connection are hop-by-hop too (Connection: X-Auth-Subject
+        # would otherwise make a naive proxy drop the very header it adds).
+        # `Connection: Upgrade` is how a WebSocket handshake asks for it: kept when the route proxies them.
+        drop = _with_connection(drop, tuple(conn_values), keep_upgrade)
     trusted_peer = bool(trusted_proxies) and _is_trusted(peer_ip, trusted_proxies)
     out: CIMultiDict[str] = CIMultiDict()
     add = out.add
@@ -179,9 +186,9 @@ def relay_response_headers(upstream_headers: Mapping[str, str], out: CIMultiDict
     drop = _RESPONSE_DROP[keep_upgrade]
     if "Connection" in upstream_headers:
         getall = getattr(upstream_headers, "getall", None)
-        conn_values = getall("Connection", []) if getall else [upstream_headers.get("Connection", "")]
+        conn_values = getall("Connection", ()) if getall else (upstream_headers.get("Connection", ""),)
         # RFC 9110 s7.6.1: the headers a Connection field names are hop-by-hop for this response too.
-        drop = drop | {tok.strip().lower() for v in conn_values if v for tok in v.split(",")}
+        drop = _with_connection(drop, tuple(conn_values), False)
     add = out.add
     for name, value in upstream_headers.items():
         if name.lower() not in drop:
