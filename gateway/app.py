@@ -14,12 +14,14 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from json.encoder import encode_basestring_ascii as _esc
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 from aiohttp import web
 from aiohttp.http_exceptions import LineTooLong
+from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway import metrics
 from gateway.config import load
@@ -27,11 +29,14 @@ from gateway.config_types import Config, IssuerConfig
 from gateway.errors import (
     AuthError,
     BadGateway,
+    BadRequest,
     ConfigError,
     GatewayError,
     HeaderTooLarge,
+    NotFound,
     PayloadTooLarge,
 )
+from gateway.h1server import H1Request, H1Server
 from gateway.identity import TokenMinter, client_ip_from, relay_response_headers, request_id_from
 from gateway.jwks import JwksCache
 from gateway.keys import CHECK_INTERVAL as KEY_CHECK_INTERVAL
@@ -171,30 +176,38 @@ class Services:
         return checks
 
 
+def refused(exc: BaseException | None, status: int, remote: str | None) -> tuple[int, CIMultiDict[str], bytes]:
+    """The answer to a request the HTTP parser refused (or a handler bug): counted and logged like any."""
+    err: GatewayError
+    message = str(getattr(exc, "message", "") or "")
+    if isinstance(exc, LineTooLong) or (status == 400 and "too many headers" in message.lower()):
+        err = HeaderTooLarge()
+    elif status == 400:
+        err = BadRequest()
+    else:
+        err = GatewayError()
+    request_id = uuid.uuid4().hex
+    headers = CIMultiDict({"Content-Type": "application/json", "X-Request-Id": request_id})
+    # Refused by the HTTP parser before the gateway saw a request: still counted and logged.
+    metrics.requests_total.labels(route="-", method="OTHER", status=str(err.status)).inc()
+    sys.stdout.write(json.dumps({
+        "ts": _now_iso(), "request_id": request_id, "method": None, "path": None, "route": "-",
+        "status": err.status, "duration_ms": 0.0, "upstream": None, "target": None, "upstream_status": None,
+        "client_ip": remote, "iss": None, "sub": None, "aud": None,
+        "jti": None, "auth": err.reason}, separators=(",", ":")) + "\n")
+    return err.status, headers, error_body(err, request_id)
+
+
 class _Handler(RequestHandler):
-    """aiohttp's protocol handler, answering its own parse errors with the gateway's JSON errors."""
+    """aiohttp's protocol handler (Upgrade requests only), answering its own parse errors like H1Server."""
 
     def handle_error(self, request: Any, status: int = 500, exc: BaseException | None = None,
                      message: str | None = None) -> web.StreamResponse:
-        err: GatewayError
-        if isinstance(exc, LineTooLong) or (status == 400 and "too many headers" in str(message or "").lower()):
-            err = HeaderTooLarge()
-        elif status == 400:
-            from gateway.errors import BadRequest
-            err = BadRequest()
-        else:
-            err = GatewayError()
-        request_id = uuid.uuid4().hex
-        resp = web.Response(status=err.status, body=error_body(err, request_id), content_type="application/json",
-                            headers={"X-Request-Id": request_id})
+        if exc is None and message:
+            exc = aiohttp.http_exceptions.HttpProcessingError(message=message)
+        code, headers, body = refused(exc, status, request.remote if request is not None else None)
+        resp = web.Response(status=code, body=body, headers=headers)
         resp.force_close()
-        # Refused by the HTTP parser before the gateway saw a request: still counted and logged.
-        metrics.requests_total.labels(route="-", method="OTHER", status=str(err.status)).inc()
-        sys.stdout.write(json.dumps({
-            "ts": _now_iso(), "request_id": request_id, "method": None, "path": None, "route": "-",
-            "status": err.status, "duration_ms": 0.0, "upstream": None, "target": None, "upstream_status": None,
-            "client_ip": request.remote if request is not None else None, "iss": None, "sub": None, "aud": None,
-            "jti": None, "auth": err.reason}, separators=(",", ":")) + "\n")
         return resp
 
 
@@ -213,6 +226,8 @@ class GatewayApp:
         self.reuse_port = reuse_port
         self.draining = False
         self._runners: list[web.BaseRunner] = []
+        self._public: H1Server | None = None
+        self._upgrades: _Server | None = None
         self._inflight = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -230,19 +245,16 @@ class GatewayApp:
         from gateway.admin import admin_app
 
         cfg = self.config.server
+        # The parser's own limits are generous; max_header_bytes is checked on the whole block (handle).
         max_line = max(8190, cfg.max_header_bytes * 4)
-        public = _Server(self.handle, max_line_size=max_line, max_field_size=max_line, max_headers=1000,
-                         access_log=None)
-        runner = web.ServerRunner(public, handle_signals=False, shutdown_timeout=cfg.shutdown_grace)
-        await runner.setup()
+        # aiohttp's server answers only Upgrade requests (WebSocket), handed over with their connection.
+        self._upgrades = _Server(self.handle, max_line_size=max_line, max_field_size=max_line, max_headers=1000,
+                                 access_log=None)
+        self._public = H1Server(self.handle_h1, refused, self._upgrades, max_line=max_line, max_headers=1000)
         server_ssl = _server_ssl(self.config)
         # The listener is never rebuilt on reload: its scheme is fixed here, not looked up per request.
         self._scheme = "https" if server_ssl is not None else "http"
-        site = web.TCPSite(runner, cfg.host, cfg.port, reuse_port=self.reuse_port or None,
-                           ssl_context=server_ssl, backlog=1024)
-        await site.start()
-        self._runners.append(runner)
-        self.public_port = _bound_port(runner)
+        self.public_port = await self._public.listen(cfg.host, cfg.port, ssl=server_ssl, reuse_port=self.reuse_port)
         admin = web.AppRunner(admin_app(self), handle_signals=False, access_log=None)
         await admin.setup()
         await web.TCPSite(admin, self.config.admin.host, self.config.admin.port,
@@ -256,20 +268,23 @@ class GatewayApp:
         self.draining = True
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.server.shutdown_grace
-        if self._runners:
-            public = self._runners[0]
-            for site in list(public.sites):
-                await site.stop()  # closes the listening socket: no new connections
+        if self._public is not None:
+            # Stops accepting, closes idle keep-alive connections, answers in-flight requests with
+            # Connection: close, and at the deadline cuts what remains (the process must not outlive
+            # the orchestrator's patience).
+            await self._public.drain(deadline)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._idle.wait(), max(0.0, deadline - loop.time()))
-            # Whatever still runs has had its grace: cut it now. Left to runner.cleanup(), each request
-            # would get a second shutdown_grace and the process would outlive the orchestrator's patience.
-            if isinstance(public, web.ServerRunner) and public.server is not None:
-                public.server.pre_shutdown()
-                await public.server.shutdown(0.1)  # 0 would mean "no limit" to aiohttp
         await self.stop()
 
     async def stop(self) -> None:
+        if self._public is not None:
+            await self._public.close()
+            self._public = None
+        if self._upgrades is not None:
+            self._upgrades.pre_shutdown()
+            await self._upgrades.shutdown(0.1)  # WebSocket connections: 0 would mean "no limit" to aiohttp
+            self._upgrades = None
         for runner in self._runners:
             await runner.cleanup()
         self._runners.clear()
@@ -307,7 +322,18 @@ class GatewayApp:
             sys.stdout.flush()
 
     # -- the request path ---------------------------------------------------------------------------
+    async def handle_h1(self, request: H1Request) -> None:
+        """The public listener's requests (gateway.h1server)."""
+        await self._serve(request, request, None)
+
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        """Requests that came with an Upgrade (handed to aiohttp's server with their connection)."""
+        out = _AioReply(request, self)
+        await self._serve(request, out, request)
+        assert out.response is not None
+        return out.response
+
+    async def _serve(self, request: _Req, out: _Out, aio: web.BaseRequest | None) -> None:
         started = time.perf_counter()
         gateway = self.gateway  # snapshot: a reload does not change a request in flight
         assert gateway is not None
@@ -324,12 +350,11 @@ class GatewayApp:
                     raise HeaderTooLarge()
                 view = self._view(request, cfg.trusted_proxies)
                 client_ip = view.client_ip
-                body = self._body(request, cfg.max_body_bytes, ex)
+                body = self._body(request, cfg.max_body_bytes, ex, out)
                 if request.headers.get("Upgrade", "").lower() == "websocket":
-                    from gateway.websocket import proxy_websocket
-                    resp = await proxy_websocket(gateway, request, view, ex)
-                    status, auth = resp.status, "ok" if ex.authorized else "none"
-                    return resp
+                    status = await self._websocket(gateway, aio, view, ex, out)
+                    auth = "ok" if ex.authorized else "none"
+                    return
                 try:
                     up = await gateway.handle(view, body, ex)
                 except BadGateway:
@@ -339,9 +364,8 @@ class GatewayApp:
                 auth = "ok" if ex.authorized else "none"
                 target, upstream_status = up.target, up.status
                 # A small body is read whole before anything is sent: its failure is still an honest 502/504.
-                resp = await self._relay(request, up, ex.request_id)
-                status = resp.status
-                return resp
+                await self._relay(request.method, out, up, ex.request_id)
+                status = up.status
             except GatewayError as err:
                 status = err.status
                 if isinstance(err, AuthError):
@@ -351,12 +375,10 @@ class GatewayApp:
                     auth = "ok"
                 elif ex.principal is not None:  # verified, then the revocation backend failed
                     auth = err.reason
-                resp = web.Response(status=err.status, body=error_body(err, ex.request_id),
-                                    headers={**err.headers, "X-Request-Id": ex.request_id},
-                                    content_type="application/json")
-                if self.draining:
-                    resp.force_close()
-                return resp
+                headers = CIMultiDict(err.headers)
+                headers["X-Request-Id"] = ex.request_id
+                headers["Content-Type"] = "application/json"
+                await out.send(err.status, headers, error_body(err, ex.request_id))
         finally:
             self._inflight -= 1
             if self._inflight == 0:
@@ -366,7 +388,20 @@ class GatewayApp:
             self._observe(ex.route, request.method if request.method in _METHODS else "OTHER", status, elapsed)
             self._access_log(request, ex, status, elapsed, target, upstream_status, auth, client_ip)
 
-    def _view(self, request: web.BaseRequest, trusted: Any) -> RequestView:
+    @staticmethod
+    async def _websocket(gateway: Gateway, aio: web.BaseRequest | None, view: RequestView, ex: Exchange,
+                         out: _Out) -> int:
+        if aio is not None and isinstance(out, _AioReply):
+            from gateway.websocket import proxy_websocket
+            out.response = await proxy_websocket(gateway, aio, view, ex)
+            return out.response.status
+        # An Upgrade the parser did not switch on (no `Connection: upgrade`): never proxied as one.
+        match, _ = await gateway.admit(view, ex)
+        if not match.route.websocket:
+            raise NotFound()
+        raise BadRequest()
+
+    def _view(self, request: _Req, trusted: Any) -> RequestView:
         raw = request.raw_path
         path, _, query = raw.partition("?")
         peer = request.remote or ""
@@ -379,7 +414,7 @@ class GatewayApp:
         )
 
     @staticmethod
-    def _body(request: web.BaseRequest, limit: int, ex: Exchange) -> AsyncIterator[bytes] | None:
+    def _body(request: _Req, limit: int, ex: Exchange, out: _Out) -> AsyncIterator[bytes] | None:
         if not request.body_exists:
             return None
         if limit and request.content_length is not None and request.content_length > limit:
@@ -387,6 +422,7 @@ class GatewayApp:
         content = request.content
 
         async def stream() -> AsyncIterator[bytes]:
+            out.send_continue()  # admitted: RFC 9110 s10.1.1, the client may now send the body
             seen = 0
             async for chunk in content.iter_chunked(_CHUNK):
                 seen += len(chunk)
@@ -396,13 +432,14 @@ class GatewayApp:
                 yield chunk
         return stream()
 
-    async def _relay(self, request: web.BaseRequest, up: UpstreamResponse, request_id: str) -> web.StreamResponse:
+    @staticmethod
+    async def _relay(method: str, out: _Out, up: UpstreamResponse, request_id: str) -> None:
         status = up.status
         length = up.content_length
+        headers: CIMultiDict[str] = CIMultiDict()
         if (length is not None and length <= _SMALL_BODY and status >= 200 and status != 204 and status != 304
-                and request.method != "HEAD"):
-            # Small and of known length: read it, so aiohttp sends headers and body in one transport.write
-            # (a StreamResponse flushes the header block alone, then each chunk: two sends per response).
+                and method != "HEAD"):
+            # Small and of known length: read it, so headers and body go out in one transport.write.
             try:
                 body = await up.read()  # errors come mapped (BadGateway/UpstreamTimeout): nothing sent yet
             finally:
@@ -411,29 +448,22 @@ class GatewayApp:
                 # The declared framing and the bytes disagree: relaying both would desynchronise the
                 # client's connection (RFC 9112 s6.3), so answer 502 instead.
                 raise BadGateway(reason="bad_response")
-            small = web.Response(status=status, body=body)
-            relay_response_headers(up.headers, small.headers)
-            small.headers["X-Request-Id"] = request_id
-            if self.draining:
-                small.force_close()
-            return small
-        resp = web.StreamResponse(status=status)
-        relay_response_headers(up.headers, resp.headers)
-        resp.headers["X-Request-Id"] = request_id
-        if self.draining:
-            resp.force_close()  # Connection: close, so a keep-alive client reconnects to another replica
+            relay_response_headers(up.headers, headers)
+            headers["X-Request-Id"] = request_id
+            await out.send(status, headers, body)
+            return
+        relay_response_headers(up.headers, headers)
+        headers["X-Request-Id"] = request_id
         try:
-            await resp.prepare(request)
+            await out.start(status, headers)
             async for chunk in up.iter_chunks():
-                await resp.write(chunk)
-            await resp.write_eof()
+                await out.write(chunk)
+            await out.write_eof()
         except (aiohttp.ClientError, TimeoutError, ConnectionError, GatewayError):
             # The status line is already sent: the only honest signal left is to cut the connection.
-            if request.transport is not None:
-                request.transport.close()
+            out.abort()
         finally:
             up.release()
-        return resp
 
     def _observe(self, route: str, method: str, status: int, elapsed: float) -> None:
         key = (route, method, status)
@@ -446,7 +476,7 @@ class GatewayApp:
             hist = self._durations[route] = metrics.request_duration_seconds.labels(route=route)
         hist.observe(elapsed)
 
-    def _access_log(self, request: web.BaseRequest, ex: Exchange, status: int, elapsed: float, target: str,
+    def _access_log(self, request: _Req, ex: Exchange, status: int, elapsed: float, target: str,
                     upstream_status: int, auth: str, client_ip: str) -> None:
         # One f-string, no dict and no json.dumps of the whole line: every string goes through the C
         # JSON escaper (exact escaping, ASCII output like json.dumps), numbers are formatted as it would.
@@ -462,6 +492,75 @@ class GatewayApp:
             f',"duration_ms":{elapsed * 1000:.3f},"upstream":{_opt(ex.upstream)}'
             f',"target":{_opt(target)},"upstream_status":{upstream_status or "null"}'
             f',"client_ip":{_esc(client_ip)}{who},"auth":{_esc(auth)}}}\n')
+
+
+class _Req(Protocol):
+    """What the request path reads of a request: H1Request, and aiohttp's BaseRequest for Upgrades."""
+
+    @property
+    def method(self) -> str: ...
+    @property
+    def raw_path(self) -> str: ...
+    @property
+    def headers(self) -> CIMultiDictProxy[str]: ...
+    @property
+    def raw_headers(self) -> tuple[tuple[bytes, bytes], ...]: ...
+    @property
+    def remote(self) -> str | None: ...
+    @property
+    def body_exists(self) -> bool: ...
+    @property
+    def content_length(self) -> int | None: ...
+    @property
+    def content(self) -> StreamReader: ...
+
+
+class _Out(Protocol):
+    """How the request path answers: H1Request itself, or _AioReply on aiohttp's server."""
+
+    async def send(self, status: int, headers: CIMultiDict[str], body: bytes) -> None: ...
+    async def start(self, status: int, headers: CIMultiDict[str]) -> None: ...
+    async def write(self, chunk: bytes) -> None: ...
+    async def write_eof(self) -> None: ...
+    def abort(self) -> None: ...
+    def send_continue(self) -> None: ...
+
+
+class _AioReply:
+    """_Out on aiohttp's server: the response object its handler returns."""
+
+    __slots__ = ("request", "app", "response", "_stream")
+
+    def __init__(self, request: web.BaseRequest, app: GatewayApp) -> None:
+        self.request, self.app = request, app
+        self.response: web.StreamResponse | None = None
+        self._stream: web.StreamResponse | None = None
+
+    async def send(self, status: int, headers: CIMultiDict[str], body: bytes) -> None:
+        self.response = web.Response(status=status, body=body, headers=headers)
+        if self.app.draining:
+            self.response.force_close()
+
+    async def start(self, status: int, headers: CIMultiDict[str]) -> None:
+        self.response = self._stream = web.StreamResponse(status=status, headers=headers)
+        if self.app.draining:
+            self._stream.force_close()  # Connection: close, so a keep-alive client reconnects elsewhere
+        await self._stream.prepare(self.request)
+
+    async def write(self, chunk: bytes) -> None:
+        assert self._stream is not None
+        await self._stream.write(chunk)
+
+    async def write_eof(self) -> None:
+        assert self._stream is not None
+        await self._stream.write_eof()
+
+    def abort(self) -> None:
+        if self.request.transport is not None:
+            self.request.transport.close()
+
+    def send_continue(self) -> None:
+        return None  # aiohttp's low-level server never sent it either; clients send the body after ~1 s
 
 
 def _opt(value: str | None) -> str:
@@ -486,7 +585,7 @@ class _Stamp:
         return self._prefix + _MILLIS[ms]
 
 
-def _header_bytes(request: web.BaseRequest) -> int:
+def _header_bytes(request: _Req) -> int:
     return sum(len(k) + len(v) + 4 for k, v in request.raw_headers)
 
 

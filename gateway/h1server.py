@@ -1,0 +1,360 @@
+"""The public HTTP/1.1 listener: one asyncio.Protocol per connection on aiohttp's C request parser.
+
+aiohttp's web.Server costs a task, a BaseRequest, a StreamResponse and a StreamWriter per request
+(issue 7: ~15-20 % of a request's CPU). This module keeps what decides correctness and takes it from
+aiohttp itself: the C `HttpRequestParser` (framing, RFC 9112 s6.3 Content-Length / chunked rules,
+request smuggling checks, the payload `StreamReader` whose high-water mark pauses the socket) and
+`_serialize_headers` (refuses CR/LF in a header: no response splitting, RFC 9110 s5.5). Per connection
+one task answers the parsed requests in order (pipelining, RFC 9112 s9.3.2). An Upgrade request (the
+parser stops at it) is handed with its connection to `upgrade_factory` (aiohttp's RequestHandler),
+which then owns the connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from http import HTTPStatus
+from typing import Any
+
+from aiohttp.base_protocol import BaseProtocol
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.http_parser import HttpRequestParser
+from aiohttp.http_writer import _serialize_headers
+from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
+from aiohttp.web_protocol import RequestPayloadError
+from multidict import CIMultiDict, CIMultiDictProxy
+
+log = logging.getLogger("gateway")
+KEEPALIVE_TIMEOUT = 75.0  # an idle keep-alive connection is closed after this (nginx's default)
+HEAD_TIMEOUT = 30.0  # a request head must arrive whole within this once it started (slowloris)
+LINGER_TIMEOUT = 10.0  # the unread rest of a refused request's body is read and dropped for this long
+_READ_LIMIT = 2**16  # the payload StreamReader pauses the socket above twice this
+_REASONS = {s.value: s.phrase for s in HTTPStatus}
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_NO_BODY = frozenset({204, 304})
+_LAST_CHUNK = b"0\r\n\r\n"
+
+Handler = Callable[["H1Request"], Awaitable[None]]
+# (exception, status, peer) -> (status, headers, body) of the answer to a request the parser refused
+ErrorAnswer = Callable[[BaseException | None, int, str | None], tuple[int, CIMultiDict[str], bytes]]
+
+
+class H1Request:
+    """One parsed request and the means to answer it (attribute names as on aiohttp's BaseRequest)."""
+
+    __slots__ = ("method", "raw_path", "version", "headers", "raw_headers", "remote", "content", "body_exists",
+                 "content_length", "keep_alive", "started", "_conn", "_expect", "_chunked", "_head")
+
+    def __init__(self, conn: _Conn, msg: Any, payload: StreamReader, remote: str | None) -> None:
+        self._conn = conn
+        self.method: str = msg.method
+        self.raw_path: str = msg.path
+        self.version = msg.version
+        self.headers: CIMultiDictProxy[str] = msg.headers
+        self.raw_headers: tuple[tuple[bytes, bytes], ...] = msg.raw_headers
+        self.remote = remote
+        self.content = payload
+        self.body_exists = payload is not EMPTY_PAYLOAD
+        cl = self.headers.get("Content-Length")
+        self.content_length = int(cl) if cl is not None and cl.isdigit() else None
+        self.keep_alive = not msg.should_close
+        self.started = False  # the status line went out
+        # RFC 9110 s10.1.1: the interim 100 goes out when the body is first asked for (after admission).
+        self._expect = self.body_exists and self.headers.get("Expect", "").lower() == "100-continue"
+        self._chunked = False
+        self._head = self.method == "HEAD"
+
+    def send_continue(self) -> None:
+        if self._expect:
+            self._expect = False
+            if not self.started and self._conn.transport is not None:
+                self._conn.transport.write(_CONTINUE)
+
+    def _status_line(self, status: int, headers: CIMultiDict[str]) -> bytes:
+        conn = self._conn
+        if conn.server.draining:
+            self.keep_alive = False
+        if not self.keep_alive:
+            headers["Connection"] = "close"
+        elif self.version[1] == 0:
+            headers["Connection"] = "keep-alive"  # RFC 9112 s9.3: an HTTP/1.0 client asked for it
+        if "Date" not in headers:
+            headers["Date"] = conn.server.date()
+        self.started = True
+        return _serialize_headers(f"HTTP/1.1 {status} {_REASONS.get(status, '')}", headers)
+
+    async def send(self, status: int, headers: CIMultiDict[str], body: bytes) -> None:
+        """A whole response of known length: header block and body in one write."""
+        headers["Content-Length"] = str(len(body))
+        head = self._status_line(status, headers)
+        await self._conn.write(head if self._head or status in _NO_BODY else head + body)
+
+    async def start(self, status: int, headers: CIMultiDict[str]) -> None:
+        """The header block of a streamed response; chunked when the length is not known (HTTP/1.1)."""
+        if self._head or status in _NO_BODY or status < 200:
+            pass
+        elif "Content-Length" not in headers:
+            if self.version[1] >= 1:
+                headers["Transfer-Encoding"] = "chunked"
+                self._chunked = True
+            else:
+                self.keep_alive = False  # RFC 9112 s6.3: an HTTP/1.0 body without a length ends at close
+        await self._conn.write(self._status_line(status, headers))
+
+    async def write(self, chunk: bytes) -> None:
+        if self._head or not chunk:
+            return
+        if self._chunked:
+            chunk = b"%x\r\n%b\r\n" % (len(chunk), chunk)
+        await self._conn.write(chunk)
+
+    async def write_eof(self) -> None:
+        if self._chunked and not self._head:
+            await self._conn.write(_LAST_CHUNK)
+
+    def abort(self) -> None:
+        """Cut the connection: the only honest signal once a status line is out and the body fails."""
+        self.keep_alive = False
+        if self._conn.transport is not None:
+            self._conn.transport.close()
+
+
+class _Conn(BaseProtocol):
+    """One client connection: parse, queue, answer in order, keep alive or close."""
+
+    def __init__(self, server: H1Server) -> None:
+        loop = server.loop
+        parser = HttpRequestParser(self, loop, _READ_LIMIT, max_line_size=server.max_line,
+                                   max_field_size=server.max_line, max_headers=server.max_headers,
+                                   payload_exception=RequestPayloadError, auto_decompress=False)
+        super().__init__(loop, parser)
+        self.server = server
+        self._queue: deque[tuple[Any, StreamReader] | BaseException] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._remote: str | None = None
+        self._closing = False  # no more requests are read on this connection
+        self.busy = False  # a request is being answered
+        self.since = 0.0  # loop time the connection went idle, or the pending request head began
+        self.partial = False  # bytes of a request head arrived and its end did not yet
+        self._body: StreamReader | None = None  # the body of the request being answered
+        self._tail = b""  # bytes after an Upgrade request, handed over with the connection
+
+    # -- asyncio callbacks ---------------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        peer = transport.get_extra_info("peername")
+        self._remote = str(peer[0]) if isinstance(peer, tuple | list) else None
+        self.since = self._loop.time()
+        self.server.conns.add(self)
+        self._task = self._loop.create_task(self._run())
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        super().connection_lost(exc)
+        self.server.conns.discard(self)
+        self._closing = True
+        if self._parser is not None:
+            with contextlib.suppress(Exception):
+                self._parser.feed_eof()  # a body cut short fails its reader (payload_exception)
+        body = self._body
+        if body is not None and not body.is_eof():
+            body.set_exception(RequestPayloadError("client disconnected"))  # a body reader must not hang
+        self._wake()
+
+    def eof_received(self) -> bool | None:
+        return None  # half-close: the answer to what was read still goes out, then the socket closes
+
+    def data_received(self, data: bytes) -> None:
+        if self._closing or self._upgraded:
+            return
+        parser = self._parser
+        assert parser is not None
+        try:
+            messages, upgraded, tail = parser.feed_data(data)
+        except HttpProcessingError as exc:
+            self._closing = True
+            self._queue.append(exc)
+            self._wake()
+            self._pause_transport_reading()
+            return
+        if messages:
+            self._queue.extend(messages)
+            self.partial = False
+            self._wake()
+        elif data and not self.busy and not self._queue:
+            if not self.partial:
+                self.partial, self.since = True, self._loop.time()
+        if upgraded:
+            self._upgraded = True
+            self._tail = tail
+            self._pause_transport_reading()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def write(self, data: bytes) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError("client connection lost")
+        transport.write(data)
+        if self._paused:  # pause_writing came from the transport: the client reads slower than we write
+            await self._drain_helper()
+
+    # -- the per-connection task ----------------------------------------------------------------------
+    async def _run(self) -> None:
+        server, queue = self.server, self._queue
+        try:
+            while True:
+                if not queue:
+                    if self._closing or server.draining:
+                        break
+                    self.since = self._loop.time()
+                    self._waiter = self._loop.create_future()
+                    await self._waiter
+                    self._waiter = None
+                    continue
+                item = queue.popleft()
+                if isinstance(item, BaseException):
+                    await self._refuse(item, 400)
+                    break
+                msg, payload = item
+                if self._upgraded and not queue and msg.upgrade:
+                    self._hand_over(msg)
+                    return
+                request = H1Request(self, msg, payload, self._remote)
+                self.busy, self._body = True, payload
+                try:
+                    await server.handler(request)
+                except (ConnectionError, asyncio.CancelledError):
+                    break
+                except Exception:
+                    log.exception("request handler failed")
+                    if not request.started:
+                        await self._refuse(None, 500)
+                    break
+                finally:
+                    self.busy, self._body = False, None
+                if not request.keep_alive or self.transport is None:
+                    break
+                if payload is not EMPTY_PAYLOAD and not payload.is_eof() and not await self._linger(payload):
+                    break  # the body was not read to its end: the next request cannot be found safely
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            self._closing = True
+            if self.transport is not None and not self._upgraded:
+                self.transport.close()
+
+    async def _linger(self, payload: StreamReader) -> bool:
+        """Read and drop the rest of a body the answer did not need (a 4xx before it was read): closing
+        with unread bytes would reset the connection before the client reads the answer (RFC 9112
+        s9.6). Bounded in time; True when the body ended and the connection can serve the next request."""
+        try:
+            async with asyncio.timeout(LINGER_TIMEOUT):
+                while not payload.is_eof():
+                    if self.transport is None:
+                        return False
+                    await payload.readany()
+        except (TimeoutError, RequestPayloadError, ConnectionError):
+            return False
+        return True
+
+    async def _refuse(self, exc: BaseException | None, status: int) -> None:
+        status, headers, body = self.server.error_answer(exc, status, self._remote)
+        headers["Connection"] = "close"
+        headers["Content-Length"] = str(len(body))
+        headers["Date"] = self.server.date()
+        with contextlib.suppress(ConnectionError):
+            await self.write(_serialize_headers(f"HTTP/1.1 {status} {_REASONS.get(status, '')}", headers) + body)
+
+    def _hand_over(self, msg: Any) -> None:
+        """Give the connection, the Upgrade request's bytes and whatever followed to `upgrade_factory`."""
+        transport = self.transport
+        self.server.conns.discard(self)
+        if transport is None:
+            return
+        head = [f"{msg.method} {msg.path} HTTP/{msg.version[0]}.{msg.version[1]}\r\n".encode()]
+        head.extend(b"%b: %b\r\n" % (k, v) for k, v in msg.raw_headers)
+        head.append(b"\r\n")
+        proto = self.server.upgrade_factory()
+        transport.set_protocol(proto)
+        proto.connection_made(transport)
+        proto.data_received(b"".join(head) + self._tail)
+        self._resume_transport_reading()
+
+
+class H1Server:
+    """Owns the listening socket and its connections: timeouts, graceful drain."""
+
+    def __init__(self, handler: Handler, error_answer: ErrorAnswer, upgrade_factory: Callable[[], asyncio.Protocol],
+                 *, max_line: int, max_headers: int = 1000, keepalive_timeout: float = KEEPALIVE_TIMEOUT,
+                 head_timeout: float = HEAD_TIMEOUT) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.handler, self.error_answer, self.upgrade_factory = handler, error_answer, upgrade_factory
+        self.max_line, self.max_headers = max_line, max_headers
+        self.keepalive_timeout, self.head_timeout = keepalive_timeout, head_timeout
+        self.conns: set[_Conn] = set()
+        self.draining = False
+        self._server: asyncio.Server | None = None
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._date_sec = -1
+        self._date = ""
+
+    def date(self) -> str:
+        now = int(time.time())
+        if now != self._date_sec:
+            self._date_sec, self._date = now, time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(now))
+        return self._date
+
+    async def listen(self, host: str, port: int, *, ssl: Any = None, reuse_port: bool = False) -> int:
+        self._server = await self.loop.create_server(lambda: _Conn(self), host, port, ssl=ssl,
+                                                     reuse_port=reuse_port or None, backlog=1024)
+        self._sweeper = self.loop.call_later(1.0, self._sweep)
+        return int(self._server.sockets[0].getsockname()[1])
+
+    def _sweep(self) -> None:
+        """Once a second: close keep-alive connections idle too long and request heads arriving too slowly."""
+        now = self.loop.time()
+        for conn in list(self.conns):
+            if conn.busy or conn._queue or conn.transport is None:
+                continue
+            limit = self.head_timeout if conn.partial else self.keepalive_timeout
+            if now - conn.since > limit:
+                conn.transport.close()
+        self._sweeper = self.loop.call_later(1.0, self._sweep)
+
+    def idle(self) -> bool:
+        return not any(c.busy or c._queue for c in self.conns)
+
+    async def drain(self, deadline: float) -> None:
+        """Stop accepting; close idle connections now; in-flight answers say Connection: close; at
+        `deadline` (loop time) cut whatever remains."""
+        self.draining = True
+        if self._server is not None:
+            self._server.close()
+        for conn in list(self.conns):
+            conn._wake()  # an idle connection's task sees `draining` and closes it
+        while self.conns and self.loop.time() < deadline:
+            if all(not c.busy and not c._queue for c in self.conns):
+                break
+            await asyncio.sleep(0.05)
+        await self.close()
+
+    async def close(self) -> None:
+        self.draining = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        if self._server is not None:
+            self._server.close()
+        for conn in list(self.conns):
+            if conn.transport is not None:
+                conn.transport.abort()
+        self.conns.clear()
+        await asyncio.sleep(0)
