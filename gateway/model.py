@@ -1,4 +1,4 @@
-"""Frozen value types shared by the stages: RequestView, Principal, RouteMatch."""
+"""Value types shared by the stages: RequestView (per request, slots), Principal and RouteMatch (frozen)."""
 
 from __future__ import annotations
 
@@ -10,18 +10,36 @@ if TYPE_CHECKING:
     from gateway.config_types import RouteConfig
 
 
-@dataclass(frozen=True, slots=True)
 class RequestView:
-    """What the stages see of a request; built by app.py from the aiohttp request."""
+    """What the stages see of a request; built by app.py from the aiohttp request.
 
-    method: str
-    raw_path: str  # the path exactly as sent, before normalisation (no query string)
-    query_string: str
-    host: str  # Host header without port, lower-cased
-    headers: Mapping[str, str]  # case-insensitive mapping (multidict) of the client's headers
-    client_ip: str  # the real client: X-Forwarded-For walked over trusted proxies, else the peer
-    peer_ip: str  # the TCP peer
-    scheme: str = "http"
+    A plain __slots__ class, not a frozen dataclass: one is built per request, and a frozen dataclass
+    pays an object.__setattr__ call per field (about 2.4 us against 0.5 us). Stages treat it as read-only.
+    """
+
+    __slots__ = ("method", "raw_path", "query_string", "host", "headers", "client_ip", "peer_ip", "scheme")
+
+    def __init__(self, method: str, raw_path: str, query_string: str, host: str, headers: Mapping[str, str],
+                 client_ip: str, peer_ip: str, scheme: str = "http") -> None:
+        self.method = method
+        self.raw_path = raw_path  # the path exactly as sent, before normalisation (no query string)
+        self.query_string = query_string
+        self.host = host  # Host header without port, lower-cased
+        self.headers = headers  # case-insensitive mapping (multidict) of the client's headers
+        self.client_ip = client_ip  # the real client: X-Forwarded-For walked over trusted proxies, else the peer
+        self.peer_ip = peer_ip  # the TCP peer
+        self.scheme = scheme
+
+    def __repr__(self) -> str:  # headers left out: they hold the client's Authorization
+        return (f"RequestView(method={self.method!r}, raw_path={self.raw_path!r}, host={self.host!r}, "
+                f"client_ip={self.client_ip!r})")
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, RequestView):
+            return NotImplemented
+        return all(getattr(self, n) == getattr(other, n) for n in self.__slots__)
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, like a non-frozen dataclass
 
 
 @dataclass(frozen=True, slots=True)

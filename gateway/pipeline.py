@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable
+from collections import OrderedDict
+from collections.abc import AsyncIterable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
 import aiohttp
 from multidict import CIMultiDict
 
-from gateway.authz import authorize
+from gateway.authz import Rules
 from gateway.config_types import Config, ForwardConfig, RouteConfig
 from gateway.identity import identity_headers, upstream_request_headers
 from gateway.model import Principal, RequestView, RouteMatch
@@ -64,16 +65,35 @@ class Gateway:
         self._trusted = config.server.trusted_proxies
         # token_hash -> the identity headers of that token: the same token always yields the same
         # headers under one config (a reload builds a new Gateway), so they are built once per token.
-        self._identity: dict[str, tuple[tuple[str, str], ...]] = {}
+        # OrderedDict: its FIFO eviction is O(1) (a plain dict's next(iter()) walks deleted slots).
+        self._identity: OrderedDict[str, tuple[tuple[str, str], ...]] = OrderedDict()
+        # Each route's rules compiled once (frozensets, claim checks), found by route name.
+        self._rules = {r.name: Rules(r.auth) for r in config.routes if r.auth.required}
+        # Synchronous fast paths when the stages offer them (TokenVerifier.cached, check_local): no
+        # coroutine per request for a cached token and a live revocation view.
+        self._cached: Callable[[str], Principal | None] | None = getattr(verifier, "cached", None)
+        self._check_local: Callable[[Principal], bool] | None = getattr(revocations, "check_local", None)
 
     def match(self, view: RequestView) -> RouteMatch:
         return self.routes.match(view.method, view.raw_path, view.host)  # normalises, or raises BadPath
 
     async def authenticate(self, view: RequestView, route: RouteConfig, match: RouteMatch, ex: Exchange) -> Principal:
-        principal = await self.verifier.verify(bearer_token(view.headers.get("Authorization")))
+        header = view.headers.get("Authorization")
+        principal = None
+        if self._cached is not None and header is not None and header[:7] == "Bearer ":
+            # Only exact strings that verified are cache keys, so a hit needs no bearer syntax check;
+            # every other spelling (and a miss) goes through bearer_token() and a full verification.
+            principal = self._cached(header[7:])
+        if principal is None:
+            principal = await self.verifier.verify(bearer_token(header))
         ex.principal = principal  # known from here on: the log names who used a revoked or refused token
-        await self.revocations.check(principal)  # also for tokens served from the verified-token cache
-        authorize(route.auth, principal, match.params)
+        # Revocation is checked on every request, cached tokens included (tests/test_revocation_e2e.py).
+        if self._check_local is None or not self._check_local(principal):
+            await self.revocations.check(principal)
+        rules = self._rules.get(route.name)
+        if rules is None or rules.auth is not route.auth:
+            rules = Rules(route.auth)  # a route from elsewhere (not this config's): compiled for this call
+        rules.check(principal, match.params)
         ex.authorized = True
         return principal
 
@@ -116,6 +136,6 @@ class Gateway:
             hit = tuple(identity_headers(p).items())  # raises InvalidToken for unsafe values: never cached
             if key:
                 if len(self._identity) >= _IDENTITY_CACHE:
-                    del self._identity[next(iter(self._identity))]  # FIFO: oldest insertion first
+                    self._identity.popitem(last=False)  # FIFO: oldest insertion first
                 self._identity[key] = hit
         return hit

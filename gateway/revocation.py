@@ -52,6 +52,7 @@ class RevocationStore(Protocol):
     async def close(self) -> None: ...
     def ready(self) -> bool: ...
     async def check(self, p: Principal) -> None: ...
+    def check_local(self, p: Principal) -> bool: ...
     async def revoke(
         self, kind: str, value: str, issuer: str | None, *, exp: int | None = None
     ) -> dict[str, Any]: ...
@@ -244,11 +245,16 @@ class MemoryRevocationStore:
     def ready(self) -> bool:
         return True
 
-    async def check(self, p: Principal) -> None:
+    def check_local(self, p: Principal) -> bool:
+        """check() without a coroutine: the view is the whole truth here, so always answered (True)."""
         if self._view.revoked(p, self._clock):
             self._results.revoked.inc()
             raise errors.InvalidToken("revoked", issuer=p.issuer)
         self._results.ok.inc()
+        return True
+
+    async def check(self, p: Principal) -> None:
+        self.check_local(p)
 
     async def revoke(
         self, kind: str, value: str, issuer: str | None, *, exp: int | None = None
@@ -326,6 +332,17 @@ class RedisRevocationStore:
             self._live_event.clear()
 
     # -- request path ------------------------------------------------------------------------------
+
+    def check_local(self, p: Principal) -> bool:
+        """The hot path, synchronous: answered from the view when it is live (True; raises when revoked).
+        False: the view cannot be trusted now, the caller must await check() (which asks Redis)."""
+        if not self._live:
+            return False
+        if self._view.revoked(p, self._clock):
+            self._results.revoked.inc()
+            raise errors.InvalidToken("revoked", issuer=p.issuer)
+        self._results.ok.inc()
+        return True
 
     async def check(self, p: Principal) -> None:
         if self._live:

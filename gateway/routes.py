@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -26,6 +27,8 @@ _ESCAPE = re.compile(r"%([0-9A-Fa-f]{2})")
 _NOT_PCHAR = re.compile(r"[^A-Za-z0-9\-._~!$&'()*+,;=:@/%]")
 _PARAM = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _NO_PARAMS: Mapping[str, str] = MappingProxyType({})
+_SEEN_SIZE = 4096  # successful matches remembered per table
+_SEEN_MAX_PATH = 256  # longer raw paths are matched every time: the memo stays under ~4 MB
 
 
 def normalize_path(raw: str) -> str:
@@ -179,10 +182,12 @@ class _Compiled:
         m = self.regex.fullmatch(path)
         if m is None:
             return None
-        values = [unquote(v, errors="strict") for v in m.groups()]
-        if any("/" in v for v in values):
-            raise BadPath()  # cannot happen after normalisation (%2F is refused); fail closed anyway
-        return dict(zip(self.names, values, strict=True))
+        values = m.groups()
+        if "%" in path:  # only an escape can decode to something that differs from the segment
+            values = tuple(unquote(v, errors="strict") for v in values)
+            if any("/" in v for v in values):
+                raise BadPath()  # cannot happen after normalisation (%2F is refused); fail closed anyway
+        return MappingProxyType(dict(zip(self.names, values, strict=True)))
 
     def upstream_path(self, path: str) -> str:
         base = self.strip
@@ -250,10 +255,28 @@ class RouteTable:
                 exact.setdefault(c.key, []).append(c)
         self._exact = {key: merged(_first_segment(key), cs) for key, cs in exact.items()}
         self._any_host = any(c.host is not None for c in compiled)
+        self._seen: OrderedDict[tuple[str, str, str], RouteMatch] = OrderedDict()
         self.routes = tuple(routes)
 
     def match(self, method: str, path: str, host: str) -> RouteMatch:
         """The first route matching path, host and method; `path` may be raw (it is normalised here)."""
+        key = (method, path, host)
+        hit = self._seen.get(key)
+        if hit is not None:
+            return hit
+        found = self._match(method, path, host)
+        # match() is a pure function of (method, raw path, host) for this table, so a success can be
+        # answered again from memory (RouteMatch and its params are read-only, shared by requests).
+        # Refusals (404/405/400) are not kept: a scanner must not fill the table. Bounded in count and
+        # in key length; a reload builds a new table, hence a new memo.
+        if len(path) <= _SEEN_MAX_PATH:
+            seen = self._seen
+            if len(seen) >= _SEEN_SIZE:
+                seen.popitem(last=False)  # FIFO in O(1) (a plain dict's next(iter()) degrades to O(n))
+            seen[key] = found
+        return found
+
+    def _match(self, method: str, path: str, host: str) -> RouteMatch:
         path = normalize_path(path)
         if self._any_host:
             host = _norm_host(host)

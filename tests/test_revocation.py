@@ -341,3 +341,40 @@ async def test_revoke_rejects_bad_input(kind: str, value: str, issuer: Any) -> N
     store = MemoryRevocationStore(config(backend="memory"))
     with pytest.raises(ValueError):
         await store.revoke(kind, value, issuer)
+
+
+def local_answer(store: RevocationStore, p: Principal) -> str:
+    """check_local's answer: 'revoked', 'ok', or 'ask' (the caller must await check())."""
+    try:
+        return "ok" if store.check_local(p) else "ask"
+    except errors.InvalidToken as exc:
+        assert exc.reason == "revoked"
+        return "revoked"
+
+
+async def test_check_local_answers_from_a_live_view_and_counts(make_store: MakeStore) -> None:
+    store = await make_store()
+    ok, revoked = counter("ok"), counter("revoked")
+    assert local_answer(store, principal(jti="l-1")) == "ok"
+    await store.revoke("jti", "l-1", None)
+    assert local_answer(store, principal(jti="l-1")) == "revoked"
+    assert counter("ok") == ok + 1 and counter("revoked") == revoked + 1
+
+
+async def test_check_local_defers_to_redis_when_the_view_is_not_live(
+    redis_server: RedisServer, rdb: aioredis.Redis
+) -> None:
+    store = RedisRevocationStore(config(redis_server.url))  # never started: the view is not trusted
+    try:
+        await rdb.set(f"{PREFIX}jti:direct-2", "1", ex=60)
+        assert local_answer(store, principal(jti="direct-2")) == "ask"
+        assert await is_revoked(store, principal(jti="direct-2"))
+    finally:
+        await store.close()
+
+
+async def test_memory_check_local_always_answers() -> None:
+    store = MemoryRevocationStore(config(backend="memory"))
+    assert local_answer(store, principal(jti="m-9")) == "ok"
+    await store.revoke("jti", "m-9", None)
+    assert local_answer(store, principal(jti="m-9")) == "revoked"

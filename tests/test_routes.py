@@ -503,3 +503,43 @@ def test_check_prefix() -> None:
     assert check_prefix("/api/") is None
     assert check_prefix("/api/{x}") is not None
     assert check_prefix("/api/../x") is not None
+
+
+# -- the memo of successful matches -----------------------------------------------------------------
+
+def test_repeated_matches_are_answered_alike_and_read_only() -> None:
+    table = RouteTable([route("orders", "/t/{tenant}/o/{id}", methods=("GET",)), route("pub", "/pub")])
+    first = table.match("GET", "/t/t%31/o/42", "h")
+    again = table.match("GET", "/t/t%31/o/42", "h")
+    assert again == first and dict(again.params) == {"tenant": "t1", "id": "42"}
+    with pytest.raises(TypeError):
+        again.params["tenant"] = "t2"  # type: ignore[index]  # shared by requests: must not be writable
+    assert table.match("GET", "/t/t2/o/42", "h").params["tenant"] == "t2"
+    assert table.match("GET", "/pub", "h").route.name == "pub"
+
+
+def test_refusals_are_not_remembered_and_the_memo_is_bounded() -> None:
+    from gateway import routes as routes_mod
+
+    table = RouteTable([route("orders", "/o/{id}", methods=("GET",))])
+    for raw in ("/x", "/o/1/2", "/../o/1"):
+        for _ in range(2):
+            with pytest.raises(GatewayError):
+                table.match("GET", raw, "h")
+    with pytest.raises(MethodNotAllowed):
+        table.match("POST", "/o/1", "h")
+    assert not table._seen
+    for i in range(routes_mod._SEEN_SIZE + 50):
+        assert table.match("GET", f"/o/{i}", "h").params["id"] == str(i)
+    assert len(table._seen) == routes_mod._SEEN_SIZE
+    long = "/o/" + "a" * routes_mod._SEEN_MAX_PATH
+    assert table.match("GET", long, "h").params["id"] == long[3:]
+    assert ("GET", long, "h") not in table._seen
+
+
+@settings(max_examples=200, deadline=None)
+@given(attack_paths, st.sampled_from(["GET", "POST", "PUT"]), st.sampled_from(["h", "H:80", "x"]))
+def test_memo_agrees_with_a_fresh_table(raw: str, method: str, host: str) -> None:
+    warm = _outcome(PROP_TABLE.match, method, raw, host)  # PROP_TABLE has answered many paths before
+    cold = _outcome(RouteTable(PROP_ROUTES).match, method, raw, host)
+    assert warm == cold

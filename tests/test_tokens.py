@@ -303,6 +303,65 @@ async def test_cache_is_bounded(issuer: DevIssuer) -> None:
     assert keys.calls == 4
 
 
+async def test_cache_gives_recently_used_tokens_a_second_chance(issuer: DevIssuer) -> None:
+    cfg = config(issuer)
+    keys = StaticKeys(issuer)
+    verifier = TokenVerifier([cfg], {cfg.name: keys}, cache_size=2)
+    hot, t2, t3, t4 = (issuer.token() for _ in range(4))
+    await verifier.verify(hot)
+    await verifier.verify(t2)
+    await verifier.verify(hot)  # used: survives the next eviction although it is the oldest insertion
+    await verifier.verify(t3)  # evicts t2
+    assert verifier.cached(hot) is not None and verifier.cached(t2) is None
+    await verifier.verify(t4)  # hot was used again: t3 goes
+    assert verifier.cached(hot) is not None and verifier.cached(t3) is None
+    assert len(verifier._cache) == 2 and keys.calls == 4
+
+
+async def test_cache_stays_bounded_when_every_entry_is_hot(issuer: DevIssuer) -> None:
+    cfg = config(issuer)
+    verifier = TokenVerifier([cfg], {cfg.name: StaticKeys(issuer)}, cache_size=3)
+    for _ in range(20):
+        token = issuer.token()
+        await verifier.verify(token)
+        for t in list(verifier._cache):
+            assert verifier.cached(t) is not None  # everything used: second chances are bounded anyway
+        assert len(verifier._cache) <= 3
+
+
+async def test_cached_is_synchronous_and_honours_exp(issuer: DevIssuer) -> None:
+    cfg = config(issuer)
+    keys, clock = StaticKeys(issuer), Clock()
+    verifier = TokenVerifier([cfg], {cfg.name: keys}, clock=clock)
+    token = issuer.token(ttl=60)
+    assert verifier.cached(token) is None  # never seen: the caller verifies
+    p = await verifier.verify(token)
+    hits = cache_hits()
+    assert verifier.cached(token) is p and cache_hits() == hits + 1
+    assert p.exp is not None
+    clock.now = p.exp  # at exp the cache answers no more (leeway is for full verification only)
+    assert verifier.cached(token) is None and token not in verifier._cache
+    assert verifier.cached("Bearer " + token) is None and verifier.cached(token + " ") is None
+
+
+async def test_refused_and_oversized_tokens_are_not_cached(issuer: DevIssuer) -> None:
+    cfg = config(issuer)
+    verifier = TokenVerifier([cfg], {cfg.name: StaticKeys(issuer)})
+    await refused(verifier, issuer.token(ttl=-100))
+    big = issuer.token({"pad": "x" * 9000})
+    assert (await verifier.verify(big)).subject == issuer.subject
+    assert not verifier._cache and verifier.cached(big) is None
+
+
+async def test_token_hash_is_the_sha256_of_the_token(issuer: DevIssuer) -> None:
+    cfg = config(issuer)
+    verifier = TokenVerifier([cfg], {cfg.name: StaticKeys(issuer)})
+    token = issuer.token()
+    p = await verifier.verify(token)
+    assert p.token_hash == hashlib.sha256(token.encode()).hexdigest()
+    assert (await verifier.verify(token)).token_hash == p.token_hash
+
+
 def test_verifier_needs_a_key_source_per_issuer(issuer: DevIssuer) -> None:
     with pytest.raises(ValueError, match="no key source"):
         TokenVerifier([config(issuer)], {})
