@@ -38,6 +38,7 @@ _REASONS = {s.value: s.phrase for s in HTTPStatus}
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _NO_BODY = frozenset({204, 304})
 _LAST_CHUNK = b"0\r\n\r\n"
+_MAX_QUEUE = 32  # parsed requests waiting for their answer on one connection before reading pauses
 
 Handler = Callable[["H1Request"], Awaitable[None]]
 # (exception, status, peer) -> (status, headers, body) of the answer to a request the parser refused
@@ -152,7 +153,9 @@ class _Conn(BaseProtocol):
         self._remote = str(peer[0]) if isinstance(peer, tuple | list) else None
         self.since = self._loop.time()
         self.server.conns.add(self)
-        self._task = self._loop.create_task(self._run())
+        self._task = task = self._loop.create_task(self._run())
+        self.server.tasks.add(task)
+        task.add_done_callback(self.server.tasks.discard)
 
     def connection_lost(self, exc: BaseException | None) -> None:
         super().connection_lost(exc)
@@ -170,7 +173,10 @@ class _Conn(BaseProtocol):
         return None  # half-close: the answer to what was read still goes out, then the socket closes
 
     def data_received(self, data: bytes) -> None:
-        if self._closing or self._upgraded:
+        if self._upgraded:
+            self._tail += data  # arrived before the pause took effect: it belongs to the new protocol
+            return
+        if self._closing:
             return
         parser = self._parser
         assert parser is not None
@@ -186,6 +192,8 @@ class _Conn(BaseProtocol):
             self._queue.extend(messages)
             self.partial = False
             self._wake()
+            if len(self._queue) >= _MAX_QUEUE and not self._buffer_paused:
+                self._pause_reading_for_buffer()  # a client pipelining faster than we answer waits
         elif data and not self.busy and not self._queue:
             if not self.partial:
                 self.partial, self.since = True, self._loop.time()
@@ -221,6 +229,8 @@ class _Conn(BaseProtocol):
                     self._waiter = None
                     continue
                 item = queue.popleft()
+                if self._buffer_paused and len(queue) < _MAX_QUEUE // 2:
+                    self._resume_reading_for_buffer()
                 if isinstance(item, BaseException):
                     await self._refuse(item, 400)
                     break
@@ -301,6 +311,7 @@ class H1Server:
         self.max_line, self.max_headers = max_line, max_headers
         self.keepalive_timeout, self.head_timeout = keepalive_timeout, head_timeout
         self.conns: set[_Conn] = set()
+        self.tasks: set[asyncio.Task[None]] = set()
         self.draining = False
         self._server: asyncio.Server | None = None
         self._sweeper: asyncio.TimerHandle | None = None
@@ -330,9 +341,6 @@ class H1Server:
                 conn.transport.close()
         self._sweeper = self.loop.call_later(1.0, self._sweep)
 
-    def idle(self) -> bool:
-        return not any(c.busy or c._queue for c in self.conns)
-
     async def drain(self, deadline: float) -> None:
         """Stop accepting; close idle connections now; in-flight answers say Connection: close; at
         `deadline` (loop time) cut whatever remains."""
@@ -357,4 +365,6 @@ class H1Server:
             if conn.transport is not None:
                 conn.transport.abort()
         self.conns.clear()
+        for task in list(self.tasks):
+            task.cancel()  # a request still running past the grace is cut, as aiohttp's shutdown did
         await asyncio.sleep(0)

@@ -1,0 +1,209 @@
+"""The public listener (gateway/h1server.py) over raw sockets: pipelining, HTTP/1.0, 100-continue, parse
+errors, Connection: close, chunked bodies, keep-alive and head timeouts, graceful drain."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from multidict import CIMultiDict
+
+from gateway.devissuer import DevIssuer
+from gateway.h1server import H1Request, H1Server
+from tests.support.gateway import config_text
+from tests.support.upstreams import EchoUpstream
+
+ROUTES = """\
+  - name: open
+    match: {path_prefix: /open/}
+    upstream: echo
+    auth: {required: false}
+    forward: {identity: none}
+  - name: closed
+    match: {path_prefix: /closed/}
+    upstream: echo
+  - name: ws
+    match: {path_prefix: /ws/, websocket: true}
+    upstream: echo
+    auth: {required: false}
+    forward: {identity: none}
+"""
+
+
+@pytest.fixture
+async def gw(issuer: DevIssuer, echo_upstream: EchoUpstream, gateway_factory: Any) -> AsyncIterator[Any]:
+    async with gateway_factory(config_text(issuer.url, {"echo": [echo_upstream.url]}, ROUTES)) as running:
+        yield running
+
+
+class Conn:
+    """A raw client connection reading whole responses (Content-Length framed) off the wire."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def open(cls, port: int) -> Conn:
+        return cls(*await asyncio.open_connection("127.0.0.1", port))
+
+    async def response(self) -> tuple[int, dict[str, str], bytes]:
+        head = await asyncio.wait_for(self.reader.readuntil(b"\r\n\r\n"), 5)
+        lines = head.decode().split("\r\n")
+        status = int(lines[0].split(" ")[1])
+        headers = {k.lower(): v for k, _, v in (line.partition(": ") for line in lines[1:] if line)}
+        n = int(headers.get("content-length", "0"))
+        body = await asyncio.wait_for(self.reader.readexactly(n), 5) if n else b""
+        return status, headers, body
+
+    async def closed(self, within: float = 5) -> bool:
+        return await asyncio.wait_for(self.reader.read(), within) == b""
+
+    async def close(self) -> None:
+        self.writer.close()
+        await self.writer.wait_closed()
+
+
+async def test_pipelined_requests_are_answered_in_order(gw: Any) -> None:
+    c = await Conn.open(gw.app.public_port)
+    c.writer.write(b"GET /open/a HTTP/1.1\r\nHost: x\r\n\r\n"
+                   b"POST /open/b HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc"
+                   b"GET /open/c HTTP/1.1\r\nHost: x\r\n\r\n")
+    paths = []
+    for _ in range(3):
+        status, _, body = await c.response()
+        assert status == 200
+        paths.append(json.loads(body)["path"])
+    assert paths == ["/open/a", "/open/b", "/open/c"]
+    await c.close()
+
+
+async def test_http10_closes_unless_keep_alive_and_connection_close_is_honoured(gw: Any) -> None:
+    c = await Conn.open(gw.app.public_port)
+    c.writer.write(b"GET /open/a HTTP/1.0\r\n\r\n")
+    status, headers, _ = await c.response()
+    assert status == 200 and headers["connection"] == "close" and await c.closed()
+    await c.close()
+    c = await Conn.open(gw.app.public_port)
+    for _ in range(2):
+        c.writer.write(b"GET /open/a HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+        status, headers, _ = await c.response()
+        assert status == 200 and headers["connection"] == "keep-alive"
+    c.writer.write(b"GET /open/a HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    status, headers, _ = await c.response()
+    assert status == 200 and headers["connection"] == "close" and await c.closed()
+    await c.close()
+
+
+async def test_expect_100_continue_after_admission_only(gw: Any) -> None:
+    c = await Conn.open(gw.app.public_port)
+    c.writer.write(b"POST /open/a HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n")
+    assert await asyncio.wait_for(c.reader.readuntil(b"\r\n\r\n"), 5) == b"HTTP/1.1 100 Continue\r\n\r\n"
+    c.writer.write(b"hello")
+    status, _, body = await c.response()
+    assert status == 200 and json.loads(body)["body_length"] == 5
+    # Refused before the body is needed: the final answer comes without an interim 100.
+    c.writer.write(b"POST /closed/a HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n")
+    status, _, body = await c.response()
+    assert status == 401
+    await c.close()
+
+
+async def test_chunked_request_body_is_streamed_upstream(gw: Any) -> None:
+    c = await Conn.open(gw.app.public_port)
+    c.writer.write(b"POST /open/a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                   b"3\r\nabc\r\n4\r\ndefg\r\n0\r\n\r\n")
+    status, _, body = await c.response()
+    assert status == 200 and json.loads(body)["body_length"] == 7
+    await c.close()
+
+
+@pytest.mark.parametrize(("raw", "status", "code"), [
+    (b"NOT HTTP AT ALL\r\n\r\n", 400, "invalid_request"),
+    (b"GET /open/a HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 70000 + b"\r\n\r\n", 431, "request_header_too_large"),
+    (b"GET /open/a HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n", 400, "invalid_request"),
+])
+async def test_parse_errors_answer_json_and_close(gw: Any, raw: bytes, status: int, code: str,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    c = await Conn.open(gw.app.public_port)
+    c.writer.write(raw)
+    got, headers, body = await c.response()
+    assert got == status and json.loads(body)["error"] == code and headers["connection"] == "close"
+    assert await c.closed()
+    await c.close()
+    await asyncio.sleep(0.05)
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["status"] == status and line["route"] == "-"
+
+
+async def test_head_has_no_body(gw: Any) -> None:
+    c = await Conn.open(gw.app.public_port)
+    c.writer.write(b"HEAD /open/a HTTP/1.1\r\nHost: x\r\n\r\nGET /open/b HTTP/1.1\r\nHost: x\r\n\r\n")
+    head = await asyncio.wait_for(c.reader.readuntil(b"\r\n\r\n"), 5)
+    assert head.startswith(b"HTTP/1.1 200")
+    status, _, body = await c.response()  # the next answer follows the HEAD's header block directly
+    assert status == 200 and json.loads(body)["path"] == "/open/b"
+    await c.close()
+
+
+async def test_websocket_upgrade_after_a_keep_alive_request_on_the_same_connection(gw: Any) -> None:
+    c = await Conn.open(gw.app.public_port)
+    c.writer.write(b"GET /open/a HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert (await c.response())[0] == 200
+    c.writer.write(b"GET /ws/chat HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                   b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+    head = await asyncio.wait_for(c.reader.readuntil(b"\r\n\r\n"), 5)
+    assert head.startswith(b"HTTP/1.1 101")
+    mask = b"\x01\x02\x03\x04"
+    c.writer.write(b"\x81\x82" + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(b"hi")))
+    assert await asyncio.wait_for(c.reader.readexactly(4), 5) == b"\x81\x02hi"
+    await c.close()
+
+
+async def _ok(request: H1Request) -> None:
+    if request.raw_path == "/slow":
+        await asyncio.sleep(0.3)
+    await request.send(200, CIMultiDict(), b"ok")
+
+
+def _never(exc: BaseException | None, status: int, remote: str | None) -> tuple[int, CIMultiDict[str], bytes]:
+    return status, CIMultiDict(), b"refused"
+
+
+async def test_idle_keep_alive_and_slow_heads_are_closed() -> None:
+    server = H1Server(_ok, _never, asyncio.Protocol, max_line=8190, keepalive_timeout=0.5, head_timeout=0.5)
+    port = await server.listen("127.0.0.1", 0)
+    try:
+        idle, slow = await Conn.open(port), await Conn.open(port)
+        idle.writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert (await idle.response())[0] == 200
+        slow.writer.write(b"GET / HTTP/1.1\r\nHost:")  # the head never ends (slowloris)
+        started = time.monotonic()
+        assert await idle.closed(4) and await slow.closed(4)
+        assert time.monotonic() - started < 3.5
+        await idle.close()
+        await slow.close()
+    finally:
+        await server.close()
+
+
+async def test_drain_finishes_in_flight_with_connection_close_and_closes_idle() -> None:
+    server = H1Server(_ok, _never, asyncio.Protocol, max_line=8190)
+    port = await server.listen("127.0.0.1", 0)
+    busy, idle = await Conn.open(port), await Conn.open(port)
+    idle.writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert (await idle.response())[0] == 200
+    busy.writer.write(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+    await asyncio.sleep(0.1)
+    drain = asyncio.ensure_future(server.drain(asyncio.get_running_loop().time() + 3))
+    assert await idle.closed(2)
+    status, headers, body = await busy.response()
+    assert (status, headers["connection"], body) == (200, "close", b"ok")
+    await drain
+    with pytest.raises(OSError):
+        await Conn.open(port)
+    await busy.close()
+    await idle.close()
