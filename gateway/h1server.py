@@ -34,7 +34,7 @@ KEEPALIVE_TIMEOUT = 75.0  # an idle keep-alive connection is closed after this (
 HEAD_TIMEOUT = 30.0  # a request head must arrive whole within this once it started (slowloris)
 LINGER_TIMEOUT = 10.0  # the unread rest of a refused request's body is read and dropped for this long
 _READ_LIMIT = 2**16  # the payload StreamReader pauses the socket above twice this
-_REASONS = {s.value: s.phrase for s in HTTPStatus}
+_STATUS_LINES = {s.value: f"HTTP/1.1 {s.value} {s.phrase}" for s in HTTPStatus}  # formatted once
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _NO_BODY = frozenset({204, 304})
 _LAST_CHUNK = b"0\r\n\r\n"
@@ -43,6 +43,11 @@ _MAX_QUEUE = 32  # parsed requests waiting for their answer on one connection be
 Handler = Callable[["H1Request"], Awaitable[None]]
 # (exception, status, peer) -> (status, headers, body) of the answer to a request the parser refused
 ErrorAnswer = Callable[[BaseException | None, int, str | None], tuple[int, CIMultiDict[str], bytes]]
+
+
+def _status(status: int) -> str:
+    line = _STATUS_LINES.get(status)
+    return line if line is not None else f"HTTP/1.1 {status} "
 
 
 class H1Request:
@@ -60,8 +65,8 @@ class H1Request:
         self.raw_headers: tuple[tuple[bytes, bytes], ...] = msg.raw_headers
         self.remote = remote
         self.content = payload
-        self.body_exists = payload is not EMPTY_PAYLOAD
-        cl = self.headers.get("Content-Length")
+        self.body_exists = exists = payload is not EMPTY_PAYLOAD
+        cl = self.headers.get("Content-Length") if exists else None
         self.content_length = int(cl) if cl is not None and cl.isdigit() else None
         self.keep_alive = not msg.should_close
         self.started = False  # the status line went out
@@ -87,7 +92,7 @@ class H1Request:
         if "Date" not in headers:
             headers["Date"] = conn.server.date()
         self.started = True
-        return _serialize_headers(f"HTTP/1.1 {status} {_REASONS.get(status, '')}", headers)
+        return _serialize_headers(_status(status), headers)
 
     async def send(self, status: int, headers: CIMultiDict[str], body: bytes) -> None:
         """A whole response of known length: header block and body in one write."""
@@ -236,6 +241,11 @@ class _Conn(BaseProtocol):
                     break
                 msg, payload = item
                 if self._upgraded and not queue and msg.upgrade:
+                    if payload is not EMPTY_PAYLOAD:
+                        # An Upgrade with a body (RFC 6455 s4.1: a GET) would need it re-framed: refuse.
+                        self._upgraded = False
+                        await self._refuse(None, 400)
+                        break
                     self._hand_over(msg)
                     return
                 request = H1Request(self, msg, payload, self._remote)
@@ -282,7 +292,7 @@ class _Conn(BaseProtocol):
         headers["Content-Length"] = str(len(body))
         headers["Date"] = self.server.date()
         with contextlib.suppress(ConnectionError):
-            await self.write(_serialize_headers(f"HTTP/1.1 {status} {_REASONS.get(status, '')}", headers) + body)
+            await self.write(_serialize_headers(_status(status), headers) + body)
 
     def _hand_over(self, msg: Any) -> None:
         """Give the connection, the Upgrade request's bytes and whatever followed to `upgrade_factory`."""
