@@ -146,7 +146,7 @@ class TokenVerifier:
         keys: Mapping[str, KeySource],
         *,
         clock: Callable[[], float] = time.time,
-        cache_size: int = 100_000,
+        cache_size: int = 20_000,
     ) -> None:
         self._clock = clock
         self._cache_size = cache_size
