@@ -11,7 +11,7 @@ import ssl
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from json.encoder import encode_basestring_ascii as _esc
 from typing import Any, Protocol
@@ -322,9 +322,9 @@ class GatewayApp:
             sys.stdout.flush()
 
     # -- the request path ---------------------------------------------------------------------------
-    async def handle_h1(self, request: H1Request) -> None:
-        """The public listener's requests (gateway.h1server)."""
-        await self._serve(request, request, None)
+    def handle_h1(self, request: H1Request) -> Awaitable[None]:
+        """The public listener's requests (gateway.h1server); no coroutine of its own on the hot path."""
+        return self._serve(request, request, None)
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         """Requests that came with an Upgrade (handed to aiohttp's server with their connection)."""

@@ -98,7 +98,13 @@ class H1Request:
         """A whole response of known length: header block and body in one write."""
         headers["Content-Length"] = str(len(body))
         head = self._status_line(status, headers)
-        await self._conn.write(head if self._head or status in _NO_BODY else head + body)
+        conn = self._conn
+        transport = conn.transport
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError("client connection lost")
+        transport.write(head if self._head or status in _NO_BODY else head + body)  # inline: the hot path
+        if conn._paused:
+            await conn._drain_helper()
 
     async def start(self, status: int, headers: CIMultiDict[str]) -> None:
         """The header block of a streamed response; chunked when the length is not known (HTTP/1.1)."""
