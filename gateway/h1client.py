@@ -55,16 +55,62 @@ class ClientBodyError(aiohttp.ClientConnectionError):
 
 
 class _Conn(ResponseHandler):
-    """aiohttp's client protocol, remembering whether any byte arrived since the request was written."""
+    """aiohttp's client protocol, remembering whether any byte arrived since the request was written.
+
+    Two per-request costs of ResponseHandler are avoided (issue 7 profile):
+    - its response parser is kept across keep-alive requests (llhttp resets itself at each message
+      end); it is rebuilt only when the framing changes (HEAD or not, RFC 9110 s9.3.2);
+    - the sock_read timer is lazy: rearming it (on every read) moves a deadline instead of cancelling
+      and scheduling a timer handle; the one handle re-arms itself at the deadline when it fires early.
+      The timeout fires at the same instant as before (the last read + read_timeout).
+    """
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         super().__init__(loop)
         self.got_bytes = False
         self.idle_since = 0.0
+        self.parser_head: bool | None = None  # skip_payload of the current parser, None: no parser yet
+        self._deadline: float | None = None
 
     def data_received(self, data: bytes) -> None:
         self.got_bytes = True
         super().data_received(data)
+
+    def _reschedule_timeout(self) -> None:
+        timeout = self._read_timeout
+        if not timeout:
+            self._deadline = None
+            return
+        loop = self._loop
+        self._deadline = deadline = loop.time() + timeout
+        handle = self._read_timeout_handle
+        if handle is not None and handle.when() > deadline:  # a shorter timeout than the pending one's
+            handle.cancel()
+            handle = None
+        if handle is None:
+            self._read_timeout_handle = loop.call_at(deadline, self._on_timer)
+
+    def _drop_timeout(self) -> None:
+        self._deadline = None  # the pending handle (if any) fires and finds nothing to do
+
+    def _on_timer(self) -> None:
+        self._read_timeout_handle = None
+        deadline = self._deadline
+        if deadline is None:
+            return
+        if deadline - self._loop.time() > 0.001:  # a read rearmed it since the handle was scheduled
+            self._read_timeout_handle = self._loop.call_at(deadline, self._on_timer)
+            return
+        self._deadline = None
+        self._on_read_timeout()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        super().connection_lost(exc)
+        self._deadline = None
+        handle = self._read_timeout_handle
+        if handle is not None:  # a closed connection must not stay referenced by the loop's timers
+            handle.cancel()
+            self._read_timeout_handle = None
 
 
 class _Head:
@@ -200,56 +246,63 @@ class H1Pool:
                 if not declared.isdigit():
                     raise ValueError("invalid Content-Length")
                 length, tail = int(declared), _NOTHING
+        elif method in _NO_BODY_METHODS or "Content-Length" in headers:
+            tail = _NOTHING
         else:
-            tail = _ZERO_LENGTH if method not in _NO_BODY_METHODS and "Content-Length" not in headers \
-                else _NOTHING
+            tail = _ZERO_LENGTH
+        # The C serializer refuses CR/LF in the request line and in every name and value (RFC 9110 s5.5).
         head = _serialize_headers(f"{method} {path_qs} HTTP/1.1",
                                   cast(Any, _Head(self._host_header, headers, tail)))
+        skip = method == "HEAD"
         conn = self._take()  # not `or`: a ResponseHandler is a queue, falsy when empty
         if conn is None:
             conn = await self._connect()
-        try:
-            return await self._exchange(conn, method, head, body, length)
-        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
-            if not resend or conn.got_bytes:
-                raise
-        # The target closed the connection without answering: typically a keep-alive connection it had
-        # just timed out. Nothing of the request was acted upon in a way a resend could repeat harmfully.
-        return await self._exchange(await self._connect(), method, head, body, length)
+        # One coroutine for the exchange (no nested one per request): the response wait is inline.
+        for again in (resend, False):
+            writer = None
+            try:
+                writer = self._send(conn, skip, head, body, length)
+                while True:
+                    message, payload = await conn.read()
+                    # RFC 9110 s15.2: interim 1xx answers precede the real one (101 ends HTTP here).
+                    if message.code >= 200 or message.code == 101 or message.code < 100:
+                        return H1Response(self, conn, message, payload, writer)
+            except BaseException as exc:
+                if writer is not None:
+                    writer.cancel()
+                conn.close()
+                if not again or conn.got_bytes or not isinstance(
+                        exc, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError):
+                    raise
+            # The target closed the connection without answering: typically a keep-alive connection it
+            # had just timed out. Nothing of the request was acted upon in a way a resend could repeat
+            # harmfully.
+            conn = await self._connect()
+        raise AssertionError("unreachable")  # pragma: no cover
 
-    async def _exchange(self, conn: _Conn, method: str, head: bytes, body: AsyncIterable[bytes] | None,
-                        length: int | None) -> H1Response:
+    def _send(self, conn: _Conn, skip: bool, head: bytes, body: AsyncIterable[bytes] | None,
+              length: int | None) -> asyncio.Task[None] | None:
+        """Write the head (and start the body's writer); the response is then awaited by the caller."""
         conn.got_bytes = False
-        # A new parser per request, as aiohttp does: HEAD changes the framing of the answer (RFC 9110 s9.3.2).
-        # read_until_eof: a response without Content-Length or chunked ends when the connection does
-        # (RFC 9112 s6.3 item 8).
-        conn.set_response_params(
-            skip_payload=method == "HEAD", read_until_eof=True, auto_decompress=False,
-            read_timeout=self.read_timeout, max_line_size=_MAX_LINE, max_field_size=_MAX_FIELD,
-        )
+        if conn.parser_head is not skip:
+            # A new parser when the framing changes: HEAD answers carry no body (RFC 9110 s9.3.2).
+            # read_until_eof: a response without Content-Length or chunked ends when the connection
+            # does (RFC 9112 s6.3 item 8).
+            conn.set_response_params(
+                skip_payload=skip, read_until_eof=True, auto_decompress=False,
+                read_timeout=self.read_timeout, max_line_size=_MAX_LINE, max_field_size=_MAX_FIELD,
+            )
+            conn.parser_head = skip
         transport = conn.transport
         if transport is None:
             raise aiohttp.ServerDisconnectedError()
-        writer: asyncio.Task[None] | None = None
-        try:
-            transport.write(head)
-            if body is None:
-                conn.start_timeout()
-            else:
-                # The body goes out while the response is awaited: a target may answer (and stop reading)
-                # before it has taken all of it.
-                writer = asyncio.ensure_future(_send_body(conn, body, length))
-            while True:
-                message, payload = await conn.read()
-                # RFC 9110 s15.2: interim 1xx answers precede the real one (101 ends HTTP on this connection).
-                if message.code >= 200 or message.code == 101 or message.code < 100:
-                    break
-        except BaseException:
-            if writer is not None:
-                writer.cancel()
-            conn.close()
-            raise
-        return H1Response(self, conn, message, payload, writer)
+        transport.write(head)
+        if body is None:
+            conn.start_timeout()
+            return None
+        # The body goes out while the response is awaited: a target may answer (and stop reading)
+        # before it has taken all of it.
+        return asyncio.ensure_future(_send_body(conn, body, length))
 
 
 async def _send_body(conn: _Conn, body: AsyncIterable[bytes], length: int | None) -> None:
