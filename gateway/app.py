@@ -480,18 +480,29 @@ class GatewayApp:
                     upstream_status: int, auth: str, client_ip: str) -> None:
         # One f-string, no dict and no json.dumps of the whole line: every string goes through the C
         # JSON escaper (exact escaping, ASCII output like json.dumps), numbers are formatted as it would.
+        # Fields that repeat (method, route, upstream, target, auth, a token's claims) are escaped once
+        # and looked up after that (bounded caches: _Escaped).
         p = ex.principal
         if p is None:
             who = _NO_PRINCIPAL
         else:
-            who = (f',"iss":{_esc(p.iss)},"sub":{_opt(p.subject)},"aud":[{",".join(map(_esc, p.aud))}]'
-                   f',"jti":{_opt(p.jti)}')
+            key = p.token_hash
+            cached = _WHO.get(key) if key else None
+            if cached is not None:
+                who = cached
+            else:
+                who = (f',"iss":{_esc(p.iss)},"sub":{_opt(p.subject)},"aud":[{",".join(map(_esc, p.aud))}]'
+                       f',"jti":{_opt(p.jti)}')
+                if key:
+                    if len(_WHO) >= _WHO_MAX:
+                        _WHO.clear()
+                    _WHO[key] = who
         sys.stdout.write(
-            f'{{"ts":"{self._stamp()}","request_id":{_esc(ex.request_id)},"method":{_esc(request.method)}'
-            f',"path":{_esc(request.raw_path.partition("?")[0])},"route":{_esc(ex.route)},"status":{status}'
-            f',"duration_ms":{elapsed * 1000:.3f},"upstream":{_opt(ex.upstream)}'
-            f',"target":{_opt(target)},"upstream_status":{upstream_status or "null"}'
-            f',"client_ip":{_esc(client_ip)}{who},"auth":{_esc(auth)}}}\n')
+            f'{{"ts":"{self._stamp()}","request_id":{_esc(ex.request_id)},"method":{_ESC[request.method]}'
+            f',"path":{_esc(request.raw_path.partition("?")[0])},"route":{_ESC[ex.route]},"status":{status}'
+            f',"duration_ms":{elapsed * 1000:.3f},"upstream":{_OPT[ex.upstream]}'
+            f',"target":{_OPT[target]},"upstream_status":{upstream_status or "null"}'
+            f',"client_ip":{_esc(client_ip)}{who},"auth":{_ESC[auth]}}}\n')
 
 
 class _Req(Protocol):
@@ -566,6 +577,34 @@ class _AioReply:
 def _opt(value: str | None) -> str:
     """A JSON string, or null for None and "" (the log's "not known")."""
     return _esc(value) if value else "null"
+
+
+class _Escaped(dict[str, str]):
+    """str -> its JSON string (or null for "" when `empty_null`), computed on first use.
+
+    Bounded: the values come partly from clients (a method token, an auth failure reason is ours, but a
+    method is theirs), so the cache is emptied when it reaches `limit` rather than grow without end."""
+
+    __slots__ = ("_limit", "_empty_null")
+
+    def __init__(self, limit: int, *, empty_null: bool = False) -> None:
+        super().__init__()
+        self._limit = limit
+        self._empty_null = empty_null
+
+    def __missing__(self, key: str) -> str:
+        value = "null" if self._empty_null and not key else _esc(key)
+        if len(self) >= self._limit:
+            self.clear()
+        self[key] = value
+        return value
+
+
+_ESC = _Escaped(1024)
+_OPT = _Escaped(1024, empty_null=True)
+# A verified token's log fields (iss, sub, aud, jti) by its sha256: the same token repeats within its life.
+_WHO: dict[str, str] = {}
+_WHO_MAX = 4096
 
 
 class _Stamp:

@@ -143,22 +143,29 @@ def upstream_request_headers(
     add = out.add
     xff: list[str] = []
     xfp = xfh = None
-    for name, value in client_headers.items():
-        lower = name.lower()
-        if lower.startswith(_AUTH_PREFIX):
-            continue  # identity comes only from the verified token (SPEC 4)
-        if lower in drop:
-            if trusted_peer:
+    if not trusted_peer:
+        # The common case: each name's verdict depends only on the name and `drop`, so it is memoised.
+        keep = _memo(_REQUEST_MEMO, drop)
+        for name, value in client_headers.items():
+            verdict = keep.get(name)
+            if verdict is None:
+                verdict = _remember(keep, name, _request_keeps(name.lower(), drop))
+            if verdict:
+                add(name, value)
+    else:
+        for name, value in client_headers.items():
+            lower = name.lower()
+            if lower.startswith(_AUTH_PREFIX):
+                continue  # identity comes only from the verified token (SPEC 4)
+            if lower in drop:
                 if lower == "x-forwarded-for":
                     xff.append(value)
                 elif lower == "x-forwarded-proto" and xfp is None:
                     xfp = value
                 elif lower == "x-forwarded-host" and xfh is None:
                     xfh = value
-            continue
-        if lower == "forwarded" and not trusted_peer:
-            continue  # RFC 7239 from an untrusted peer is as forgeable as X-Forwarded-For
-        add(name, value)
+                continue
+            add(name, value)
     # A trusted proxy's chain is extended; anyone else's is replaced by what we saw (the socket peer).
     if xff:
         xff.append(peer_ip)
@@ -191,9 +198,49 @@ def relay_response_headers(upstream_headers: Mapping[str, str], out: CIMultiDict
         # RFC 9110 s7.6.1: the headers a Connection field names are hop-by-hop for this response too.
         drop = _with_connection(drop, tuple(conn_values), False)
     add = out.add
+    keep = _memo(_RESPONSE_MEMO, drop)
     for name, value in upstream_headers.items():
-        if name.lower() not in drop:
+        verdict = keep.get(name)
+        if verdict is None:
+            verdict = _remember(keep, name, name.lower() not in drop)
+        if verdict:
             add(name, value)
+
+
+# Per-name verdicts ("forward it or not"), one table per drop set: a name's lower() and set lookups are
+# done once, not per message. Names are memoised exactly as received (X-Auth-Foo and x-auth-foo are two
+# entries, each decided from its lower-cased form). Bounded: clients choose names (and Connection
+# values, hence drop sets), so a table is emptied when full instead of growing.
+_MEMO_NAMES = 512
+_MEMO_SETS = 64
+_REQUEST_MEMO: dict[frozenset[str], dict[str, bool]] = {}
+_RESPONSE_MEMO: dict[frozenset[str], dict[str, bool]] = {}
+
+
+def _memo(tables: dict[frozenset[str], dict[str, bool]], drop: frozenset[str]) -> dict[str, bool]:
+    table = tables.get(drop)
+    if table is None:
+        if len(tables) >= _MEMO_SETS:
+            tables.clear()
+        table = tables[drop] = {}
+    return table
+
+
+def _remember(table: dict[str, bool], name: str, verdict: bool) -> bool:
+    if len(table) >= _MEMO_NAMES:
+        table.clear()
+    table[name] = verdict
+    return verdict
+
+
+def _request_keeps(lower: str, drop: frozenset[str]) -> bool:
+    """Whether a request header from an untrusted peer is forwarded."""
+    if lower.startswith(_AUTH_PREFIX):
+        return False  # identity comes only from the verified token (SPEC 4)
+    if lower in drop:
+        return False  # hop-by-hop, named by Connection, one we set, or the client's Authorization
+    # RFC 7239 Forwarded from an untrusted peer is as forgeable as X-Forwarded-For.
+    return lower != "forwarded"
 
 
 def _safe(value: str) -> str:

@@ -176,12 +176,13 @@ class _Target:
 class _Pool:
     """One upstream: its targets in order, round-robin position and everything fixed per request."""
 
-    __slots__ = ("name", "targets", "next", "timeout", "ws_timeout", "ssl", "attempts", "retry_on",
+    __slots__ = ("name", "targets", "single", "next", "timeout", "ws_timeout", "ssl", "attempts", "retry_on",
                  "retry_statuses", "duration")
 
     def __init__(self, cfg: UpstreamConfig, targets: tuple[_Target, ...], ssl_ctx: ssl.SSLContext | bool):
         self.name = cfg.name
         self.targets = targets
+        self.single = targets[0] if len(targets) == 1 else None  # send()'s fast path
         self.next = 0
         # sock_read bounds the wait for the response headers as well as each body read.
         self.timeout = aiohttp.ClientTimeout(
@@ -323,15 +324,16 @@ class Upstreams:
             del headers["Host"]
         resend = body is None and method in IDEMPOTENT
         attempts = pool.attempts if resend else 1
-        target = pool.pick(())
+        single = pool.single
+        # One target: pick() could only return it (round robin of one, `tried` or not), so ask its breaker.
+        target = pool.pick(()) if single is None else single if single.breaker.allow() else None
         if target is None:
             raise pool.unavailable()
         guard = _BodyGuard(body) if body is not None else None
-        tried: tuple[_Target, ...] = ()
+        tried: tuple[_Target, ...] = ()  # the targets sent to so far: built only when a retry is weighed
         attempt = 0
         while True:
             attempt += 1
-            tried += (target,)
             breaker = target.breaker
             started = time.perf_counter()
             h1 = target.h1
@@ -355,6 +357,7 @@ class Upstreams:
                 error, conditions = _map_error(exc)
                 nxt = None
                 if attempt < attempts and not conditions.isdisjoint(pool.retry_on):
+                    tried += (target,)
                     nxt = pool.pick(tried)
                 if nxt is None:
                     raise error from exc
@@ -371,6 +374,7 @@ class Upstreams:
             breaker.record_failure()
             resp.release()
             if attempt < attempts and status in pool.retry_statuses:
+                tried += (target,)
                 nxt = pool.pick(tried)
                 if nxt is not None:
                     target = nxt
