@@ -225,6 +225,13 @@ class _Results:
         self.denied = c.labels(result="backend_error_denied")
         self.allowed = c.labels(result="backend_error_allowed")
 
+    def verdict(self, p: Principal, revoked: bool) -> None:
+        """Count the outcome; a revoked token is refused (RFC 6750 s3.1 invalid_token)."""
+        if revoked:
+            self.revoked.inc()
+            raise errors.InvalidToken("revoked", issuer=p.issuer)
+        self.ok.inc()
+
 
 class MemoryRevocationStore:
     """One process only (demo, tests of other parts): the view is the whole truth."""
@@ -247,10 +254,7 @@ class MemoryRevocationStore:
 
     def check_local(self, p: Principal) -> bool:
         """check() without a coroutine: the view is the whole truth here, so always answered (True)."""
-        if self._view.revoked(p, self._clock):
-            self._results.revoked.inc()
-            raise errors.InvalidToken("revoked", issuer=p.issuer)
-        self._results.ok.inc()
+        self._results.verdict(p, self._view.revoked(p, self._clock))
         return True
 
     async def check(self, p: Principal) -> None:
@@ -338,10 +342,7 @@ class RedisRevocationStore:
         False: the view cannot be trusted now, the caller must await check() (which asks Redis)."""
         if not self._live:
             return False
-        if self._view.revoked(p, self._clock):
-            self._results.revoked.inc()
-            raise errors.InvalidToken("revoked", issuer=p.issuer)
-        self._results.ok.inc()
+        self._results.verdict(p, self._view.revoked(p, self._clock))
         return True
 
     async def check(self, p: Principal) -> None:
@@ -352,10 +353,7 @@ class RedisRevocationStore:
             if direct is None:
                 return
             revoked = direct
-        if revoked:
-            self._results.revoked.inc()
-            raise errors.InvalidToken("revoked", issuer=p.issuer)
-        self._results.ok.inc()
+        self._results.verdict(p, revoked)
 
     async def _check_direct(self, p: Principal) -> bool | None:
         """The view may have missed messages: ask Redis. None = backend failed and policy is allow."""
