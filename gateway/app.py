@@ -1,4 +1,4 @@
-"""aiohttp glue: request -> RequestView -> pipeline -> streamed response; admin listener; lifecycle."""
+"""The request path around the pipeline (_serve), the listeners, reload and drain: aiohttp and h1server glue."""
 
 from __future__ import annotations
 
@@ -11,9 +11,7 @@ import ssl
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import UTC, datetime
-from json.encoder import encode_basestring_ascii as _esc
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any, Protocol
 
 import aiohttp
@@ -23,9 +21,9 @@ from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from gateway import metrics
+from gateway import accesslog, metrics
 from gateway.config import load
-from gateway.config_types import Config, IssuerConfig
+from gateway.config_types import Config
 from gateway.errors import (
     AuthError,
     BadGateway,
@@ -37,143 +35,23 @@ from gateway.errors import (
     PayloadTooLarge,
 )
 from gateway.h1server import H1Request, H1Server
-from gateway.identity import TokenMinter, client_ip_from, relay_response_headers, request_id_from
-from gateway.jwks import JwksCache
-from gateway.keys import CHECK_INTERVAL as KEY_CHECK_INTERVAL
-from gateway.keys import KeyStore
+from gateway.identity import client_ip_from, relay_response_headers, request_id_from
 from gateway.model import RequestView
 from gateway.pipeline import Exchange, Gateway
-from gateway.revocation import RevocationStore, create_store
-from gateway.tokens import TokenVerifier
-from gateway.upstream import UpstreamResponse, Upstreams
+from gateway.services import Services
+from gateway.upstream import UpstreamResponse
 
 log = logging.getLogger("gateway")
 _CHUNK = 64 * 1024
 # Upstream bodies up to this declared length are read whole and sent with their headers in one write.
 _SMALL_BODY = 64 * 1024
-_MILLIS = tuple(f"{ms:03d}Z" for ms in range(1000))  # the access log's ts suffixes, formatted once
-_NO_PRINCIPAL = ',"iss":null,"sub":null,"aud":null,"jti":null'
 # The method label is bounded: the HTTP parser accepts ~35 methods (PROPFIND, PURGE, ...).
 _METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT", "TRACE"))
-
-
-def _now_iso() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def error_body(err: GatewayError, request_id: str) -> bytes:
     # SPEC 5: code and a fixed description only; the precise reason goes to the log and metrics.
     return json.dumps({"error": err.code, "error_description": err.description, "request_id": request_id}).encode()
-
-
-class Services:
-    """Long-lived resources shared across config reloads: key caches, revocation, signing keys, upstream pool."""
-
-    def __init__(self) -> None:
-        self.session: aiohttp.ClientSession | None = None
-        self.jwks: dict[str, JwksCache] = {}
-        self._jwks_cfg: dict[str, IssuerConfig] = {}
-        self.revocation: RevocationStore | None = None
-        self.keys: KeyStore | None = None
-        self.minter: TokenMinter | None = None
-        self.upstreams: Upstreams | None = None
-        self._built: dict[str, Any] = {}  # the config section each resource was built from
-        self._retired: list[Any] = []
-        self._rotator: asyncio.Task[None] | None = None
-
-    async def build(self, config: Config) -> Gateway:
-        """A Gateway for `config`, reusing every resource whose configuration did not change.
-
-        Transactional: new resources are built first; only when all are built are they swapped in
-        (the replaced ones retired); on any failure the new ones are closed and nothing changes.
-        """
-        fresh: list[Any] = []  # what this call created, closed again if it fails
-        keys, minter = self.keys, self.minter
-        itc = config.internal_token
-        if itc is None:
-            keys = minter = None
-        elif keys is None or self._built.get("internal_token") != itc:
-            # KeyStoreError (unreadable, corrupt) surfaces here, first: nothing (session, JWKS tasks)
-            # is open yet, so `gateway run` exits with one clean line.
-            keys = KeyStore(itc)
-            keys.load()
-            minter = TokenMinter(keys, itc)
-        if self.session is None:
-            self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
-        try:
-            jwks: dict[str, JwksCache] = {}
-            for issuer in config.issuers:
-                cache = self.jwks.get(issuer.name)
-                if cache is None or self._jwks_cfg.get(issuer.name) != issuer:
-                    cache = JwksCache(issuer, self.session)
-                    fresh.append(cache)
-                    await cache.start()
-                jwks[issuer.name] = cache
-            revocation = self.revocation
-            if revocation is None or self._built.get("revocation") != config.revocation:
-                revocation = create_store(config.revocation)
-                fresh.append(revocation)
-                await revocation.start()
-            upstreams = self.upstreams
-            if upstreams is None or self._built.get("upstreams") != config.upstreams:
-                upstreams = Upstreams(config.upstreams)
-                fresh.append(upstreams)
-                await upstreams.start()
-            gateway = Gateway(config, TokenVerifier(config.issuers, jwks), revocation, minter, upstreams)
-        except BaseException:
-            for item in fresh:
-                with contextlib.suppress(Exception):
-                    await item.close()
-            raise
-        # Commit: swap in, retire what was replaced (closed after in-flight requests had time to finish).
-        self._retired.extend(c for n, c in self.jwks.items() if jwks.get(n) is not c)
-        self.jwks, self._jwks_cfg = jwks, {i.name: i for i in config.issuers}
-        for new, old in ((revocation, self.revocation), (upstreams, self.upstreams)):
-            if old is not None and old is not new:
-                self._retired.append(old)
-        self.revocation, self.upstreams, self.keys, self.minter = revocation, upstreams, keys, minter
-        self._built.update(revocation=config.revocation, upstreams=config.upstreams, internal_token=itc)
-        if keys is not None and self._rotator is None:
-            self._rotator = asyncio.create_task(self._rotate_keys())
-        return gateway
-
-    async def _rotate_keys(self) -> None:
-        """rotate_every: checked often, so a rotation by another replica is picked up quickly too."""
-        loop = asyncio.get_running_loop()
-        while True:
-            await asyncio.sleep(KEY_CHECK_INTERVAL)
-            keys = self.keys
-            if keys is None:
-                continue
-            try:
-                # check() logs each key store problem once and keeps signing with the current key.
-                await loop.run_in_executor(None, keys.check)
-            except Exception as exc:  # noqa: BLE001 - a bug must not stop later checks
-                log.error("signing key check failed: %s", exc)
-
-    async def close_retired(self) -> None:
-        retired, self._retired = self._retired, []
-        for item in retired:
-            with contextlib.suppress(Exception):
-                await item.close()
-
-    async def close(self) -> None:
-        if self._rotator is not None:
-            self._rotator.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._rotator
-        await self.close_retired()
-        for item in (*self.jwks.values(), self.revocation, self.upstreams):
-            if item is not None:
-                with contextlib.suppress(Exception):
-                    await item.close()
-        if self.session is not None:
-            await self.session.close()
-
-    def ready(self) -> dict[str, bool]:
-        checks = {f"jwks:{name}": cache.ready for name, cache in self.jwks.items()}
-        checks["revocation"] = self.revocation is not None and self.revocation.ready()
-        return checks
 
 
 def refused(exc: BaseException | None, status: int, remote: str | None) -> tuple[int, CIMultiDict[str], bytes]:
@@ -190,11 +68,7 @@ def refused(exc: BaseException | None, status: int, remote: str | None) -> tuple
     headers = CIMultiDict({"Content-Type": "application/json", "X-Request-Id": request_id})
     # Refused by the HTTP parser before the gateway saw a request: still counted and logged.
     metrics.requests_total.labels(route="-", method="OTHER", status=str(err.status)).inc()
-    sys.stdout.write(json.dumps({
-        "ts": _now_iso(), "request_id": request_id, "method": None, "path": None, "route": "-",
-        "status": err.status, "duration_ms": 0.0, "upstream": None, "target": None, "upstream_status": None,
-        "client_ip": remote, "iss": None, "sub": None, "aud": None,
-        "jti": None, "auth": err.reason}, separators=(",", ":")) + "\n")
+    accesslog.refused_line(request_id, err.status, remote, err.reason)
     return err.status, headers, error_body(err, request_id)
 
 
@@ -234,7 +108,7 @@ class GatewayApp:
         self._labels: dict[tuple[str, str, int], Any] = {}
         self._durations: dict[str, Any] = {}
         self._flusher: asyncio.Task[None] | None = None
-        self._stamp = _Stamp()
+        self._stamp = accesslog.Stamp()
         self._scheme = "http"
         self.public_port = 0
         self.admin_port = 0
@@ -386,7 +260,8 @@ class GatewayApp:
             metrics.inflight_requests.dec()
             elapsed = time.perf_counter() - started
             self._observe(ex.route, request.method if request.method in _METHODS else "OTHER", status, elapsed)
-            self._access_log(request, ex, status, elapsed, target, upstream_status, auth, client_ip)
+            accesslog.request_line(self._stamp(), request.method, request.raw_path, ex, status, elapsed, target,
+                                   upstream_status, auth, client_ip)
 
     @staticmethod
     async def _websocket(gateway: Gateway, aio: web.BaseRequest | None, view: RequestView, ex: Exchange,
@@ -476,35 +351,6 @@ class GatewayApp:
             hist = self._durations[route] = metrics.request_duration_seconds.labels(route=route)
         hist.observe(elapsed)
 
-    def _access_log(self, request: _Req, ex: Exchange, status: int, elapsed: float, target: str,
-                    upstream_status: int, auth: str, client_ip: str) -> None:
-        # One f-string, no dict and no json.dumps of the whole line: every string goes through the C
-        # JSON escaper (exact escaping, ASCII output like json.dumps), numbers are formatted as it would.
-        # Fields that repeat (method, route, upstream, target, auth, a token's claims) are escaped once
-        # and looked up after that (bounded caches: _Escaped).
-        p = ex.principal
-        if p is None:
-            who = _NO_PRINCIPAL
-        else:
-            key = p.token_hash
-            cached = _WHO.get(key) if key else None
-            if cached is not None:
-                who = cached
-            else:
-                who = (f',"iss":{_esc(p.iss)},"sub":{_opt(p.subject)},"aud":[{",".join(map(_esc, p.aud))}]'
-                       f',"jti":{_opt(p.jti)}')
-                if key:
-                    if len(_WHO) >= _WHO_MAX:
-                        _WHO.clear()
-                    _WHO[key] = who
-        sys.stdout.write(
-            f'{{"ts":"{self._stamp()}","request_id":{_esc(ex.request_id)},"method":{_ESC[request.method]}'
-            f',"path":{_esc(request.raw_path.partition("?")[0])},"route":{_ESC[ex.route]},"status":{status}'
-            f',"duration_ms":{elapsed * 1000:.3f},"upstream":{_OPT[ex.upstream]}'
-            f',"target":{_OPT[target]},"upstream_status":{upstream_status or "null"}'
-            f',"client_ip":{_esc(client_ip)}{who},"auth":{_ESC[auth]}}}\n')
-
-
 class _Req(Protocol):
     """What the request path reads of a request: H1Request, and aiohttp's BaseRequest for Upgrades."""
 
@@ -572,56 +418,6 @@ class _AioReply:
 
     def send_continue(self) -> None:
         return None  # aiohttp's low-level server never sent it either; clients send the body after ~1 s
-
-
-def _opt(value: str | None) -> str:
-    """A JSON string, or null for None and "" (the log's "not known")."""
-    return _esc(value) if value else "null"
-
-
-class _Escaped(dict[str, str]):
-    """str -> its JSON string (or null for "" when `empty_null`), computed on first use.
-
-    Bounded: the values come partly from clients (a method token, an auth failure reason is ours, but a
-    method is theirs), so the cache is emptied when it reaches `limit` rather than grow without end."""
-
-    __slots__ = ("_limit", "_empty_null")
-
-    def __init__(self, limit: int, *, empty_null: bool = False) -> None:
-        super().__init__()
-        self._limit = limit
-        self._empty_null = empty_null
-
-    def __missing__(self, key: str) -> str:
-        value = "null" if self._empty_null and not key else _esc(key)
-        if len(self) >= self._limit:
-            self.clear()
-        self[key] = value
-        return value
-
-
-_ESC = _Escaped(1024)
-_OPT = _Escaped(1024, empty_null=True)
-# A verified token's log fields (iss, sub, aud, jti) by its sha256: the same token repeats within its life.
-_WHO: dict[str, str] = {}
-_WHO_MAX = 4096
-
-
-class _Stamp:
-    """The access log's `ts` (ISO 8601 UTC, milliseconds): the date-time part is formatted once a second."""
-
-    __slots__ = ("_clock", "_sec", "_prefix")
-
-    def __init__(self, clock: Callable[[], float] = time.time) -> None:
-        self._clock = clock
-        self._sec = -1
-        self._prefix = ""
-
-    def __call__(self) -> str:
-        sec, ms = divmod(int(self._clock() * 1000), 1000)
-        if sec != self._sec:
-            self._sec, self._prefix = sec, time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(sec))
-        return self._prefix + _MILLIS[ms]
 
 
 def _header_bytes(request: _Req) -> int:

@@ -271,7 +271,7 @@ async def test_identity_headers_per_token_stay_exact_across_repeats(
 def test_log_timestamp_is_iso_utc_milliseconds_across_second_boundaries() -> None:
     from datetime import UTC, datetime
 
-    from gateway.app import _Stamp
+    from gateway.accesslog import Stamp as _Stamp
 
     now = [1700000000.0]
     stamp = _Stamp(clock=lambda: now[0])

@@ -8,7 +8,7 @@ import json
 from multidict import CIMultiDict
 
 from gateway import identity
-from gateway.app import _Escaped
+from gateway.accesslog import _Escaped
 from gateway.identity import relay_response_headers, upstream_request_headers
 
 
