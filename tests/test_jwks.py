@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -16,6 +15,7 @@ from gateway import metrics
 from gateway.config_types import IssuerConfig
 from gateway.devissuer import ALGORITHMS, DevIssuer, generate_key, public_jwk
 from gateway.jwks import JwksCache, parse_max_age
+from tests.support.issuer import issuer_config
 
 
 class Clock:
@@ -36,14 +36,7 @@ def sample(name: str, **labels: str) -> float:
 
 
 def config(dev: DevIssuer, /, **overrides: Any) -> IssuerConfig:
-    fields: dict[str, Any] = {
-        "name": f"dev-{uuid.uuid4().hex[:8]}",
-        "issuer": dev.url,
-        "audiences": (dev.audience,),
-        "algorithms": ALGORITHMS,
-    }
-    fields.update(overrides)
-    return IssuerConfig(**fields)
+    return issuer_config(dev, **overrides)
 
 
 CacheFactory = Callable[..., Awaitable[JwksCache]]

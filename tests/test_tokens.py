@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -18,19 +17,11 @@ from gateway.config_types import ClaimsMap, IssuerConfig
 from gateway.devissuer import ALGORITHMS, DevIssuer
 from gateway.jwks import JwksCache
 from gateway.tokens import TokenVerifier, bearer_token
+from tests.support.issuer import issuer_config
 
 
 def config(dev: DevIssuer, /, **overrides: Any) -> IssuerConfig:
-    fields: dict[str, Any] = {
-        "name": f"dev-{uuid.uuid4().hex[:8]}",
-        "issuer": dev.url,
-        "audiences": (dev.audience,),
-        "algorithms": ALGORITHMS,
-        "leeway": 30.0,
-        "jwks_min_refetch": 0.0,
-    }
-    fields.update(overrides)
-    return IssuerConfig(**fields)
+    return issuer_config(dev, **{"leeway": 30.0, "jwks_min_refetch": 0.0, **overrides})
 
 
 class StaticKeys:

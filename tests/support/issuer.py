@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
-from gateway.devissuer import DevIssuer
+from gateway.config_types import IssuerConfig
+from gateway.devissuer import ALGORITHMS, DevIssuer
 
 
 @pytest.fixture
@@ -28,3 +31,15 @@ async def other_issuer() -> AsyncIterator[DevIssuer]:
         yield dev
     finally:
         await dev.stop()
+
+
+def issuer_config(dev: DevIssuer, /, **overrides: Any) -> IssuerConfig:
+    """An IssuerConfig for `dev` (unique name, every algorithm allowed), with overrides."""
+    fields: dict[str, Any] = {
+        "name": f"dev-{uuid.uuid4().hex[:8]}",
+        "issuer": dev.url,
+        "audiences": (dev.audience,),
+        "algorithms": ALGORITHMS,
+    }
+    fields.update(overrides)
+    return IssuerConfig(**fields)
