@@ -418,9 +418,11 @@ class _RouteBuilder:
 
     def _prefix(self, node: Node, key: str) -> str:
         value = self.r.str_(node, key)
-        if not value.startswith("/") or "{" in value or "//" in value or "/../" in value + "/" \
-                or "/./" in value + "/" or "%" in value or "\\" in value:
-            raise Invalid(f"expected a plain normalised path prefix starting with '/', got {value!r}")
+        # The route table's own check (normal form, no dot segments with ';', no encoded '/'), so that
+        # what `gateway check` accepts is what the server can compile; escapes are refused outright.
+        problem = routes.check_prefix(value) or ("a prefix is written without %-escapes" if "%" in value else None)
+        if problem:
+            raise Invalid(f"expected a plain normalised path prefix starting with '/': {problem}")
         return value
 
     def _methods(self, node: Node, key: str) -> tuple[str, ...] | None:

@@ -138,3 +138,10 @@ def test_public_route_cannot_have_rules() -> None:
     found = problems(MINIMAL + "    auth: {required: false, scopes: [x]}\n")
     assert found == ["gw.yaml:12: routes[0].auth.scopes: a public route (required: false) cannot have rules; "
                      "remove it or set required: true"]
+
+
+@pytest.mark.parametrize("prefix", ["/x/..;/", "/x//", "/x/../", "/a%20b/", "api/"])
+def test_prefix_the_route_table_would_refuse_is_refused_at_load(prefix: str) -> None:
+    found = problems(MINIMAL.replace('match: {path: "/orders/{id}", methods: [GET]}',
+                                     f'match: {{path_prefix: "{prefix}"}}'))
+    assert len(found) == 1 and found[0].startswith("gw.yaml:10: routes[0].match.path_prefix: expected a plain")
