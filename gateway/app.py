@@ -11,7 +11,7 @@ import ssl
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Protocol
 
 import aiohttp
@@ -105,8 +105,10 @@ class GatewayApp:
         self._inflight = 0
         self._idle = asyncio.Event()
         self._idle.set()
-        self._labels: dict[tuple[str, str, int], Any] = {}
-        self._durations: dict[str, Any] = {}
+        # Each (route, method, status)'s counter and each route's histogram, resolved once (metrics.py).
+        self._labels: dict[tuple[str, str, int], Callable[[float], None]] = {}
+        self._durations: dict[str, Callable[[float], None]] = {}
+        self._inflight_add = metrics.incrementer(metrics.inflight_requests)
         self._flusher: asyncio.Task[None] | None = None
         self._stamp = accesslog.Stamp()
         self._scheme = "http"
@@ -215,7 +217,7 @@ class GatewayApp:
         ex = Exchange(request_id_from(request.headers))
         self._inflight += 1
         self._idle.clear()
-        metrics.inflight_requests.inc()
+        self._inflight_add(1)
         status, auth, target, upstream_status = 500, "-", "", 0
         client_ip = request.remote or ""
         try:
@@ -257,7 +259,7 @@ class GatewayApp:
             self._inflight -= 1
             if self._inflight == 0:
                 self._idle.set()
-            metrics.inflight_requests.dec()
+            self._inflight_add(-1)
             elapsed = time.perf_counter() - started
             self._observe(ex.route, request.method if request.method in _METHODS else "OTHER", status, elapsed)
             accesslog.request_line(self._stamp(), request.method, request.raw_path, ex, status, elapsed, target,
@@ -342,14 +344,15 @@ class GatewayApp:
 
     def _observe(self, route: str, method: str, status: int, elapsed: float) -> None:
         key = (route, method, status)
-        child = self._labels.get(key)
-        if child is None:
-            child = self._labels[key] = metrics.requests_total.labels(route=route, method=method, status=str(status))
-        child.inc()
-        hist = self._durations.get(route)
-        if hist is None:
-            hist = self._durations[route] = metrics.request_duration_seconds.labels(route=route)
-        hist.observe(elapsed)
+        inc = self._labels.get(key)
+        if inc is None:
+            inc = self._labels[key] = metrics.incrementer(
+                metrics.requests_total.labels(route=route, method=method, status=str(status)))
+        inc(1)
+        observe = self._durations.get(route)
+        if observe is None:
+            observe = self._durations[route] = metrics.observer(metrics.request_duration_seconds.labels(route=route))
+        observe(elapsed)
 
 class _Req(Protocol):
     """What the request path reads of a request: H1Request, and aiohttp's BaseRequest for Upgrades."""

@@ -162,7 +162,7 @@ class TokenVerifier:
         # OrderedDict, not dict: evicting the oldest of a plain dict is O(holes) (next(iter()) walks the
         # deleted slots), ~20 us per eviction at 100k entries; popitem(last=False) is O(1).
         self._cache: OrderedDict[str, _Entry] = OrderedDict()
-        self._hits = metrics.token_cache_hits_total
+        self._hit = metrics.incrementer(metrics.token_cache_hits_total)
         self._by_iss: dict[str, _Issuer] = {}
         for cfg in issuers:
             if cfg.name not in keys:
@@ -190,7 +190,7 @@ class TokenVerifier:
         if self._clock() < entry.expires_at:
             # Approximate LRU (second chance): a hit only sets a bit instead of reordering the cache.
             entry.used = True
-            self._hits.inc()
+            self._hit(1)
             return entry.principal
         del self._cache[raw]  # past exp: verify again (leeway applies there, never here)
         return None

@@ -33,6 +33,7 @@ from gateway.breaker import CircuitBreaker
 from gateway.config_types import TLSFiles, UpstreamConfig
 from gateway.errors import BadGateway, GatewayError, UpstreamTimeout, UpstreamUnavailable
 from gateway.h1client import ConnectError, H1Pool
+from gateway.identity import Identity
 
 # RFC 9110 s9.2.2: repeating these has the same effect as sending once, so a retry is safe.
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
@@ -177,12 +178,13 @@ class _Pool:
     """One upstream: its targets in order, round-robin position and everything fixed per request."""
 
     __slots__ = ("name", "targets", "single", "next", "timeout", "ws_timeout", "ssl", "attempts", "retry_on",
-                 "retry_statuses", "duration")
+                 "retry_statuses", "duration", "any_session")
 
     def __init__(self, cfg: UpstreamConfig, targets: tuple[_Target, ...], ssl_ctx: ssl.SSLContext | bool):
         self.name = cfg.name
         self.targets = targets
         self.single = targets[0] if len(targets) == 1 else None  # send()'s fast path
+        self.any_session = any(t.h1 is None for t in targets)  # a TLS target: sent by aiohttp's client
         self.next = 0
         # sock_read bounds the wait for the response headers as well as each body read.
         self.timeout = aiohttp.ClientTimeout(
@@ -194,7 +196,7 @@ class _Pool:
         self.attempts = max(1, cfg.retries.attempts)
         self.retry_on = cfg.retries.retry_on
         self.retry_statuses = frozenset(int(s) for s in cfg.retries.retry_on if s.isdigit())
-        self.duration = metrics.upstream_duration_seconds.labels(cfg.name)
+        self.duration = metrics.observer(metrics.upstream_duration_seconds.labels(cfg.name))
 
     def pick(self, tried: tuple[_Target, ...]) -> _Target | None:
         """The next target in round-robin order whose breaker admits a request, preferring one not
@@ -307,6 +309,7 @@ class Upstreams:
         path_qs: str,
         headers: CIMultiDict[str],
         body: AsyncIterable[bytes] | None,
+        identity: Identity | None = None,
     ) -> UpstreamResponse:
         """Send one request and return once the response headers arrived.
 
@@ -322,6 +325,12 @@ class Upstreams:
         if "Host" in headers:
             headers = headers.copy()
             del headers["Host"]
+        extra = b""
+        if identity is not None:
+            extra = identity.raw  # the lean client appends these lines as they are (gateway.identity.Identity)
+            if pool.any_session:  # aiohttp's client (TLS targets) takes them as headers
+                headers = headers.copy()
+                headers.extend(identity.pairs)
         resend = body is None and method in IDEMPOTENT
         attempts = pool.attempts if resend else 1
         single = pool.single
@@ -341,7 +350,8 @@ class Upstreams:
             try:
                 if h1 is not None:
                     resp = await h1.request(method, target.prefix + path_qs, headers,
-                                            guard.iterate() if guard is not None else None, resend=resend)
+                                            guard.iterate() if guard is not None else None, resend=resend,
+                                            extra=extra)
                 else:
                     resp = await session.request(
                         method, URL(target.base + path_qs, encoded=True), headers=headers,
@@ -366,7 +376,7 @@ class Upstreams:
             except BaseException:
                 breaker.release()  # cancelled (the client went away): no verdict on the target
                 raise
-            pool.duration.observe(time.perf_counter() - started)
+            pool.duration(time.perf_counter() - started)
             status = resp.status
             if status not in FAILURE_STATUSES:
                 breaker.record_success()

@@ -413,3 +413,47 @@ async def test_workers_do_not_outlive_a_killed_supervisor(
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+def test_lean_updates_leave_exactly_what_prometheus_client_would() -> None:
+    """metrics.incrementer/observer (the request path's updates) against the library's own inc/observe:
+    the same exposition, boundaries (an amount equal to a bucket's bound) and +Inf included."""
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+    from gateway import metrics
+
+    def build() -> tuple[CollectorRegistry, Any, Any, Any]:
+        reg = CollectorRegistry()
+        c = Counter("c_total", "c", ["r"], registry=reg)
+        g = Gauge("g", "g", registry=reg)
+        h = Histogram("h_seconds", "h", ["r"], buckets=metrics.LATENCY_BUCKETS, registry=reg)
+        return reg, c.labels(r="x"), g, h.labels(r="x")
+
+    amounts = [0.0, 0.0001, 0.0005, 0.00050001, 0.001, 0.3, 1.0, 59.9, 60.0, 61.0, 1e9]
+    slow, c1, g1, h1 = build()
+    fast, c2, g2, h2 = build()
+    inc, add, observe = metrics.incrementer(c2), metrics.incrementer(g2), metrics.observer(h2)
+    for amount in amounts:
+        c1.inc()
+        inc(1)
+        g1.inc()
+        g1.dec()
+        g1.inc()
+        add(1)
+        add(-1)
+        add(1)
+        h1.observe(amount)
+        observe(amount)
+    assert generate_latest(fast) == generate_latest(slow)
+    assert b'h_seconds_bucket{le="0.0005",r="x"} 3.0' in generate_latest(fast)  # 0.0005 itself is <= 0.0005
+    assert b'h_seconds_bucket{le="+Inf",r="x"} 11.0' in generate_latest(fast)
+
+
+def test_lean_updates_refuse_a_family_without_its_labels() -> None:
+    from prometheus_client import CollectorRegistry, Counter
+
+    from gateway import metrics
+
+    family = Counter("c_total", "c", ["r"], registry=CollectorRegistry())
+    with pytest.raises(ValueError, match="missing label values"):
+        metrics.incrementer(family)
