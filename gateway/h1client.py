@@ -230,8 +230,11 @@ class H1Pool:
 
     # -- one exchange -----------------------------------------------------------------------------
     async def request(self, method: str, path_qs: str, headers: CIMultiDict[str],
-                      body: AsyncIterable[bytes] | None, *, resend: bool) -> H1Response:
+                      body: AsyncIterable[bytes] | None, *, resend: bool, extra: bytes = b"") -> H1Response:
         """Send one request and return once the final response's headers arrived.
+
+        `extra`: header lines (each ending CRLF) appended to the head as they are, without the
+        serializer's check: only for lines the caller built from checked values (gateway.identity.Identity).
 
         `resend`: the request may be sent again on a new connection if the one used was dropped before
         any byte of the response arrived (the caller says so only for idempotent body-less requests).
@@ -253,6 +256,8 @@ class H1Pool:
         # The C serializer refuses CR/LF in the request line and in every name and value (RFC 9110 s5.5).
         head = _serialize_headers(f"{method} {path_qs} HTTP/1.1",
                                   cast(Any, _Head(self._host_header, headers, tail)))
+        if extra:
+            head = head[:-2] + extra + _CHUNK_END  # before the blank line that ends the head
         skip = method == "HEAD"
         conn = self._take()  # not `or`: a ResponseHandler is a queue, falsy when empty
         if conn is None:

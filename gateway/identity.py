@@ -44,6 +44,7 @@ _AUTH_PREFIX = "x-auth-"
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 # RFC 9110 s5.5: a field value never holds CR, LF or NUL; other controls (but HTAB) are refused too.
 _UNSAFE_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+_FIELD_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 s5.1: a token
 
 
 @functools.lru_cache(maxsize=4096)
@@ -251,6 +252,25 @@ def _safe(value: str) -> str:
     return value
 
 
+class Identity:
+    """One token's identity headers, built once (the same token always yields the same headers).
+
+    `pairs` for aiohttp's client (TLS targets, WebSockets); `raw`, the same fields as the lines of a
+    request head, for the lean client (h1client.py), which appends them without its per-character
+    check: they are checked here, once (a field name is a token, a value holds no CR, LF, NUL or other
+    control character: RFC 9110 s5.1, s5.5).
+    """
+
+    __slots__ = ("pairs", "raw")
+
+    def __init__(self, pairs: tuple[tuple[str, str], ...]) -> None:
+        for name, value in pairs:
+            if not _FIELD_NAME.fullmatch(name) or _UNSAFE_VALUE.search(value):
+                raise ValueError(f"unsafe header field {name!r}")
+        self.pairs = pairs
+        self.raw = "".join(f"{name}: {value}\r\n" for name, value in pairs).encode()
+
+
 def identity_headers(p: Principal) -> dict[str, str]:
     """SPEC 4 `forward.identity: headers`: each header only when the token carries the value."""
     out: dict[str, str] = {}
@@ -308,7 +328,7 @@ class TokenMinter:
         self._clock = clock
         self._cache_size = cache_size
         # OrderedDict: FIFO eviction in O(1) (a plain dict's next(iter()) walks deleted slots).
-        self._cache: OrderedDict[tuple[str, str, tuple[str, ...], str], _Minted] = OrderedDict()
+        self._cache: OrderedDict[tuple[str, str, tuple[str, ...] | None, str], _Minted] = OrderedDict()
         # Re-mint once a third of the life is gone (at least 5 s before expiry): an upstream
         # never receives a token about to expire in transit, and we sign ~once per ttl*2/3.
         self._min_remaining = max(cfg.ttl / 3, 5.0)
@@ -319,17 +339,19 @@ class TokenMinter:
             raise InvalidToken("expired", issuer=p.issuer)
         if not forward.audience:
             raise ValueError("forward.audience is required to mint an internal token")
+        key = self._keys.current()
+        # The scopes minted follow from the token (its hash) and the route's forward.scopes: the key
+        # names those, so a hit computes no intersection.
+        cache_key = (p.token_hash, forward.audience, forward.scopes, key.kid)
+        if p.token_hash:
+            hit = self._cache.get(cache_key)
+            if hit is not None and now < hit.exp and (hit.capped or hit.exp - now > self._min_remaining):
+                return hit.token
         if forward.scopes is None:
             scopes = tuple(sorted(p.scopes))
         else:
             # Down-scoping: the intersection, so a route can narrow the user's scopes but never widen them.
             scopes = tuple(sorted(p.scopes.intersection(forward.scopes)))
-        key = self._keys.current()
-        cache_key = (p.token_hash, forward.audience, scopes, key.kid)
-        if p.token_hash:
-            hit = self._cache.get(cache_key)
-            if hit is not None and now < hit.exp and (hit.capped or hit.exp - now > self._min_remaining):
-                return hit.token
         exp = now + self._cfg.ttl
         capped = p.exp is not None and p.exp <= exp
         if p.exp is not None and capped:

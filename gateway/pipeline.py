@@ -12,13 +12,14 @@ from multidict import CIMultiDict
 
 from gateway.authz import Rules
 from gateway.config_types import Config, ForwardConfig, RouteConfig
-from gateway.identity import identity_headers, upstream_request_headers
+from gateway.identity import Identity, identity_headers, upstream_request_headers
 from gateway.model import Principal, RequestView, RouteMatch
 from gateway.routes import RouteTable
 from gateway.tokens import bearer_token
 from gateway.upstream import UpstreamResponse
 
 _IDENTITY_CACHE = 10_000  # tokens whose identity headers are kept (a few hundred bytes each)
+_MINTED_CACHE = 10_000  # internal tokens whose Authorization line is kept (under 1 KB each)
 
 
 class Verifier(Protocol):
@@ -35,7 +36,7 @@ class Minter(Protocol):
 
 class Sender(Protocol):
     async def send(self, upstream: str, method: str, path_qs: str, headers: CIMultiDict[str],
-                   body: AsyncIterable[bytes] | None) -> UpstreamResponse: ...
+                   body: AsyncIterable[bytes] | None, identity: Identity | None = None) -> UpstreamResponse: ...
 
     async def open_websocket(self, upstream: str, path_qs: str, headers: CIMultiDict[str],
                              protocols: tuple[str, ...] = ()) -> aiohttp.ClientWebSocketResponse: ...
@@ -66,7 +67,8 @@ class Gateway:
         # token_hash -> the identity headers of that token: the same token always yields the same
         # headers under one config (a reload builds a new Gateway), so they are built once per token.
         # OrderedDict: its FIFO eviction is O(1) (a plain dict's next(iter()) walks deleted slots).
-        self._identity: OrderedDict[str, tuple[tuple[str, str], ...]] = OrderedDict()
+        self._identity: OrderedDict[str, Identity] = OrderedDict()
+        self._minted: OrderedDict[str, Identity] = OrderedDict()  # internal token -> its Authorization line
         # Each route's rules compiled once (frozensets, claim checks), found by route name.
         self._rules = {r.name: Rules(r.auth) for r in config.routes if r.auth.required}
         # Synchronous fast paths when the stages offer them (TokenVerifier.cached, check_local): no
@@ -99,41 +101,59 @@ class Gateway:
 
     async def admit(self, view: RequestView, ex: Exchange) -> tuple[RouteMatch, CIMultiDict[str]]:
         """Route, authenticate and authorize; the headers the upstream will receive."""
+        match, headers, identity = await self._admit(view, ex)
+        if identity is not None:
+            # extend, not update: upstream_request_headers already removed every X-Auth-* header.
+            headers.extend(identity.pairs)
+        return match, headers
+
+    async def _admit(self, view: RequestView, ex: Exchange) -> tuple[RouteMatch, CIMultiDict[str], Identity | None]:
+        """admit() with the identity apart (headers mode's X-Auth-*, token mode's Authorization), as
+        built once per token: the lean upstream client appends its bytes to the request head."""
         match = self.match(view)
         route = match.route
         ex.route, ex.upstream = route.name, route.upstream
-        principal = None
-        if route.auth.required:
-            principal = await self.authenticate(view, route, match, ex)
-        return match, self.upstream_headers(view, route, principal, ex.request_id)
+        if not route.auth.required:
+            return match, self.upstream_headers(view, route, ex.request_id), None
+        principal = await self.authenticate(view, route, match, ex)
+        headers = self.upstream_headers(view, route, ex.request_id)
+        mode = route.forward.identity
+        if mode == "headers":
+            return match, headers, self._identity_of(principal)
+        if mode == "token" and self.minter is not None:
+            return match, headers, self._bearer(self.minter.mint(principal, route.forward))
+        return match, headers, None
 
     async def handle(self, view: RequestView, body: AsyncIterable[bytes] | None, ex: Exchange) -> UpstreamResponse:
-        match, headers = await self.admit(view, ex)
+        match, headers, identity = await self._admit(view, ex)
         path_qs = match.upstream_path + ("?" + view.query_string if view.query_string else "")
-        return await self.upstreams.send(match.route.upstream, view.method, path_qs, headers, body)
+        return await self.upstreams.send(match.route.upstream, view.method, path_qs, headers, body, identity)
 
-    def upstream_headers(self, view: RequestView, route: RouteConfig, principal: Principal | None,
-                         request_id: str) -> CIMultiDict[str]:
+    def upstream_headers(self, view: RequestView, route: RouteConfig, request_id: str) -> CIMultiDict[str]:
+        """The client's headers filtered and the forwarding headers; the identity (headers, or the minted
+        token) is added by the caller (see _admit)."""
         # Strip before add (Envoy extractor.cc): the client's Authorization and X-Auth-* never pass.
-        headers = upstream_request_headers(
+        return upstream_request_headers(
             view.headers, strip_authorization=route.auth.required, keep_upgrade=route.websocket,
             client_ip=view.client_ip, peer_ip=view.peer_ip, trusted_proxies=self._trusted,
             scheme=view.scheme, host=view.headers.get("Host", ""), request_id=request_id,
         )
-        if principal is not None:
-            mode = route.forward.identity
-            if mode == "headers":
-                # extend, not update: upstream_request_headers already removed every X-Auth-* header.
-                headers.extend(self._identity_headers(principal))
-            elif mode == "token" and self.minter is not None:
-                headers["Authorization"] = "Bearer " + self.minter.mint(principal, route.forward)
-        return headers
 
-    def _identity_headers(self, p: Principal) -> tuple[tuple[str, str], ...]:
+    def _bearer(self, minted: str) -> Identity:
+        """Token mode's `Authorization: Bearer <internal token>` as an Identity, built once per minted
+        token (the minter returns the same string until it re-mints)."""
+        hit = self._minted.get(minted)
+        if hit is None:
+            if len(self._minted) >= _MINTED_CACHE:
+                self._minted.popitem(last=False)
+            hit = self._minted[minted] = Identity((("Authorization", "Bearer " + minted),))
+        return hit
+
+    def _identity_of(self, p: Principal) -> Identity:
         key = p.token_hash
         hit = self._identity.get(key) if key else None
         if hit is None:
-            hit = tuple(identity_headers(p).items())  # raises InvalidToken for unsafe values: never cached
+            hit = Identity(tuple(identity_headers(p).items()))  # raises InvalidToken for unsafe values: never cached
             if key:
                 if len(self._identity) >= _IDENTITY_CACHE:
                     self._identity.popitem(last=False)  # FIFO: oldest insertion first

@@ -18,6 +18,7 @@ from gateway import metrics
 from gateway.config_types import ForwardConfig, InternalTokenConfig
 from gateway.errors import InvalidToken
 from gateway.identity import (
+    Identity,
     TokenMinter,
     client_ip_from,
     identity_headers,
@@ -399,3 +400,18 @@ def test_response_headers_drop_hop_by_hop() -> None:
     assert list(out.items()) == [
         ("Content-Type", "application/json"), ("Set-Cookie", "a=1"), ("Set-Cookie", "b=2"),
     ]
+
+
+@pytest.mark.parametrize("pair", [("X-Auth-Subject", "a\r\nX-Admin: 1"), ("X-Auth-Subject", "a\nb"),
+                                  ("X-Auth-Subject", "a\x00"), ("X-Auth Subject", "a"), ("X-Auth-Subject:", "a"),
+                                  ("", "a")])
+def test_identity_lines_are_checked_once_where_they_are_built(pair: tuple[str, str]) -> None:
+    """Identity.raw goes into the request head without the serializer's check: it refuses what would
+    split or end the head."""
+    with pytest.raises(ValueError, match="unsafe header field"):
+        Identity((("X-Auth-Issuer", "dev"), pair))
+
+
+def test_identity_lines_are_the_pairs_as_a_request_head_writes_them() -> None:
+    ident = Identity((("X-Auth-Subject", "alice"), ("X-Auth-Scopes", "a b"), ("Authorization", "Bearer x.y-z_")))
+    assert ident.raw == b"X-Auth-Subject: alice\r\nX-Auth-Scopes: a b\r\nAuthorization: Bearer x.y-z_\r\n"

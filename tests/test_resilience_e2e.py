@@ -253,6 +253,40 @@ async def test_mtls_upstream_from_config(issuer: DevIssuer, make_upstream: MakeU
         assert target.hits == 1  # the handshake without a client certificate never became a request
 
 
+async def test_identity_reaches_a_tls_upstream_as_it_reaches_a_plain_one(
+        issuer: DevIssuer, make_upstream: MakeUpstream, tmp_path: Path, gateway_factory: Any) -> None:
+    """Headers and token mode through aiohttp's client (TLS targets) and through the lean client (plain):
+    the same identity arrives once, and the client's own X-Auth-* and Authorization never do."""
+    pki = make_pki(tmp_path)
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(pki["server"])
+    secure, plain = await make_upstream(ssl_context=server_ctx), await make_upstream()
+    routes = "".join(
+        f"  - name: {name}-{mode}\n    match: {{path_prefix: /{name}-{mode}/}}\n    upstream: {name}\n"
+        f"    forward: {{identity: {mode}{', audience: svc' if mode == 'token' else ''}}}\n"
+        for name in ("secure", "plain") for mode in ("headers", "token"))
+    text = gateway_yaml(issuer.url, [upstream_yaml("secure", secure.url, attempts=1, tls=f"{{ca_file: {pki['ca']}}}"),
+                                     upstream_yaml("plain", plain.url, attempts=1)], routes,
+                        extra=f"internal_token:\n  key_store: {tmp_path / 'keys.json'}\n")
+    token = issuer.token({"sub": "alice", "scope": "a b", "jti": "j-1"})
+    spoof = {"X-Auth-Subject": "mallory", "x-auth-scopes": "admin"}
+    async with gateway_factory(text) as gw:
+        for name in ("secure", "plain"):
+            status, _, body = await gw.request("GET", f"/{name}-headers/x", token=token, headers=spoof)
+            assert status == 200, body
+            got = {k.lower(): v for k, v in body["headers"].items()}
+            assert (got["x-auth-subject"], got["x-auth-scopes"], got["x-auth-token-id"]) == ("alice", "a b", "j-1")
+            assert "authorization" not in got
+            assert [k.lower() for k, _ in body["header_list"]].count("x-auth-subject") == 1
+            status, _, body = await gw.request("GET", f"/{name}-token/x", token=token, headers=spoof)
+            assert status == 200, body
+            got = {k.lower(): v for k, v in body["headers"].items()}
+            assert got["authorization"].startswith("Bearer ") and token not in got["authorization"]
+            assert not any(k.startswith("x-auth-") for k in got)
+            assert [k.lower() for k, _ in body["header_list"]].count("authorization") == 1
+    assert (secure.hits, plain.hits) == (2, 2)
+
+
 # --- WebSocket --------------------------------------------------------------------------------------
 
 
