@@ -106,6 +106,9 @@ class Procs:
                 proc.wait(5)
         self.procs = [(n, p) for n, p in self.procs if p is not proc]
 
+    def pids(self, name: str) -> list[int]:
+        return [p.pid for n, p in self.procs if n == name]
+
     def stop_all(self) -> None:
         for _, proc in reversed(list(self.procs)):
             self.stop(proc)
@@ -388,9 +391,11 @@ routes:
 
 
 @contextlib.contextmanager
-def gateway(world: World, workers: int, log: Path | None) -> Iterator[subprocess.Popen[bytes]]:
-    """`gateway run` with the bench config: one worker pinned to the proxy core, or N on every core."""
-    cmd = [sys.executable, "-m", "gateway", "run", "-c", str(world.gateway_cfg), "--workers", str(workers)]
+def gateway(world: World, workers: int, log: Path | None, *, wrapper: tuple[str, ...] = (),
+            ready_within: float = 30.0) -> Iterator[subprocess.Popen[bytes]]:
+    """`gateway run` with the bench config: one worker pinned to the proxy core, or N on every core.
+    `wrapper`: a command the gateway runs under (bench/instructions.py: valgrind)."""
+    cmd = [*wrapper, sys.executable, "-m", "gateway", "run", "-c", str(world.gateway_cfg), "--workers", str(workers)]
     if workers == 1:
         cmd = ["taskset", "-c", PROXY_CORE, *cmd]
     out: Any = open(log, "ab") if log is not None else subprocess.DEVNULL  # noqa: SIM115
@@ -402,7 +407,7 @@ def gateway(world: World, workers: int, log: Path | None) -> Iterator[subprocess
         if log is not None:
             out.close()
     try:
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + ready_within
         while True:
             if proc.poll() is not None:
                 err = (world.tmp / f"gateway-w{workers}.err").read_text()[-2000:]
@@ -413,7 +418,7 @@ def gateway(world: World, workers: int, log: Path | None) -> Iterator[subprocess
             except OSError:
                 pass
             if time.monotonic() > deadline:
-                raise RuntimeError("gateway not ready within 30s")
+                raise RuntimeError(f"gateway not ready within {ready_within:g}s")
             time.sleep(0.1)
         base = f"http://127.0.0.1:{world.gateway_port}"
         auth = {"Authorization": f"Bearer {world.token}"}
@@ -446,8 +451,14 @@ def _ms(text: str) -> float:
     return float(m.group(1)) * _UNITS[m.group(2)]
 
 
+def cpu_ticks(pids: list[int]) -> int:
+    """utime + stime of these processes and their children (the workers of `gateway run --workers N`)."""
+    return sum(_proc_ticks(p) for pid in pids for p in (pid, *children(pid)))
+
+
 def wrk(url: str, duration: float, *, token: str | None = None, connections: int = 50, pin: bool = True,
-        script: Path | None = None, noise: ForeignCpu | None = None) -> dict[str, float]:
+        script: Path | None = None, noise: ForeignCpu | None = None,
+        cpu_of: list[int] | None = None) -> dict[str, float]:
     cmd = [tool("wrk"), "-t1", f"-c{connections}", f"-d{max(1, round(duration))}s", "--latency"]
     if token:
         cmd += ["-H", f"Authorization: Bearer {token}"]
@@ -460,7 +471,9 @@ def wrk(url: str, duration: float, *, token: str | None = None, connections: int
     if noise is not None:
         waited = noise.wait_quiet(QUIET_WAIT)
         noise.start()
+    ticks0 = cpu_ticks(cpu_of) if cpu_of else 0
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 60, check=False).stdout
+    ticks = cpu_ticks(cpu_of) - ticks0 if cpu_of else 0
     other = noise.stop() if noise is not None else math.nan
     rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
     total = re.search(r"(\d+) requests in", out)
@@ -470,17 +483,25 @@ def wrk(url: str, duration: float, *, token: str | None = None, connections: int
         raise RuntimeError(f"unparsable wrk output:\n{out}")
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     errs = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
-    return {"rps": float(rps.group(1)), "requests": int(total.group(1)), "p50_ms": _ms(p50.group(1)),
+    requests = int(total.group(1))
+    # The proxy's own CPU per request (ticks of 10 ms: ~0.2 % resolution over a 5 s sample at one core):
+    # steadier than req/s on a shared machine, and what decides how far more cores take it.
+    cpu_us = ticks / os.sysconf("SC_CLK_TCK") * 1e6 / requests if cpu_of and requests else math.nan
+    return {"rps": float(rps.group(1)), "requests": requests, "cpu_us": cpu_us, "p50_ms": _ms(p50.group(1)),
             "p99_ms": _ms(p99.group(1)), "non2xx": int(non2xx.group(1)) if non2xx else 0,
             "socket_errors": sum(int(x) for x in errs.groups()) if errs else 0, "other_cpu": other,
             "waited_s": round(waited, 1)}
 
 
 def paced_script(tmp: Path, rate: float, connections: int) -> Path:
-    """A wrk script holding the offered load near `rate` req/s: each connection waits between requests."""
+    """A wrk script holding the offered load near `rate` req/s: each connection waits between requests.
+
+    The wait is drawn uniformly from 0..2x its mean: with one fixed wait, the 50 connections (opened
+    together) fire in lockstep, and p99 measures how long a burst of 50 simultaneous requests queues,
+    not the latency at an average rate."""
     delay_ms = max(1, round(connections / rate * 1000))
     path = tmp / f"paced-{delay_ms}.lua"
-    path.write_text(f"function delay()\n  return {delay_ms}\nend\n")
+    path.write_text(f"math.randomseed(os.time())\nfunction delay()\n  return math.random(0, {2 * delay_ms})\nend\n")
     return path
 
 
@@ -494,6 +515,7 @@ class Row:
     label: str
     url: str
     token: bool
+    cpu_of: list[int] = field(default_factory=list)  # the proxy's processes: CPU per request
     samples: list[dict[str, float]] = field(default_factory=list)
 
     def med(self, name: str) -> float:
@@ -506,7 +528,7 @@ class Row:
                 "rps_max": max(rps, default=math.nan),
                 "rps_stdev": statistics.stdev(rps) if len(rps) > 1 else 0.0,
                 "p50_ms_median": self.med("p50_ms"), "p99_ms_median": self.med("p99_ms"),
-                "other_cpu_median": self.med("other_cpu"),
+                "other_cpu_median": self.med("other_cpu"), "cpu_us_median": self.med("cpu_us"),
                 "errors": sum(s["non2xx"] + s["socket_errors"] for s in self.samples)}
 
 
@@ -535,10 +557,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         gw = f"http://127.0.0.1:{world.gateway_port}"
         hp = "http://127.0.0.1:"
         rows = [
-            Row("upstream", "upstream direct (nginx)", up + PATHS["headers"], False),
-            Row("haproxy", "HAProxy plain", f"{hp}{world.haproxy_plain}{PATHS['headers']}", False),
+            Row("upstream", "upstream direct (nginx)", up + PATHS["headers"], False, procs.pids("nginx")),
+            Row("haproxy", "HAProxy plain", f"{hp}{world.haproxy_plain}{PATHS['headers']}", False,
+                procs.pids("haproxy")),
             Row("haproxy_jwt", "HAProxy + jwt_verify RS256", f"{hp}{world.haproxy_jwt}{PATHS['headers']}",
-                True),
+                True, procs.pids("haproxy")),
             Row("gw_public", "gateway public route", gw + PATHS["public"], False),
             Row("gw_headers", "gateway headers mode", gw + PATHS["headers"], True),
             Row("gw_token", "gateway token mode", gw + PATHS["token"], True),
@@ -553,10 +576,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if args.compare:
                 other = dataclasses.replace(world, root=Path(args.compare).resolve())
                 write_gateway_config(other, "gateway-compare")
-                stack.enter_context(gateway(other, 1, None))
+                cmp_proc = stack.enter_context(gateway(other, 1, None))
                 cmp = f"http://127.0.0.1:{other.gateway_port}"
-                twins = {"gw_" + k: Row("cmp_" + k, f"compare: {k} route", cmp + PATHS[k], k != "public")
-                         for k in PATHS}
+                twins = {"gw_" + k: Row("cmp_" + k, f"compare: {k} route", cmp + PATHS[k], k != "public",
+                                        [cmp_proc.pid]) for k in PATHS}
                 rows = [x for r in rows for x in ((r, twins[r.key]) if r.key in twins else (r,))]
             rss: dict[str, Any] = {"before_load_kb": rss_kb(proc.pid)}
             for row in rows:  # warm every path (connection pools, caches) before measuring
@@ -565,11 +588,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for rep in range(args.reps):  # repetitions interleaved, so drift spreads over every row
                 for row in rows:
                     sample = wrk(row.url, args.duration, token=world.token if row.token else None,
-                                 noise=noise)
+                                 noise=noise, cpu_of=row.cpu_of or [proc.pid])
                     row.samples.append(sample)
                     print(f"  rep {rep + 1}/{args.reps} {row.label:<30} {sample['rps']:>9.0f} req/s  "
                           f"p50 {sample['p50_ms']:.2f} ms  p99 {sample['p99_ms']:.2f} ms  "
-                          f"other CPU {sample['other_cpu']:.2f}", flush=True)
+                          f"CPU {sample['cpu_us']:.0f} µs/req  other CPU {sample['other_cpu']:.2f}", flush=True)
             rss["after_load_kb"] = rss_kb(proc.pid)
             result["half_rate"] = half_rate(world, rows, args, noise)
             if args.soak:
@@ -579,10 +602,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             with gateway(world, 2, log) as proc2:
                 wrk(w2.url, warm, token=world.token, pin=False)
                 for rep in range(args.reps):
-                    sample = wrk(w2.url, args.duration, token=world.token, pin=False, noise=noise)
+                    sample = wrk(w2.url, args.duration, token=world.token, pin=False, noise=noise,
+                                 cpu_of=[proc2.pid])
                     w2.samples.append(sample)
                     print(f"  rep {rep + 1}/{args.reps} {w2.label:<30} {sample['rps']:>9.0f} req/s  "
-                          f"other CPU {sample['other_cpu']:.2f}", flush=True)
+                          f"CPU {sample['cpu_us']:.0f} µs/req  other CPU {sample['other_cpu']:.2f}", flush=True)
                 result["rss"]["workers2_kb"] = [rss_kb(p) for p in gateway_pids(proc2, 2)]
             rows.append(w2)
         result["rows"] = {r.key: r.summary() for r in rows}
@@ -704,11 +728,24 @@ def ratios(rows: dict[str, Any]) -> dict[str, float]:
         if a in rows and b in rows and rows[b]["rps_median"]:
             return float(rows[a]["rps_median"] / rows[b]["rps_median"])
         return math.nan
+
+    def cpu(a: str, b: str) -> float:
+        """CPU per request of b over a's: how much more a's costs."""
+        if a in rows and b in rows and rows[a].get("cpu_us_median"):
+            return float(rows[b]["cpu_us_median"] / rows[a]["cpu_us_median"])
+        return math.nan
     return {
         "headers/haproxy_jwt": r("gw_headers", "haproxy_jwt"),
         "headers/public": r("gw_headers", "gw_public"),
         "token/headers": r("gw_token", "gw_headers"),
         "workers2/headers": r("gw_headers_w2", "gw_headers"),
+        # The same ratios from the proxy's CPU per request (steadier on a shared machine than req/s).
+        "cpu: headers/haproxy_jwt": cpu("gw_headers", "haproxy_jwt"),
+        "cpu: headers/public": cpu("gw_headers", "gw_public"),
+        "cpu: token/headers": cpu("gw_token", "gw_headers"),
+        # 2 workers on 2 cores of their own, from CPU per request (this machine has no core to spare
+        # for wrk and nginx): 2 x (1 worker's CPU per request / 2 workers' CPU per request).
+        "projected workers2/headers": 2 * cpu("gw_headers_w2", "gw_headers"),
         **{f"compare/{k}": r("cmp_" + k, "gw_" + k) for k in PATHS if "cmp_" + k in rows},
     }
 
@@ -739,9 +776,9 @@ def table(result: dict[str, Any]) -> str:
         f"`wrk -t1 -c50 --latency` on core {LOAD_CORE}, proxy on core {PROXY_CORE} "
         f"({result['machine']['cpu']}, {result['machine']['haproxy']}).",
         "",
-        "| row | req/s (median) | min–max | stdev | p50 ms | p99 ms | × HAProxy+jwt | × gw public | errors "
-        "| other CPU |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| row | req/s (median) | min–max | stdev | p50 ms | p99 ms | × HAProxy+jwt | × gw public "
+        "| proxy CPU µs/req | errors | other CPU |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for key, row in rows.items():
         gw_row = key.startswith("gw_")
@@ -751,9 +788,12 @@ def table(result: dict[str, Any]) -> str:
         lines.append(f"| {row['label']} | {row['rps_median']:.0f} "
                      f"| {row['rps_min']:.0f}–{row['rps_max']:.0f} "
                      f"| {row['rps_stdev']:.0f} | {row['p50_ms_median']:.2f} | {row['p99_ms_median']:.2f} "
-                     f"| {rj} | {rp} | {row['errors']} | {row['other_cpu_median']:.2f} |")
+                     f"| {rj} | {rp} | {row.get('cpu_us_median', math.nan):.1f} | {row['errors']} "
+                     f"| {row['other_cpu_median']:.2f} |")
     lines += ["", "other CPU: cores' worth of CPU used by processes outside the bench during the samples "
-              "(median); above ~0.1 the machine was not quiet and the numbers are low."]
+              "(median); above ~0.1 the machine was not quiet and the numbers are low. proxy CPU µs/req: "
+              "user + system time of the proxy's processes (nginx for the direct row) per request answered; "
+              "the kernel's loopback work in softirq is charged to no process."]
     ratios_ = result["ratios"]
     lines += ["", "Targets: " + "; ".join(f"{k} = {v:.2f}" for k, v in ratios_.items() if not math.isnan(v))]
     hr = result.get("half_rate") or {}
