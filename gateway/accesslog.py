@@ -1,8 +1,17 @@
-"""The access log: one JSON line per request on stdout (SPEC 7), built cheaply and never with a token."""
+"""The access log: one JSON line per request on stdout (SPEC 7), built cheaply and never with a token.
+
+Lines are written in batches of whole lines, at most PIPE_BUF bytes each, by `flush()`: when the next
+line would not fit, and every 0.5 s from the app (and at stop). One write per ~12 requests instead of
+one per request: with PYTHONUNBUFFERED=1 (the Dockerfile's, and common in containers) each
+`sys.stdout.write` was a system call. And a write of at most PIPE_BUF bytes to a pipe is atomic
+(POSIX), so the lines of `--workers N` processes sharing one stdout pipe never interleave inside a
+line, which 8 KiB buffered writes did not guarantee.
+"""
 
 from __future__ import annotations
 
 import json
+import select
 import sys
 import time
 from collections.abc import Callable
@@ -36,7 +45,7 @@ def request_line(ts: str, method: str, raw_path: str, ex: Exchange, status: int,
                 if len(_WHO) >= _WHO_MAX:
                     _WHO.clear()
                 _WHO[key] = who
-    sys.stdout.write(
+    _emit(
         f'{{"ts":"{ts}","request_id":{_esc(ex.request_id)},"method":{_ESC[method]}'
         f',"path":{_esc(raw_path.partition("?")[0])},"route":{_ESC[ex.route]},"status":{status}'
         f',"duration_ms":{elapsed * 1000:.3f},"upstream":{_OPT[ex.upstream]}'
@@ -46,11 +55,37 @@ def request_line(ts: str, method: str, raw_path: str, ex: Exchange, status: int,
 
 def refused_line(request_id: str, status: int, client_ip: str | None, auth: str) -> None:
     """The line for a request the HTTP parser refused: no method, path or route is known."""
-    sys.stdout.write(json.dumps({
+    _emit(json.dumps({
         "ts": datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
         "request_id": request_id, "method": None, "path": None, "route": "-", "status": status,
         "duration_ms": 0.0, "upstream": None, "target": None, "upstream_status": None, "client_ip": client_ip,
         "iss": None, "sub": None, "aud": None, "jti": None, "auth": auth}, separators=(",", ":")) + "\n")
+
+
+_BATCH = select.PIPE_BUF  # bytes per write at most (lines are ASCII: the JSON escaper writes \uXXXX)
+_pending: list[str] = []
+_pending_size = 0
+
+
+def _emit(line: str) -> None:
+    global _pending_size
+    if _pending_size + len(line) > _BATCH and _pending:
+        flush()
+    _pending.append(line)
+    _pending_size += len(line)
+
+
+def flush() -> None:
+    """Write the pending lines to stdout now (the app calls this every 0.5 s and when it stops)."""
+    global _pending_size
+    if not _pending:
+        return
+    text = "".join(_pending)
+    _pending.clear()
+    _pending_size = 0
+    out = sys.stdout
+    out.write(text)
+    out.flush()
 
 
 def _opt(value: str | None) -> str:

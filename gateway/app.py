@@ -169,6 +169,7 @@ class GatewayApp:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._flusher
         await self.services.close()
+        accesslog.flush()
         sys.stdout.flush()
 
     async def reload(self, path: str) -> bool:
@@ -195,7 +196,7 @@ class GatewayApp:
     async def _flush_logs(self) -> None:
         while True:
             await asyncio.sleep(0.5)
-            sys.stdout.flush()
+            accesslog.flush()
 
     # -- the request path ---------------------------------------------------------------------------
     def handle_h1(self, request: H1Request) -> Awaitable[None]:

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from gateway.devissuer import DevIssuer
-from tests.support.gateway import config_text
+from tests.support.gateway import config_text, logged
 from tests.support.upstreams import EchoUpstream
 
 ROUTES = """\
@@ -35,5 +35,5 @@ async def test_xff_trusted_and_untrusted(issuer: DevIssuer, echo_upstream: EchoU
         got = {k.lower(): v for k, v in echo_upstream.requests[-1][2].items()}
         assert got["x-forwarded-for"] == expected_xff
         assert got["x-forwarded-host"] == "api.example.com"
-        line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        line = json.loads(logged(capsys).strip().splitlines()[-1])
         assert line["client_ip"] == expected_client

@@ -14,7 +14,7 @@ from multidict import CIMultiDict
 
 from gateway.devissuer import DevIssuer
 from gateway.h1server import H1Request, H1Server
-from tests.support.gateway import config_text
+from tests.support.gateway import config_text, logged
 from tests.support.upstreams import EchoUpstream
 
 ROUTES = """\
@@ -135,7 +135,7 @@ async def test_parse_errors_answer_json_and_close(gw: Any, raw: bytes, status: i
     assert await c.closed()
     await c.close()
     await asyncio.sleep(0.05)
-    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    line = json.loads(logged(capsys).strip().splitlines()[-1])
     assert line["status"] == status and line["route"] == "-"
 
 

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from gateway.devissuer import DEFAULT_AUDIENCE, DevIssuer
-from tests.support.gateway import config_text
+from tests.support.gateway import config_text, logged
 
 ROUTES = """\
   - name: raw
@@ -106,7 +106,7 @@ async def test_small_body_relayed_whole_with_headers_minus_hop_by_hop(
     assert headers["Content-Type"] == "application/json" and headers["Content-Length"] == str(len(body))
     assert "X-Hop" not in headers and "Keep-Alive" not in headers
     assert re.fullmatch(r"[0-9a-f]{32}", headers["X-Request-Id"])
-    line = _lines(capsys.readouterr().out)[-1]
+    line = _lines(logged(capsys))[-1]
     assert (line["status"], line["upstream_status"], line["route"]) == (201, 201, "raw")
     assert line["target"] == raw.url and line["upstream"] == "raw" and line["auth"] == "none"
 
@@ -146,7 +146,7 @@ async def test_small_body_cut_short_is_an_honest_502(gw: Any, raw: RawUpstream,
     raw.scripts["/raw/short"] = (_answer("200 OK", [], b"abc", length=100), True)
     status, headers, got = await gw.request("GET", "/raw/short")
     assert status == 502 and got["error"] == "bad_gateway" and got["request_id"] == headers["X-Request-Id"]
-    line = _lines(capsys.readouterr().out)[-1]
+    line = _lines(logged(capsys))[-1]
     assert (line["status"], line["upstream_status"], line["target"]) == (502, 200, raw.url)
     # The gateway still answers the next request (the broken upstream connection was not reused).
     raw.scripts["/raw/ok"] = (_answer("200 OK", [], b"fine", length=4), False)
@@ -170,7 +170,7 @@ async def test_every_log_line_is_exact_json_whatever_the_path(
         gw: Any, raw: RawUpstream, capsys: pytest.CaptureFixture[str], target: bytes) -> None:
     reply = await _raw_request(gw.app.public_port, target)
     assert reply.startswith(b"HTTP/1.")
-    line = _lines(capsys.readouterr().out)[-1]
+    line = _lines(logged(capsys))[-1]
     if all(0x21 <= b < 0x7F for b in target):  # printable ASCII reaches the gateway (quotes, backslashes)
         assert line["path"] is not None
     if line["path"] is not None:  # else refused by the HTTP parser (logged with path null)
@@ -185,7 +185,7 @@ async def test_claims_with_quotes_backslashes_unicode_and_controls_log_exactly(
     token = issuer.token({"sub": odd, "jti": odd + "j", "aud": [DEFAULT_AUDIENCE, odd]})
     status, _, _ = await gw.request("GET", "/who/x", token=token)
     assert status == 401  # a control character cannot become an identity header
-    out = capsys.readouterr().out
+    out = logged(capsys)
     assert token not in out
     line = _lines(out)[-1]
     assert line["sub"] == odd and line["jti"] == odd + "j" and line["aud"] == [DEFAULT_AUDIENCE, odd]
@@ -194,7 +194,7 @@ async def test_claims_with_quotes_backslashes_unicode_and_controls_log_exactly(
     status, headers, _ = await gw.request("GET", "/who/x", token=issuer.token({"sub": fine}),
                                           headers={"X-Request-Id": "client.id:1-2_3"})
     assert status == 200 and headers["X-Request-Id"] == "client.id:1-2_3"
-    line = _lines(capsys.readouterr().out)[-1]
+    line = _lines(logged(capsys))[-1]
     assert line["sub"] == fine and line["auth"] == "ok" and line["request_id"] == "client.id:1-2_3"
     assert line["jti"] is None or isinstance(line["jti"], str)
 

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import select
+import sys
+from typing import Any
 
 from multidict import CIMultiDict
 
-from gateway import identity
+from gateway import accesslog, identity
 from gateway.accesslog import _Escaped
 from gateway.identity import relay_response_headers, upstream_request_headers
+from gateway.pipeline import Exchange
 
 
 def forward(headers: list[tuple[str, str]], **kw: object) -> CIMultiDict[str]:
@@ -84,3 +88,39 @@ def test_escaped_cache_is_exact_and_bounded() -> None:
     for i in range(20):
         assert json.loads(esc[f"m{i}"]) == f"m{i}"
     assert len(esc) <= 4
+
+
+class _Recorder:
+    """Stands for sys.stdout: records every write the access log makes."""
+
+    def __init__(self) -> None:
+        self.writes: list[str] = []
+        self.flushes = 0
+
+    def write(self, text: str) -> int:
+        self.writes.append(text)
+        return len(text)
+
+    def flush(self) -> None:
+        self.flushes += 1
+
+
+def test_access_log_writes_whole_lines_in_batches_no_larger_than_pipe_buf(monkeypatch: Any) -> None:
+    """One write per batch (not per request), each at most PIPE_BUF bytes of whole lines, so the lines of
+    workers sharing a stdout pipe cannot interleave; nothing is lost or reordered; flush() empties it."""
+    out = _Recorder()
+    monkeypatch.setattr(sys, "stdout", out)
+    accesslog.flush()
+    ex = Exchange("r" * 32, route="orders", upstream="orders")
+    for i in range(200):
+        accesslog.request_line("2026-11-22T00:00:00.000Z", "GET", f"/orders/{i}" + "x" * (i % 50), ex, 200,
+                               0.001, "http://t", 200, "none", "127.0.0.1")
+    assert 0 < len(out.writes) < 40  # batched: ~12 lines a write, not 200 writes
+    pending = len(out.writes)
+    accesslog.flush()
+    assert len(out.writes) == pending + 1 and out.flushes == len(out.writes)
+    accesslog.flush()  # nothing pending: no empty write
+    assert len(out.writes) == pending + 1
+    assert all(len(w.encode()) <= select.PIPE_BUF and w.endswith("\n") for w in out.writes)
+    lines = "".join(out.writes).splitlines()
+    assert [json.loads(line)["path"] for line in lines] == [f"/orders/{i}" + "x" * (i % 50) for i in range(200)]

@@ -4,6 +4,7 @@ mix of requests, promtool's lint, bounded label cardinality, and exact totals wi
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import signal
@@ -328,6 +329,12 @@ async def test_two_workers_total_exactly_what_was_sent_and_restart_starts_from_z
             assert all("pid" not in s.labels for s in fam.samples), fam.name
         for family in SPEC_METRICS:
             assert family in m.families, family
+    # Both workers' access logs, still running: every line whole JSON within the 0.5 s flush interval.
+    async def all_logged() -> bool:
+        return len(two.out.read_text().splitlines()) >= 40
+    await eventually(all_logged, 5.0)
+    logged = Tally((d["route"], d["status"]) for d in map(json.loads, two.out.read_text().splitlines()))
+    assert (logged[("open", 200)], logged[("closed", 401)], logged[("-", 404)]) == (25, 5, 10)
     # Both workers answered some of the requests (40 new connections; all on one worker: p = 2**-39).
     assert {f.split("_")[-1] for f in _db_files(mp_dir) if f.startswith("counter_")} == {
         f"{w}.db" for w in workers}

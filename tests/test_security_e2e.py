@@ -12,7 +12,7 @@ import aiohttp
 import pytest
 
 from gateway.devissuer import DevIssuer
-from tests.support.gateway import RunningGateway, config_text
+from tests.support.gateway import RunningGateway, config_text, logged
 from tests.support.upstreams import EchoUpstream
 
 ROUTES = """\
@@ -110,7 +110,7 @@ async def test_bad_tokens_are_401_invalid_token(gw: Any, issuer: DevIssuer, othe
     assert set(body) == {"error", "error_description", "request_id"}
     assert 'error="invalid_token"' in headers["WWW-Authenticate"]
     assert token not in json.dumps(body) and gw.orders.hits == 0
-    out = capsys.readouterr().out
+    out = logged(capsys)
     assert token not in out  # never log a token
     line = json.loads(out.strip().splitlines()[-1])
     assert line["status"] == 401 and line["auth"] != "ok"
@@ -122,7 +122,7 @@ async def test_precise_reason_in_log_not_in_response(gw: Any, issuer: DevIssuer,
     token = issuer.token({**GOOD, "exp": now - 120, "iat": now - 600, "nbf": now - 600})
     status, _, body = await gw.request("GET", "/api/tenants/acme/orders/1", token=token)
     assert status == 401 and "expired" not in json.dumps(body)
-    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    line = json.loads(logged(capsys).strip().splitlines()[-1])
     assert line["auth"] == "expired"
     assert set(line) >= {"ts", "request_id", "method", "path", "route", "status", "duration_ms", "upstream",
                          "target", "upstream_status", "client_ip", "iss", "sub", "aud", "jti", "auth"}

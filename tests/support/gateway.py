@@ -24,6 +24,7 @@ import pytest
 from multidict import CIMultiDict
 from yarl import URL
 
+from gateway import accesslog
 from gateway.app import GatewayApp
 from gateway.config import load
 from gateway.devissuer import DEFAULT_AUDIENCE
@@ -201,3 +202,10 @@ async def eventually(check: Callable[[], Awaitable[bool]], timeout: float, inter
         if time.monotonic() - start > timeout:
             raise AssertionError(f"condition not met within {timeout}s")
         await asyncio.sleep(interval)
+
+
+def logged(capsys: pytest.CaptureFixture[str]) -> str:
+    """What the in-process gateway wrote to stdout so far: its pending access-log lines (written in
+    batches every 0.5 s, gateway.accesslog) flushed first."""
+    accesslog.flush()
+    return capsys.readouterr().out
