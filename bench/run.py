@@ -392,11 +392,11 @@ routes:
 
 @contextlib.contextmanager
 def gateway(world: World, workers: int, log: Path | None, *, wrapper: tuple[str, ...] = (),
-            ready_within: float = 30.0) -> Iterator[subprocess.Popen[bytes]]:
-    """`gateway run` with the bench config: one worker pinned to the proxy core, or N on every core.
-    `wrapper`: a command the gateway runs under (bench/instructions.py: valgrind)."""
+            ready_within: float = 30.0, pin: bool | None = None) -> Iterator[subprocess.Popen[bytes]]:
+    """`gateway run` with the bench config: one worker pinned to the proxy core, or N on every core
+    (`pin=True`: N on the proxy core). `wrapper`: a command the gateway runs under (instructions.py)."""
     cmd = [*wrapper, sys.executable, "-m", "gateway", "run", "-c", str(world.gateway_cfg), "--workers", str(workers)]
-    if workers == 1:
+    if pin or (pin is None and workers == 1):
         cmd = ["taskset", "-c", PROXY_CORE, *cmd]
     out: Any = open(log, "ab") if log is not None else subprocess.DEVNULL  # noqa: SIM115
     env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
@@ -436,6 +436,43 @@ def gateway(world: World, workers: int, log: Path | None, *, wrapper: tuple[str,
 
 def gateway_pids(proc: subprocess.Popen[bytes], workers: int) -> list[int]:
     return [proc.pid] if workers == 1 else children(proc.pid)
+
+
+QUOTA_CORES = 0.4  # CPU per worker in the quota rows: two of them leave room on core 1 for kernel work
+
+
+class CpuQuota:
+    """A cgroup capping the CPU time of the processes put in it (`cores` CPUs' worth per 100 ms).
+
+    The quota rows use it to measure `--workers 2` against one worker with the load generator on
+    another core, which a 2-core machine cannot give whole cores for: each worker gets QUOTA_CORES of
+    core 1, and wrk, nginx and Redis keep core 0. cgroup v1 `cpu` (cfs_quota_us) or v2 (cpu.max); root."""
+
+    def __init__(self, name: str, cores: float) -> None:
+        v1, v2 = Path("/sys/fs/cgroup/cpu"), Path("/sys/fs/cgroup")
+        quota = str(int(cores * 100_000))
+        if (v1 / "cpu.cfs_quota_us").exists():
+            self.path, self.parent = v1 / name, v1
+            self.path.mkdir()
+            (self.path / "cpu.cfs_period_us").write_text("100000")
+            (self.path / "cpu.cfs_quota_us").write_text(quota)
+        elif "cpu" in (v2 / "cgroup.controllers").read_text().split():
+            (v2 / "cgroup.subtree_control").write_text("+cpu")
+            self.path, self.parent = v2 / name, v2
+            self.path.mkdir()
+            (self.path / "cpu.max").write_text(f"{quota} 100000")
+        else:
+            raise OSError("no cgroup cpu controller")
+
+    def add(self, pid: int) -> None:
+        (self.path / "cgroup.procs").write_text(str(pid))  # the whole process, every thread
+
+    def remove(self) -> None:
+        with contextlib.suppress(OSError):
+            for pid in (self.path / "cgroup.procs").read_text().split():
+                with contextlib.suppress(OSError):
+                    (self.parent / "cgroup.procs").write_text(pid)
+            self.path.rmdir()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -609,6 +646,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                           f"CPU {sample['cpu_us']:.0f} µs/req  other CPU {sample['other_cpu']:.2f}", flush=True)
                 result["rss"]["workers2_kb"] = [rss_kb(p) for p in gateway_pids(proc2, 2)]
             rows.append(w2)
+        if not args.only or {"quota_w1", "quota_w2"} & set(args.only):
+            rows += quota_rows(world, args, noise, log)
         result["rows"] = {r.key: r.summary() for r in rows}
         result["ratios"] = ratios(result["rows"])
         return result
@@ -723,6 +762,45 @@ def soak(world: World, pid: int, args: argparse.Namespace) -> dict[str, Any]:
     return {"requests": done, "rss_kb": series, "growth_pct": growth, "max_mb": max(series) / 1024}
 
 
+def quota_rows(world: World, args: argparse.Namespace, noise: ForeignCpu, log: Path | None) -> list[Row]:
+    """Headers mode with 1 worker and with 2, each worker capped at QUOTA_CORES of core 1 (CpuQuota),
+    wrk, nginx and Redis on core 0: the --workers 2 scaling with the load generator elsewhere."""
+    tag = f"{QUOTA_CORES:g} CPU each, wrk on the other core"
+    groups: list[CpuQuota] = []
+    try:
+        for i in range(3):
+            groups.append(CpuQuota(f"gateway-bench-{os.getpid()}-{i}", QUOTA_CORES))
+    except OSError as exc:
+        for g in groups:
+            g.remove()
+        print(f"bench: quota rows skipped (they need root and a cgroup cpu controller): {exc}", flush=True)
+        return []
+    two = dataclasses.replace(world)
+    write_gateway_config(two, "gateway-quota-w2")
+    q1 = Row("quota_w1", f"headers mode, 1 worker ({tag})", f"http://127.0.0.1:{world.gateway_port}"
+             + PATHS["headers"], True)
+    q2 = Row("quota_w2", f"headers mode, --workers 2 ({tag})", f"http://127.0.0.1:{two.gateway_port}"
+             + PATHS["headers"], True)
+    try:
+        with gateway(world, 1, log, pin=True) as p1, gateway(two, 2, log, pin=True) as p2:
+            groups[0].add(p1.pid)
+            for g, pid in zip(groups[1:], gateway_pids(p2, 2), strict=True):
+                g.add(pid)
+            for row, proc in ((q1, p1), (q2, p2)):
+                row.cpu_of = [proc.pid]
+                wrk(row.url, min(3.0, args.duration), token=world.token)
+            for rep in range(args.reps):
+                for row in (q1, q2):
+                    sample = wrk(row.url, args.duration, token=world.token, noise=noise, cpu_of=row.cpu_of)
+                    row.samples.append(sample)
+                    print(f"  rep {rep + 1}/{args.reps} {row.label:<30} {sample['rps']:>9.0f} req/s  "
+                          f"CPU {sample['cpu_us']:.0f} µs/req  other CPU {sample['other_cpu']:.2f}", flush=True)
+    finally:
+        for g in groups:
+            g.remove()
+    return [q1, q2]
+
+
 def ratios(rows: dict[str, Any]) -> dict[str, float]:
     def r(a: str, b: str) -> float:
         if a in rows and b in rows and rows[b]["rps_median"]:
@@ -746,6 +824,8 @@ def ratios(rows: dict[str, Any]) -> dict[str, float]:
         # 2 workers on 2 cores of their own, from CPU per request (this machine has no core to spare
         # for wrk and nginx): 2 x (1 worker's CPU per request / 2 workers' CPU per request).
         "projected workers2/headers": 2 * cpu("gw_headers_w2", "gw_headers"),
+        # Measured with each worker capped at QUOTA_CORES and wrk on the other core (quota_rows).
+        "quota: workers2/workers1": r("quota_w2", "quota_w1"),
         **{f"compare/{k}": r("cmp_" + k, "gw_" + k) for k in PATHS if "cmp_" + k in rows},
     }
 
@@ -823,7 +903,7 @@ def main() -> int:
     p.add_argument("--duration", type=float, default=10.0, help="seconds per wrk run")
     p.add_argument("--soak", type=int, default=0, metavar="N", help="also run N requests, reading RSS")
     p.add_argument("--only", nargs="+", metavar="ROW", help="rows to run: upstream haproxy haproxy_jwt "
-                   "gw_public gw_headers gw_token gw_headers_w2")
+                   "gw_public gw_headers gw_token gw_headers_w2 quota_w1 quota_w2")
     p.add_argument("--access-log-file", action="store_true",
                    help="gateway stdout (access log) to a file in the temp dir instead of /dev/null")
     p.add_argument("--compare", metavar="DIR", help="also run the gateway from another checkout (A/B rows)")
