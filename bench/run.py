@@ -600,6 +600,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             Row("haproxy_jwt", "HAProxy + jwt_verify RS256", f"{hp}{world.haproxy_jwt}{PATHS['headers']}",
                 True, procs.pids("haproxy")),
             Row("gw_public", "gateway public route", gw + PATHS["public"], False),
+            # The public route sent the same Authorization header (forwarded, never checked): what the
+            # token's bytes alone cost, apart from checking it.
+            Row("gw_public_tok", "gateway public route, token sent along", gw + PATHS["public"], True),
             Row("gw_headers", "gateway headers mode", gw + PATHS["headers"], True),
             Row("gw_token", "gateway token mode", gw + PATHS["token"], True),
         ]
@@ -815,6 +818,7 @@ def ratios(rows: dict[str, Any]) -> dict[str, float]:
     return {
         "headers/haproxy_jwt": r("gw_headers", "haproxy_jwt"),
         "headers/public": r("gw_headers", "gw_public"),
+        "headers/public+token": r("gw_headers", "gw_public_tok"),
         "token/headers": r("gw_token", "gw_headers"),
         "workers2/headers": r("gw_headers_w2", "gw_headers"),
         # The same ratios from the proxy's CPU per request (steadier on a shared machine than req/s).
@@ -903,7 +907,7 @@ def main() -> int:
     p.add_argument("--duration", type=float, default=10.0, help="seconds per wrk run")
     p.add_argument("--soak", type=int, default=0, metavar="N", help="also run N requests, reading RSS")
     p.add_argument("--only", nargs="+", metavar="ROW", help="rows to run: upstream haproxy haproxy_jwt "
-                   "gw_public gw_headers gw_token gw_headers_w2 quota_w1 quota_w2")
+                   "gw_public gw_public_tok gw_headers gw_token gw_headers_w2 quota_w1 quota_w2")
     p.add_argument("--access-log-file", action="store_true",
                    help="gateway stdout (access log) to a file in the temp dir instead of /dev/null")
     p.add_argument("--compare", metavar="DIR", help="also run the gateway from another checkout (A/B rows)")
