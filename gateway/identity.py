@@ -42,8 +42,9 @@ _DROP = {
 _RESPONSE_DROP = {False: HOP_BY_HOP, True: HOP_BY_HOP - {"upgrade"}}
 _AUTH_PREFIX = "x-auth-"
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-# RFC 9110 s5.5: a field value never holds CR, LF or NUL; other controls (but HTAB) are refused too.
-_UNSAFE_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+# RFC 9110 s5.5: a field value never holds CR, LF or NUL; other controls (but HTAB) are refused too, and
+# lone surrogates (JSON's "\ud800" decodes to one), which have no UTF-8 form to put on the wire.
+_UNSAFE_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f\ud800-\udfff]")
 _FIELD_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 s5.1: a token
 
 

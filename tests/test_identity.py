@@ -269,6 +269,7 @@ def test_identity_headers() -> None:
         {"roles": ("user\r\nX-Evil: 1",)},
         {"roles": ("user,admin",)},
         {"scopes": frozenset({"orders:read\r\nx: y"})},
+        {"subject": "alice\ud800"},  # a lone surrogate (JSON "\\ud800") has no UTF-8 form for the wire
     ],
 )
 def test_identity_values_that_would_inject_are_refused(kw: dict[str, Any]) -> None:

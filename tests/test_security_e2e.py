@@ -116,6 +116,17 @@ async def test_bad_tokens_are_401_invalid_token(gw: Any, issuer: DevIssuer, othe
     assert line["status"] == 401 and line["auth"] != "ok"
 
 
+async def test_a_claim_that_cannot_be_a_header_is_401_not_a_crash(gw: Any, issuer: DevIssuer,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """A signed token whose subject is a lone surrogate (JSON "\\ud800"): refused as malformed, logged,
+    nothing forwarded, no traceback (it has no byte form for an X-Auth-Subject header)."""
+    status, _, body = await gw.request("GET", "/api/tenants/acme/orders/1",
+                                       token=issuer.token({**GOOD, "sub": "alice\ud800"}))
+    assert (status, body["error"]) == (401, "invalid_token") and gw.orders.hits == 0
+    line = json.loads(logged(capsys).strip().splitlines()[-1])
+    assert (line["status"], line["auth"]) == (401, "malformed")
+
+
 async def test_precise_reason_in_log_not_in_response(gw: Any, issuer: DevIssuer,
                                                      capsys: pytest.CaptureFixture[str]) -> None:
     now = int(time.time())
