@@ -10,6 +10,8 @@ needs none of that. This module keeps only what decides correctness, and takes i
   pauses the socket (a large body is never buffered whole);
 - `_serialize_headers`, the C serializer aiohttp's own client uses, which refuses control characters
   in the request line and headers (RFC 9110 s5.5: no header injection through a token claim).
+  A head with a value that is not ASCII is written by gateway.httphead instead, which keeps bytes that
+  are not UTF-8 (the serializer drops them) and refuses the same injections.
 
 What aiohttp's connector decided is decided here: a connection is reused only when its response was
 parsed to the end, did not say `Connection: close` (RFC 9112 s9.6) and nothing unexpected arrived since;
@@ -32,6 +34,8 @@ from aiohttp.http import RawResponseMessage
 from aiohttp.http_writer import _serialize_headers
 from aiohttp.streams import StreamReader
 from multidict import CIMultiDict, CIMultiDictProxy
+
+from gateway.httphead import needs_own_head, serialize_head
 
 # RFC 9110 s9.3: these define no meaning for content; the others get an explicit `Content-Length: 0`
 # when sent without a body, exactly as aiohttp's ClientRequest did before this module existed.
@@ -254,8 +258,11 @@ class H1Pool:
         else:
             tail = _ZERO_LENGTH
         # The C serializer refuses CR/LF in the request line and in every name and value (RFC 9110 s5.5).
-        head = _serialize_headers(f"{method} {path_qs} HTTP/1.1",
-                                  cast(Any, _Head(self._host_header, headers, tail)))
+        fields = _Head(self._host_header, headers, tail)
+        if needs_own_head(headers) or not path_qs.isascii():  # obs-text kept byte for byte (gateway.httphead)
+            head = serialize_head(f"{method} {path_qs} HTTP/1.1", fields.items())
+        else:
+            head = _serialize_headers(f"{method} {path_qs} HTTP/1.1", cast(Any, fields))
         if extra:
             head = head[:-2] + extra + _CHUNK_END  # before the blank line that ends the head
         skip = method == "HEAD"

@@ -29,6 +29,8 @@ from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 from aiohttp.web_protocol import RequestPayloadError
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from gateway.httphead import needs_own_head, serialize_head
+
 log = logging.getLogger("gateway")
 KEEPALIVE_TIMEOUT = 75.0  # an idle keep-alive connection is closed after this (nginx's default)
 HEAD_TIMEOUT = 30.0  # a request head must arrive whole within this once it started (slowloris)
@@ -92,6 +94,8 @@ class H1Request:
         if "Date" not in headers:
             headers["Date"] = conn.server.date()
         self.started = True
+        if needs_own_head(headers):  # obs-text from the upstream: kept byte for byte (gateway.httphead)
+            return serialize_head(_status(status), headers.items())
         return _serialize_headers(_status(status), headers)
 
     async def send(self, status: int, headers: CIMultiDict[str], body: bytes) -> None:

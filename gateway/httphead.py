@@ -1,0 +1,37 @@
+"""A message head that keeps received bytes which are not UTF-8 (obs-text, RFC 9110 s5.5).
+
+aiohttp's C parsers decode header bytes that are not UTF-8 into lone surrogates (surrogateescape), and
+its C serializer, which writes both proxy sides' heads, silently drops surrogates: a Latin-1 `café`
+would leave as `caf`. The serializer stays the fast path; a head whose field values are not all ASCII
+(`needs_own_head`, one C join) is written here instead: UTF-8 with surrogateescape, so every received
+byte goes out as it came. The same refusal as the serializer's: a CR or LF anywhere but the line ends
+(and NUL) raises, so a head can never be split (request smuggling, response splitting).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+
+class HeadInjection(ValueError):
+    """A CR, LF or NUL inside the start line, a field name or a field value."""
+
+
+def needs_own_head(fields: Mapping[str, str]) -> bool:
+    """True when a field value is not ASCII: aiohttp's serializer would drop what is not UTF-8 in it.
+    (str.isascii() reads a flag: the cost is the join.)"""
+    return not "".join(fields.values()).isascii()
+
+
+def serialize_head(start_line: str, fields: Iterable[tuple[str, str]]) -> bytes:
+    lines = [start_line]
+    lines.extend([f"{name}: {value}" for name, value in fields])
+    text = "\r\n".join(lines)
+    ends = len(lines) - 1
+    # Exactly the CRs and LFs the line ends put there: one more anywhere would end a line early.
+    if text.count("\r") != ends or text.count("\n") != ends or "\x00" in text:
+        raise HeadInjection("control character (CR, LF or NUL) in the start line or a header field: refused")
+    try:
+        return (text + "\r\n\r\n").encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError as exc:  # a lone surrogate no received byte stands for
+        raise HeadInjection("header field with no byte form: refused") from exc
