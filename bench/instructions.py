@@ -107,11 +107,7 @@ def main() -> int:
     procs = bench.Procs()
     world = bench.World(tmp=tmp, procs=procs)
     try:
-        world.upstream_port, world.issuer_port = bench.free_port(), bench.free_port()
-        bench.make_keys(world, ttl=24 * 3600)
-        bench.start_nginx(world)
-        bench.start_redis(world)
-        bench.write_gateway_config(world)
+        bench.start_world(world)
         trees = {"this checkout": world}
         if args.compare:
             other = dataclasses.replace(world, root=Path(args.compare).resolve())

@@ -347,6 +347,17 @@ def start_redis(world: World) -> None:
     raise RuntimeError("redis-server did not answer PING")
 
 
+def start_world(world: World, *, haproxy: bool = False) -> None:
+    """Keys and token, nginx (upstream and JWKS), HAProxy when asked, Redis, the gateway's config."""
+    world.upstream_port, world.issuer_port = free_port(), free_port()
+    make_keys(world, ttl=7 * 24 * 3600)
+    start_nginx(world)
+    if haproxy:
+        start_haproxy(world)
+    start_redis(world)
+    write_gateway_config(world)
+
+
 def write_gateway_config(world: World, name: str = "gateway-bench") -> None:
     world.gateway_port, world.admin_port = free_port(), free_port()
     world.gateway_cfg = world.tmp / f"{name}.yaml"
@@ -530,6 +541,17 @@ def wrk(url: str, duration: float, *, token: str | None = None, connections: int
             "waited_s": round(waited, 1)}
 
 
+def take_sample(row: Row, args: argparse.Namespace, rep: int, noise: ForeignCpu, *, token: str,
+                pin: bool = True) -> None:
+    """One measured wrk run of `row` (its proxy's CPU read around it), kept and printed."""
+    sample = wrk(row.url, args.duration, token=token if row.token else None, pin=pin, noise=noise,
+                 cpu_of=row.cpu_of)
+    row.samples.append(sample)
+    print(f"  rep {rep + 1}/{args.reps} {row.label:<30} {sample['rps']:>9.0f} req/s  "
+          f"p50 {sample['p50_ms']:.2f} ms  p99 {sample['p99_ms']:.2f} ms  "
+          f"CPU {sample['cpu_us']:.0f} µs/req  other CPU {sample['other_cpu']:.2f}", flush=True)
+
+
 def paced_script(tmp: Path, rate: float, connections: int) -> Path:
     """A wrk script holding the offered load near `rate` req/s: each connection waits between requests.
 
@@ -583,12 +605,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     signal.signal(signal.SIGTERM, on_term)
     try:
-        world.upstream_port, world.issuer_port = free_port(), free_port()
-        make_keys(world, ttl=7 * 24 * 3600)
-        start_nginx(world)
-        start_haproxy(world)
-        start_redis(world)
-        write_gateway_config(world)
+        start_world(world, haproxy=True)
         log = tmp / "access.log" if args.access_log_file else None
         up = f"http://127.0.0.1:{world.upstream_port}"
         gw = f"http://127.0.0.1:{world.gateway_port}"
@@ -623,16 +640,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 rows = [x for r in rows for x in ((r, twins[r.key]) if r.key in twins else (r,))]
             rss: dict[str, Any] = {"before_load_kb": rss_kb(proc.pid)}
             for row in rows:  # warm every path (connection pools, caches) before measuring
+                row.cpu_of = row.cpu_of or [proc.pid]  # the gateway rows: this checkout's process
                 wrk(row.url, warm, token=world.token if row.token else None)
             rss["after_warmup_kb"] = rss_kb(proc.pid)
             for rep in range(args.reps):  # repetitions interleaved, so drift spreads over every row
                 for row in rows:
-                    sample = wrk(row.url, args.duration, token=world.token if row.token else None,
-                                 noise=noise, cpu_of=row.cpu_of or [proc.pid])
-                    row.samples.append(sample)
-                    print(f"  rep {rep + 1}/{args.reps} {row.label:<30} {sample['rps']:>9.0f} req/s  "
-                          f"p50 {sample['p50_ms']:.2f} ms  p99 {sample['p99_ms']:.2f} ms  "
-                          f"CPU {sample['cpu_us']:.0f} µs/req  other CPU {sample['other_cpu']:.2f}", flush=True)
+                    take_sample(row, args, rep, noise, token=world.token)
             rss["after_load_kb"] = rss_kb(proc.pid)
             result["half_rate"] = half_rate(world, rows, args, noise)
             if args.soak:
@@ -640,13 +653,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             result["rss"] = rss
         if not args.only or "gw_headers_w2" in args.only:
             with gateway(world, 2, log) as proc2:
+                w2.cpu_of = [proc2.pid]
                 wrk(w2.url, warm, token=world.token, pin=False)
                 for rep in range(args.reps):
-                    sample = wrk(w2.url, args.duration, token=world.token, pin=False, noise=noise,
-                                 cpu_of=[proc2.pid])
-                    w2.samples.append(sample)
-                    print(f"  rep {rep + 1}/{args.reps} {w2.label:<30} {sample['rps']:>9.0f} req/s  "
-                          f"CPU {sample['cpu_us']:.0f} µs/req  other CPU {sample['other_cpu']:.2f}", flush=True)
+                    take_sample(w2, args, rep, noise, token=world.token, pin=False)
                 result["rss"]["workers2_kb"] = [rss_kb(p) for p in gateway_pids(proc2, 2)]
             rows.append(w2)
         if not args.only or {"quota_w1", "quota_w2"} & set(args.only):
@@ -676,11 +686,7 @@ def profile(args: argparse.Namespace) -> int:
     out = BENCH / "results"
     out.mkdir(exist_ok=True)
     try:
-        world.upstream_port, world.issuer_port = free_port(), free_port()
-        make_keys(world, ttl=7 * 24 * 3600)
-        start_nginx(world)
-        start_redis(world)
-        write_gateway_config(world)
+        start_world(world)
         with gateway(world, 1, None) as proc:
             for route in args.profile:
                 url = f"http://127.0.0.1:{world.gateway_port}{PATHS[route]}"
@@ -794,10 +800,7 @@ def quota_rows(world: World, args: argparse.Namespace, noise: ForeignCpu, log: P
                 wrk(row.url, min(3.0, args.duration), token=world.token)
             for rep in range(args.reps):
                 for row in (q1, q2):
-                    sample = wrk(row.url, args.duration, token=world.token, noise=noise, cpu_of=row.cpu_of)
-                    row.samples.append(sample)
-                    print(f"  rep {rep + 1}/{args.reps} {row.label:<30} {sample['rps']:>9.0f} req/s  "
-                          f"CPU {sample['cpu_us']:.0f} µs/req  other CPU {sample['other_cpu']:.2f}", flush=True)
+                    take_sample(row, args, rep, noise, token=world.token)
     finally:
         for g in groups:
             g.remove()
