@@ -26,16 +26,14 @@ import asyncio
 import itertools
 from collections import deque
 from collections.abc import AsyncIterable, Iterator
-from typing import Any, cast
 
 import aiohttp
 from aiohttp.client_proto import ResponseHandler
 from aiohttp.http import RawResponseMessage
-from aiohttp.http_writer import _serialize_headers
 from aiohttp.streams import StreamReader
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from gateway.httphead import needs_own_head, serialize_head
+from gateway.httphead import head as message_head
 
 # RFC 9110 s9.3: these define no meaning for content; the others get an explicit `Content-Length: 0`
 # when sent without a body, exactly as aiohttp's ClientRequest did before this module existed.
@@ -258,11 +256,7 @@ class H1Pool:
         else:
             tail = _ZERO_LENGTH
         # The C serializer refuses CR/LF in the request line and in every name and value (RFC 9110 s5.5).
-        fields = _Head(self._host_header, headers, tail)
-        if needs_own_head(headers) or not path_qs.isascii():  # obs-text kept byte for byte (gateway.httphead)
-            head = serialize_head(f"{method} {path_qs} HTTP/1.1", fields.items())
-        else:
-            head = _serialize_headers(f"{method} {path_qs} HTTP/1.1", cast(Any, fields))
+        head = message_head(f"{method} {path_qs} HTTP/1.1", headers, _Head(self._host_header, headers, tail))
         if extra:
             head = head[:-2] + extra + _CHUNK_END  # before the blank line that ends the head
         skip = method == "HEAD"

@@ -24,12 +24,11 @@ from typing import Any
 from aiohttp.base_protocol import BaseProtocol
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.http_parser import HttpRequestParser
-from aiohttp.http_writer import _serialize_headers
 from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 from aiohttp.web_protocol import RequestPayloadError
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from gateway.httphead import needs_own_head, serialize_head
+from gateway.httphead import head as message_head
 
 log = logging.getLogger("gateway")
 KEEPALIVE_TIMEOUT = 75.0  # an idle keep-alive connection is closed after this (nginx's default)
@@ -94,9 +93,7 @@ class H1Request:
         if "Date" not in headers:
             headers["Date"] = conn.server.date()
         self.started = True
-        if needs_own_head(headers):  # obs-text from the upstream: kept byte for byte (gateway.httphead)
-            return serialize_head(_status(status), headers.items())
-        return _serialize_headers(_status(status), headers)
+        return message_head(_status(status), headers)  # obs-text from the upstream kept byte for byte
 
     async def send(self, status: int, headers: CIMultiDict[str], body: bytes) -> None:
         """A whole response of known length: header block and body in one write."""
@@ -302,7 +299,7 @@ class _Conn(BaseProtocol):
         headers["Content-Length"] = str(len(body))
         headers["Date"] = self.server.date()
         with contextlib.suppress(ConnectionError):
-            await self.write(_serialize_headers(_status(status), headers) + body)
+            await self.write(message_head(_status(status), headers) + body)
 
     def _hand_over(self, msg: Any) -> None:
         """Give the connection, the Upgrade request's bytes and whatever followed to `upgrade_factory`."""

@@ -11,10 +11,23 @@ byte goes out as it came. The same refusal as the serializer's: a CR or LF anywh
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from typing import Any
+
+from aiohttp.http_writer import _serialize_headers
 
 
 class HeadInjection(ValueError):
     """A CR, LF or NUL inside the start line, a field name or a field value."""
+
+
+def head(start_line: str, values: Mapping[str, str], fields: Any = None) -> bytes:
+    """The head both proxy sides write: aiohttp's C serializer, or serialize_head() when the start line
+    or a value in `values` is not ASCII. `fields` (default `values`) is what goes out, in order: any
+    object with items(), such as h1client's Host-first view of `values`."""
+    fields = values if fields is None else fields
+    if needs_own_head(values) or not start_line.isascii():
+        return serialize_head(start_line, fields.items())
+    return _serialize_headers(start_line, fields)
 
 
 def needs_own_head(fields: Mapping[str, str]) -> bool:
