@@ -124,8 +124,10 @@ class UpstreamResponse:
 
     async def read(self) -> bytes:
         """The whole body — only for small bodies of known length; errors mapped as in iter_chunks()."""
+        content = self._resp.content
         try:
-            body = await self._resp.content.read()
+            # A small answer has usually arrived whole with its head: taken at once, no await.
+            body = content.read_nowait() if content.is_eof() else await content.read()
         except _CLIENT_ERRORS as exc:
             raise _map_error(exc)[0] from exc
         self._resp.release()

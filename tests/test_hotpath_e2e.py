@@ -7,6 +7,7 @@ import asyncio
 import hashlib
 import json
 import re
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -46,6 +47,7 @@ class RawUpstream:
 
     def __init__(self) -> None:
         self.scripts: dict[str, tuple[bytes, bool]] = {}
+        self.pauses: dict[str, tuple[int, float]] = {}  # path -> (offset, seconds): the rest is sent later
         self.heads: list[bytes] = []  # every request head received, as bytes
         self.server: asyncio.Server | None = None
 
@@ -61,8 +63,13 @@ class RawUpstream:
                 self.heads.append(head)
                 path = head.split(b" ", 2)[1].decode()
                 data, close = self.scripts.get(path, (_answer("404 Not Found", [], b"", length=0), False))
-                writer.write(data)
+                at, pause = self.pauses.get(path, (len(data), 0.0))
+                writer.write(data[:at])
                 await writer.drain()
+                if at < len(data):
+                    await asyncio.sleep(pause)
+                    writer.write(data[at:])
+                    await writer.drain()
                 if close:
                     break
         except (asyncio.IncompleteReadError, ConnectionError):
@@ -111,6 +118,20 @@ async def test_small_body_relayed_whole_with_headers_minus_hop_by_hop(
     line = _lines(logged(capsys))[-1]
     assert (line["status"], line["upstream_status"], line["route"]) == (201, 201, "raw")
     assert line["target"] == raw.url and line["upstream"] == "raw" and line["auth"] == "none"
+
+
+@pytest.mark.parametrize("split", ["whole", "head first", "mid-body"])
+async def test_small_body_arriving_after_its_head_is_awaited_and_relayed_intact(
+        gw: Any, raw: RawUpstream, split: str) -> None:
+    body = b"hello from a slow upstream"
+    data = _answer("200 OK", [("Content-Type", "text/plain")], body, length=len(body))
+    raw.scripts["/raw/slow"] = (data, False)
+    if split != "whole":  # the body is not all there when the head is parsed: read() must wait for it
+        raw.pauses["/raw/slow"] = (len(data) - len(body) + (0 if split == "head first" else 5), 0.2)
+    started = time.monotonic()
+    async with gw.session.get(gw.url + "/raw/slow") as r:
+        assert r.status == 200 and r.headers["Content-Length"] == str(len(body)) and await r.read() == body
+    assert (time.monotonic() - started >= 0.2) is (split != "whole")
 
 
 @pytest.mark.parametrize("n", [0, 1, SMALL - 1, SMALL, SMALL + 1, 3 * SMALL + 7])
