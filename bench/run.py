@@ -143,12 +143,12 @@ def rss_kb(pid: int) -> int:
     return int(out.stdout.strip() or 0)
 
 
-def _proc_ticks(pid: int) -> int:
+def _proc_ticks(pid: int, *, system_only: bool = False) -> int:
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
         return 0
-    return int(fields[11]) + int(fields[12])  # utime + stime
+    return int(fields[12]) + (0 if system_only else int(fields[11]))  # stime (+ utime)
 
 
 def _busy_ticks() -> int:
@@ -499,9 +499,10 @@ def _ms(text: str) -> float:
     return float(m.group(1)) * _UNITS[m.group(2)]
 
 
-def cpu_ticks(pids: list[int]) -> int:
-    """utime + stime of these processes and their children (the workers of `gateway run --workers N`)."""
-    return sum(_proc_ticks(p) for pid in pids for p in (pid, *children(pid)))
+def cpu_ticks(pids: list[int], *, system_only: bool = False) -> int:
+    """utime + stime (or stime alone) of these processes and their children (the workers of
+    `gateway run --workers N`)."""
+    return sum(_proc_ticks(p, system_only=system_only) for pid in pids for p in (pid, *children(pid)))
 
 
 def wrk(url: str, duration: float, *, token: str | None = None, connections: int = 50, pin: bool = True,
@@ -519,9 +520,10 @@ def wrk(url: str, duration: float, *, token: str | None = None, connections: int
     if noise is not None:
         waited = noise.wait_quiet(QUIET_WAIT)
         noise.start()
-    ticks0 = cpu_ticks(cpu_of) if cpu_of else 0
+    ticks0, sys0 = (cpu_ticks(cpu_of), cpu_ticks(cpu_of, system_only=True)) if cpu_of else (0, 0)
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 60, check=False).stdout
-    ticks = cpu_ticks(cpu_of) - ticks0 if cpu_of else 0
+    ticks, sys_ticks = ((cpu_ticks(cpu_of) - ticks0, cpu_ticks(cpu_of, system_only=True) - sys0)
+                        if cpu_of else (0, 0))
     other = noise.stop() if noise is not None else math.nan
     rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
     total = re.search(r"(\d+) requests in", out)
@@ -535,7 +537,9 @@ def wrk(url: str, duration: float, *, token: str | None = None, connections: int
     # The proxy's own CPU per request (ticks of 10 ms: ~0.2 % resolution over a 5 s sample at one core):
     # steadier than req/s on a shared machine, and what decides how far more cores take it.
     cpu_us = ticks / os.sysconf("SC_CLK_TCK") * 1e6 / requests if cpu_of and requests else math.nan
-    return {"rps": float(rps.group(1)), "requests": requests, "cpu_us": cpu_us, "p50_ms": _ms(p50.group(1)),
+    sys_share = sys_ticks / ticks if ticks else math.nan  # the kernel's part of the proxy's CPU
+    return {"rps": float(rps.group(1)), "requests": requests, "cpu_us": cpu_us, "sys_share": sys_share,
+            "p50_ms": _ms(p50.group(1)),
             "p99_ms": _ms(p99.group(1)), "non2xx": int(non2xx.group(1)) if non2xx else 0,
             "socket_errors": sum(int(x) for x in errs.groups()) if errs else 0, "other_cpu": other,
             "waited_s": round(waited, 1)}
@@ -549,7 +553,8 @@ def take_sample(row: Row, args: argparse.Namespace, rep: int, noise: ForeignCpu,
     row.samples.append(sample)
     print(f"  rep {rep + 1}/{args.reps} {row.label:<30} {sample['rps']:>9.0f} req/s  "
           f"p50 {sample['p50_ms']:.2f} ms  p99 {sample['p99_ms']:.2f} ms  "
-          f"CPU {sample['cpu_us']:.0f} µs/req  other CPU {sample['other_cpu']:.2f}", flush=True)
+          f"CPU {sample['cpu_us']:.0f} µs/req ({sample['sys_share']:.0%} system)  "
+          f"other CPU {sample['other_cpu']:.2f}", flush=True)
 
 
 def paced_script(tmp: Path, rate: float, connections: int) -> Path:
@@ -588,6 +593,7 @@ class Row:
                 "rps_stdev": statistics.stdev(rps) if len(rps) > 1 else 0.0,
                 "p50_ms_median": self.med("p50_ms"), "p99_ms_median": self.med("p99_ms"),
                 "other_cpu_median": self.med("other_cpu"), "cpu_us_median": self.med("cpu_us"),
+                "sys_share_median": self.med("sys_share"),
                 "errors": sum(s["non2xx"] + s["socket_errors"] for s in self.samples)}
 
 
@@ -734,22 +740,29 @@ def top_functions(collapsed: Path, n: int = 25) -> str:
 
 
 def half_rate(world: World, rows: list[Row], args: argparse.Namespace, noise: ForeignCpu) -> dict[str, Any]:
-    """p99 at half the gateway's measured maximum (headers mode), for upstream direct and the gateway."""
+    """p99 at half the gateway's measured maximum (headers mode), for upstream direct, the gateway and
+    HAProxy + jwt: `--reps` paced samples each, interleaved, medians reported (one sample's p99 is its
+    ~1 % slowest requests, which one stall of the VM decides)."""
     by_key = {r.key: r for r in rows}
     gw = by_key.get("gw_headers")
     if gw is None or not gw.samples:
         return {}
     rate = gw.med("rps") / 2
     script = paced_script(world.tmp, rate, 50)
+    targets = [by_key[k] for k in ("upstream", "gw_headers", "haproxy_jwt") if k in by_key]
+    samples: dict[str, list[dict[str, float]]] = {row.key: [] for row in targets}
+    for rep in range(args.reps):
+        for row in targets:
+            s = wrk(row.url, args.duration, token=world.token if row.token else None, script=script, noise=noise)
+            samples[row.key].append(s)
+            print(f"  half rate {rep + 1}/{args.reps} {row.label:<30} {s['rps']:>9.0f} req/s  "
+                  f"p50 {s['p50_ms']:.2f} ms  p99 {s['p99_ms']:.2f} ms", flush=True)
     out: dict[str, Any] = {"target_rps": rate}
-    for key in ("upstream", "gw_headers", "haproxy_jwt"):
-        row = by_key.get(key)
-        if row is None:
-            continue
-        s = wrk(row.url, args.duration, token=world.token if row.token else None, script=script, noise=noise)
-        out[key] = s
-        print(f"  half rate {row.label:<30} {s['rps']:>9.0f} req/s  p50 {s['p50_ms']:.2f} ms  "
-              f"p99 {s['p99_ms']:.2f} ms", flush=True)
+    for key, ss in samples.items():
+        p99 = [s["p99_ms"] for s in ss]
+        out[key] = {"rps": statistics.median(s["rps"] for s in ss),
+                    "p50_ms": statistics.median(s["p50_ms"] for s in ss),
+                    "p99_ms": statistics.median(p99), "p99_min_ms": min(p99), "p99_max_ms": max(p99), "samples": ss}
     return out
 
 
@@ -818,12 +831,23 @@ def ratios(rows: dict[str, Any]) -> dict[str, float]:
         if a in rows and b in rows and rows[a].get("cpu_us_median"):
             return float(rows[b]["cpu_us_median"] / rows[a]["cpu_us_median"])
         return math.nan
+
+    def paired(a: str, b: str) -> float:
+        """The median of the per-repetition ratios: each pair of samples was taken seconds apart, so the
+        machine's slow drift divides out (the samples of a repetition are interleaved)."""
+        if a in rows and b in rows and len(rows[a]["samples"]) == len(rows[b]["samples"]) > 0:
+            return float(statistics.median(x["rps"] / y["rps"] for x, y in
+                                           zip(rows[a]["samples"], rows[b]["samples"], strict=True) if y["rps"]))
+        return math.nan
     return {
         "headers/haproxy_jwt": r("gw_headers", "haproxy_jwt"),
         "headers/public": r("gw_headers", "gw_public"),
         "headers/public+token": r("gw_headers", "gw_public_tok"),
         "token/headers": r("gw_token", "gw_headers"),
         "workers2/headers": r("gw_headers_w2", "gw_headers"),
+        "paired: headers/haproxy_jwt": paired("gw_headers", "haproxy_jwt"),
+        "paired: headers/public": paired("gw_headers", "gw_public"),
+        "paired: token/headers": paired("gw_token", "gw_headers"),
         # The same ratios from the proxy's CPU per request (steadier on a shared machine than req/s).
         "cpu: headers/haproxy_jwt": cpu("gw_headers", "haproxy_jwt"),
         "cpu: headers/public": cpu("gw_headers", "gw_public"),
@@ -833,6 +857,7 @@ def ratios(rows: dict[str, Any]) -> dict[str, float]:
         "projected workers2/headers": 2 * cpu("gw_headers_w2", "gw_headers"),
         # Measured with each worker capped at QUOTA_CORES and wrk on the other core (quota_rows).
         "quota: workers2/workers1": r("quota_w2", "quota_w1"),
+        "paired quota: workers2/workers1": paired("quota_w2", "quota_w1"),
         **{f"compare/{k}": r("cmp_" + k, "gw_" + k) for k in PATHS if "cmp_" + k in rows},
     }
 
@@ -864,8 +889,8 @@ def table(result: dict[str, Any]) -> str:
         f"({result['machine']['cpu']}, {result['machine']['haproxy']}).",
         "",
         "| row | req/s (median) | min–max | stdev | p50 ms | p99 ms | × HAProxy+jwt | × gw public "
-        "| proxy CPU µs/req | errors | other CPU |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| proxy CPU µs/req | system | errors | other CPU |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for key, row in rows.items():
         gw_row = key.startswith("gw_")
@@ -875,19 +900,24 @@ def table(result: dict[str, Any]) -> str:
         lines.append(f"| {row['label']} | {row['rps_median']:.0f} "
                      f"| {row['rps_min']:.0f}–{row['rps_max']:.0f} "
                      f"| {row['rps_stdev']:.0f} | {row['p50_ms_median']:.2f} | {row['p99_ms_median']:.2f} "
-                     f"| {rj} | {rp} | {row.get('cpu_us_median', math.nan):.1f} | {row['errors']} "
+                     f"| {rj} | {rp} | {row.get('cpu_us_median', math.nan):.1f} "
+                     f"| {row.get('sys_share_median', math.nan):.0%} | {row['errors']} "
                      f"| {row['other_cpu_median']:.2f} |")
     lines += ["", "other CPU: cores' worth of CPU used by processes outside the bench during the samples "
               "(median); above ~0.1 the machine was not quiet and the numbers are low. proxy CPU µs/req: "
               "user + system time of the proxy's processes (nginx for the direct row) per request answered; "
-              "the kernel's loopback work in softirq is charged to no process."]
+              "the kernel's loopback work in softirq is charged to no process. system: the kernel's share of "
+              "that CPU. paired: the median of the per-repetition ratios (samples seconds apart)."]
     ratios_ = result["ratios"]
     lines += ["", "Targets: " + "; ".join(f"{k} = {v:.2f}" for k, v in ratios_.items() if not math.isnan(v))]
     hr = result.get("half_rate") or {}
     if hr:
-        parts = [f"{k}: {v['rps']:.0f} req/s p99 {v['p99_ms']:.2f} ms" for k, v in hr.items()
-                 if k != "target_rps"]
-        lines.append(f"Half rate (offered ≈ {hr['target_rps']:.0f} req/s, paced wrk): " + "; ".join(parts))
+        parts = [f"{k}: {v['rps']:.0f} req/s p99 {v['p99_ms']:.2f} ms"
+                 + (f" ({v['p99_min_ms']:.2f}–{v['p99_max_ms']:.2f})" if "p99_min_ms" in v else "")
+                 for k, v in hr.items() if k != "target_rps"]
+        n = len(next((v["samples"] for k, v in hr.items() if k != "target_rps" and "samples" in v), [None]))
+        lines.append(f"Half rate (offered ≈ {hr['target_rps']:.0f} req/s, paced wrk, medians of {n} samples, "
+                     "p99 range in brackets): " + "; ".join(parts))
     rss = result.get("rss") or {}
     if rss:
         text = "Gateway RSS (1 worker): " + ", ".join(
