@@ -73,10 +73,26 @@ class _Conn(ResponseHandler):
         self.idle_since = 0.0
         self.parser_head: bool | None = None  # skip_payload of the current parser, None: no parser yet
         self._deadline: float | None = None
+        self._held = False  # pause_reading() was called and no resume_reading() has fed the parser since
 
     def data_received(self, data: bytes) -> None:
-        self.got_bytes = True
+        if data:  # b"" is resume_reading() asking the parser to go on with what it holds
+            self.got_bytes = True
         super().data_received(data)
+
+    def pause_reading(self) -> None:
+        self._held = True  # the parser stops mid-payload and keeps the rest (its tail) until resumed
+        super().pause_reading()
+
+    def resume_reading(self, resume_parser: bool = True) -> None:
+        # The payload StreamReader calls this after every read it serves and at EOF, paused or not.
+        # With nothing paused since the last resume, the parser holds no tail: feeding it b"" (two
+        # Python calls and a parser call per response) would do nothing.
+        if not self._held and not self._reading_paused and not self._buffer_paused:
+            return
+        super().resume_reading(resume_parser)
+        if resume_parser and not self._reading_paused:
+            self._held = False  # the tail was parsed (or reading paused again, holding it)
 
     def _reschedule_timeout(self) -> None:
         timeout = self._read_timeout

@@ -363,6 +363,29 @@ async def test_large_request_body_streamed_intact_and_response_streamed(
     assert chunks > 10 and largest < size // 4  # arrived piecewise, never as one buffer
 
 
+async def test_slow_reader_pauses_the_target_and_every_byte_arrives_after_resume(
+    make_upstream: MakeUpstream, make_upstreams: Callable[..., Awaitable[Upstreams]]
+) -> None:
+    """Flow control on the lean client: a reader that stops makes the connection pause reading (the
+    payload buffer passed its high-water mark); reading again resumes it, and the body arrives whole."""
+    target = await make_upstream()
+    ups = await make_upstreams(config("big", target.url))
+    size = 8 * 1024 * 1024
+    paused = False
+    async with asyncio.timeout(30):
+        for _ in range(2):  # the second response reuses the connection the first one paused and resumed
+            async with await get(ups, "big", f"/_bytes/{size}") as resp:
+                conn = resp._resp._conn  # type: ignore[attr-defined]  # the H1Response's connection
+                await asyncio.sleep(0.3)  # not reading: the target fills the buffer
+                paused = paused or conn._reading_paused
+                got = bytearray()
+                async for part in resp.iter_chunks():
+                    got += part
+                    await asyncio.sleep(0)
+            assert hashlib.sha256(got).digest() == hashlib.sha256(pattern_bytes(size)).digest()
+    assert paused
+
+
 async def test_client_body_failure_is_not_blamed_on_the_target(
     make_upstream: MakeUpstream, make_upstreams: Callable[..., Awaitable[Upstreams]]
 ) -> None:
