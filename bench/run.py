@@ -25,6 +25,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 import urllib.error
@@ -873,9 +874,18 @@ def machine() -> dict[str, Any]:
     with contextlib.suppress(OSError):
         cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                     if line.startswith("model name")), "")
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "interpreter": interpreter(),
             "nginx": version([tool("nginx"), "-v"]), "haproxy": version([tool("haproxy"), "-v"]),
             "wrk": version([tool("wrk"), "-v"]), "redis": version([tool("redis-server"), "--version"])}
+
+
+def interpreter() -> str:
+    """The interpreter the gateway runs on (`gateway run` is started with sys.executable) and where it
+    comes from: pyenv's CPython (no --enable-optimizations) ran the gateway 10-15 % slower here than
+    Debian's /usr/bin/python3.11; the image's python:3.11-slim is built with PGO and LTO."""
+    args = str(sysconfig.get_config_var("CONFIG_ARGS") or "")
+    flags = " ".join(f for f in ("--enable-optimizations", "--with-lto") if f in args) or "no PGO/LTO flags"
+    return f"CPython {platform.python_version()} of {sys.base_prefix} ({flags} in its configure line)"
 
 
 def table(result: dict[str, Any]) -> str:
@@ -886,7 +896,8 @@ def table(result: dict[str, Any]) -> str:
     lines = [
         f"Bench run {result['date']} — {a['reps']} repetition(s) × {a['duration']:g} s, "
         f"`wrk -t1 -c50 --latency` on core {LOAD_CORE}, proxy on core {PROXY_CORE} "
-        f"({result['machine']['cpu']}, {result['machine']['haproxy']}).",
+        f"({result['machine']['cpu']}, {result['machine']['haproxy']}; gateway on "
+        f"{result['machine'].get('interpreter', 'python ' + result['machine']['python'])}).",
         "",
         "| row | req/s (median) | min–max | stdev | p50 ms | p99 ms | × HAProxy+jwt | × gw public "
         "| proxy CPU µs/req | system | errors | other CPU |",
@@ -969,7 +980,10 @@ def main() -> int:
         out.mkdir(exist_ok=True)
         stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H%M%SZ")
         (out / f"{stamp}.json").write_text(json.dumps(result, indent=1))
-        (BENCH / "LAST_RUN.md").write_text("# Last bench run\n\n`.venv/bin/python bench/run.py "
+        python = sys.executable
+        with contextlib.suppress(ValueError):  # the checkout's own venv: shown relative to it
+            python = str(Path(sys.executable).relative_to(BENCH.parent))
+        (BENCH / "LAST_RUN.md").write_text(f"# Last bench run\n\n`{python} bench/run.py "
                                            + " ".join(sys.argv[1:]) + "`\n\n" + text)
         print(f"written: bench/results/{stamp}.json, bench/LAST_RUN.md")
     return 0
