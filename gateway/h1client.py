@@ -59,12 +59,14 @@ class ClientBodyError(aiohttp.ClientConnectionError):
 class _Conn(ResponseHandler):
     """aiohttp's client protocol, remembering whether any byte arrived since the request was written.
 
-    Two per-request costs of ResponseHandler are avoided (issue 7 profile):
+    Three per-request costs of ResponseHandler are avoided (issue 7 profile):
     - its response parser is kept across keep-alive requests (llhttp resets itself at each message
       end); it is rebuilt only when the framing changes (HEAD or not, RFC 9110 s9.3.2);
     - the sock_read timer is lazy: rearming it (on every read) moves a deadline instead of cancelling
       and scheduling a timer handle; the one handle re-arms itself at the deadline when it fires early.
-      The timeout fires at the same instant as before (the last read + read_timeout).
+      The timeout fires at the same instant as before (the last read + read_timeout);
+    - resume_reading(), which the payload reader calls after every read and at EOF, does nothing
+      unless reading was paused since the parser was last fed (only a pause leaves the parser a tail).
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -92,7 +94,7 @@ class _Conn(ResponseHandler):
             return
         super().resume_reading(resume_parser)
         if resume_parser and not self._reading_paused:
-            self._held = False  # the tail was parsed (or reading paused again, holding it)
+            self._held = False  # the parser was fed and did not pause again: it holds no tail
 
     def _reschedule_timeout(self) -> None:
         timeout = self._read_timeout
