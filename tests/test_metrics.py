@@ -390,7 +390,11 @@ async def test_workers_do_not_outlive_a_killed_supervisor(
         issuer: DevIssuer, echo_upstream: EchoUpstream, redis_server: RedisServer, gateway_processes: Any,
         tmp_path: Path) -> None:
     path, port, admin_port = _write_config(tmp_path, issuer, echo_upstream, redis_server)
-    group = gateway_processes(GatewayProcess(path, port=port, admin_port=admin_port, args=("--workers", "2")))
+    # A SIGKILLed supervisor cannot delete a metrics directory of its own: give it one pytest removes.
+    mp_dir = tmp_path / "metrics"
+    mp_dir.mkdir()
+    group = gateway_processes(GatewayProcess(path, port=port, admin_port=admin_port, args=("--workers", "2"),
+                                             env={"PROMETHEUS_MULTIPROC_DIR": str(mp_dir)}))
     await group.wait_ready()
     assert group.proc is not None
     workers = _children(group.proc.pid)
