@@ -327,12 +327,15 @@ class Upstreams:
         if "Host" in headers:
             headers = headers.copy()
             del headers["Host"]
+        # The identity reaches each kind of target once: the lean client appends its lines as they are
+        # (gateway.identity.Identity); aiohttp's client (TLS targets) takes them as headers.
         extra = b""
+        session_headers = headers
         if identity is not None:
-            extra = identity.raw  # the lean client appends these lines as they are (gateway.identity.Identity)
-            if pool.any_session:  # aiohttp's client (TLS targets) takes them as headers
-                headers = headers.copy()
-                headers.extend(identity.pairs)
+            extra = identity.raw
+            if pool.any_session:
+                session_headers = headers.copy()
+                session_headers.extend(identity.pairs)
         resend = body is None and method in IDEMPOTENT
         attempts = pool.attempts if resend else 1
         single = pool.single
@@ -356,7 +359,7 @@ class Upstreams:
                                             extra=extra)
                 else:
                     resp = await session.request(
-                        method, URL(target.base + path_qs, encoded=True), headers=headers,
+                        method, URL(target.base + path_qs, encoded=True), headers=session_headers,
                         data=guard.iterate() if guard is not None else None,
                         allow_redirects=False, timeout=pool.timeout, ssl=pool.ssl,
                     )

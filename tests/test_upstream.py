@@ -18,6 +18,7 @@ from gateway import metrics
 from gateway.breaker import CLOSED, HALF_OPEN, OPEN
 from gateway.config_types import BreakerConfig, RetryConfig, TLSFiles, UpstreamConfig
 from gateway.errors import BadGateway, PayloadTooLarge, UpstreamTimeout, UpstreamUnavailable
+from gateway.identity import Identity
 from gateway.upstream import UpstreamResponse, Upstreams
 from tests.support.pki import make_pki
 from tests.support.upstreams import Answer, Blackhole, EchoUpstream, RawUpstream, pattern_bytes
@@ -361,6 +362,29 @@ async def test_large_request_body_streamed_intact_and_response_streamed(
             largest = max(largest, len(part))
     assert digest.hexdigest() == hashlib.sha256(pattern_bytes(size)).hexdigest()
     assert chunks > 10 and largest < size // 4  # arrived piecewise, never as one buffer
+
+
+async def test_identity_reaches_each_kind_of_target_once_in_a_mixed_pool(
+    pki: dict[str, str], make_upstream: MakeUpstream, make_upstreams: Callable[..., Awaitable[Upstreams]]
+) -> None:
+    """A pool with a plain target (the lean client appends the identity's bytes) and a TLS one
+    (aiohttp's client takes the identity as headers): each target receives every identity header once."""
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=pki["ca"])
+    server_ctx.load_cert_chain(pki["server"])
+    plain, tls = await make_upstream(), await make_upstream(ssl_context=server_ctx)
+    ups = await make_upstreams(config("mixed", plain.url, tls.url,
+                                      tls=TLSFiles(ca_file=pki["ca"], cert_file=None, key_file=None)))
+    identity = Identity((("X-Auth-Subject", "alice"), ("X-Auth-Scopes", "orders:read")))
+    seen = set()
+    for _ in range(2):  # round robin: one request to each target
+        async with await ups.send("mixed", "GET", "/x", CIMultiDict([("X-Request-Id", "r1")]), None,
+                                  identity) as resp:
+            seen.add(resp.target)
+            echo = await read_json(resp)
+        names = [name for name, _ in echo["header_list"]]  # type: ignore[union-attr]
+        assert names.count("X-Auth-Subject") == 1 and names.count("X-Auth-Scopes") == 1, (resp.target, names)
+        assert names.count("X-Request-Id") == 1
+    assert seen == {plain.url, tls.url}
 
 
 async def test_slow_reader_pauses_the_target_and_every_byte_arrives_after_resume(
