@@ -144,12 +144,14 @@ def rss_kb(pid: int) -> int:
     return int(out.stdout.strip() or 0)
 
 
-def _proc_ticks(pid: int, *, system_only: bool = False) -> int:
+def _proc_ticks(pid: int) -> tuple[int, int]:
+    """(utime + stime, stime) of one process, in clock ticks."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
-        return 0
-    return int(fields[12]) + (0 if system_only else int(fields[11]))  # stime (+ utime)
+        return 0, 0
+    user, system = int(fields[11]), int(fields[12])
+    return user + system, system
 
 
 def _busy_ticks() -> int:
@@ -171,7 +173,7 @@ class ForeignCpu:
         pids = [p.pid for _, p in self.procs.procs]
         pids += [c for pid in pids for c in children(pid)]
         t = os.times()
-        return sum(_proc_ticks(pid) for pid in pids) + round((t.children_user + t.children_system) * self.tck)
+        return sum(_proc_ticks(pid)[0] for pid in pids) + round((t.children_user + t.children_system) * self.tck)
 
     def start(self) -> None:
         self.t0, self.busy0, self.ours0 = time.monotonic(), _busy_ticks(), self._ours()
@@ -500,10 +502,11 @@ def _ms(text: str) -> float:
     return float(m.group(1)) * _UNITS[m.group(2)]
 
 
-def cpu_ticks(pids: list[int], *, system_only: bool = False) -> int:
-    """utime + stime (or stime alone) of these processes and their children (the workers of
-    `gateway run --workers N`)."""
-    return sum(_proc_ticks(p, system_only=system_only) for pid in pids for p in (pid, *children(pid)))
+def cpu_ticks(pids: list[int]) -> tuple[int, int]:
+    """(utime + stime, stime) of these processes and their children (the workers of
+    `gateway run --workers N`), read once."""
+    ticks = [_proc_ticks(p) for pid in pids for p in (pid, *children(pid))]
+    return sum(t for t, _ in ticks), sum(s for _, s in ticks)
 
 
 def wrk(url: str, duration: float, *, token: str | None = None, connections: int = 50, pin: bool = True,
@@ -521,10 +524,10 @@ def wrk(url: str, duration: float, *, token: str | None = None, connections: int
     if noise is not None:
         waited = noise.wait_quiet(QUIET_WAIT)
         noise.start()
-    ticks0, sys0 = (cpu_ticks(cpu_of), cpu_ticks(cpu_of, system_only=True)) if cpu_of else (0, 0)
+    ticks0, sys0 = cpu_ticks(cpu_of) if cpu_of else (0, 0)
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 60, check=False).stdout
-    ticks, sys_ticks = ((cpu_ticks(cpu_of) - ticks0, cpu_ticks(cpu_of, system_only=True) - sys0)
-                        if cpu_of else (0, 0))
+    ticks, sys_ticks = cpu_ticks(cpu_of) if cpu_of else (0, 0)
+    ticks, sys_ticks = ticks - ticks0, sys_ticks - sys0
     other = noise.stop() if noise is not None else math.nan
     rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
     total = re.search(r"(\d+) requests in", out)
