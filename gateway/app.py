@@ -18,7 +18,7 @@ import aiohttp
 from aiohttp import web
 from aiohttp.http_exceptions import LineTooLong
 from aiohttp.streams import StreamReader
-from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway import accesslog, metrics
@@ -256,6 +256,11 @@ class GatewayApp:
                 headers["X-Request-Id"] = ex.request_id
                 headers["Content-Type"] = "application/json"
                 await out.send(err.status, headers, error_body(err, ex.request_id))
+        except ConnectionError:
+            # The client went away before its answer went out: nginx's 499 ("client closed request"),
+            # counted apart from the gateway's own 5xx (the error-rate alert).
+            status = 499
+            raise
         finally:
             self._inflight -= 1
             if self._inflight == 0:
@@ -302,12 +307,17 @@ class GatewayApp:
         async def stream() -> AsyncIterator[bytes]:
             out.send_continue()  # admitted: RFC 9110 s10.1.1, the client may now send the body
             seen = 0
-            async for chunk in content.iter_chunked(_CHUNK):
-                seen += len(chunk)
-                if limit and seen > limit:
-                    ex.body_too_large = True  # the upstream call fails; the client is told 413
-                    raise PayloadTooLarge()
-                yield chunk
+            try:
+                async for chunk in content.iter_chunked(_CHUNK):
+                    seen += len(chunk)
+                    if limit and seen > limit:
+                        ex.body_too_large = True  # the upstream call fails; the client is told 413
+                        raise PayloadTooLarge()
+                    yield chunk
+            except RequestPayloadError:
+                # The body broke off (malformed chunk, or the client went away): the client's fault, told
+                # 400 if it is still there; the upstream call fails with this error as it is.
+                raise BadRequest() from None
         return stream()
 
     @staticmethod

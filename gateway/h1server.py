@@ -22,7 +22,8 @@ from http import HTTPStatus
 from typing import Any
 
 from aiohttp.base_protocol import BaseProtocol
-from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.http import HttpVersion11
+from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 from aiohttp.http_parser import HttpRequestParser
 from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 from aiohttp.web_protocol import RequestPayloadError
@@ -33,7 +34,9 @@ from gateway.httphead import head as message_head
 log = logging.getLogger("gateway")
 KEEPALIVE_TIMEOUT = 75.0  # an idle keep-alive connection is closed after this (nginx's default)
 HEAD_TIMEOUT = 30.0  # a request head must arrive whole within this once it started (slowloris)
+BODY_TIMEOUT = 60.0  # a request body no byte of which arrives for this long fails (nginx client_body_timeout)
 LINGER_TIMEOUT = 10.0  # the unread rest of a refused request's body is read and dropped for this long
+LINGER_CLOSE = 2.0  # after a refusal that closes, what the client still sends is read and dropped this long
 _READ_LIMIT = 2**16  # the payload StreamReader pauses the socket above twice this
 _STATUS_LINES = {s.value: f"HTTP/1.1 {s.value} {s.phrase}" for s in HTTPStatus}  # formatted once
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -86,6 +89,8 @@ class H1Request:
         conn = self._conn
         if conn.server.draining:
             self.keep_alive = False
+        elif self.body_exists and self.content.exception() is not None:
+            self.keep_alive = False  # its body broke off (malformed, cut short): the framing is lost
         if not self.keep_alive:
             headers["Connection"] = "close"
         elif self.version[1] == 0:
@@ -109,7 +114,9 @@ class H1Request:
 
     async def start(self, status: int, headers: CIMultiDict[str]) -> None:
         """The header block of a streamed response; chunked when the length is not known (HTTP/1.1)."""
-        if self._head or status in _NO_BODY or status < 200:
+        if status == 204 or status < 200:
+            headers.popall("Content-Length", None)  # RFC 9110 s8.6: never in a 1xx or 204 (304 may say it)
+        elif self._head or status in _NO_BODY:
             pass
         elif "Content-Length" not in headers:
             if self.version[1] >= 1:
@@ -156,6 +163,11 @@ class _Conn(BaseProtocol):
         self.since = 0.0  # loop time the connection went idle, or the pending request head began
         self.partial = False  # bytes of a request head arrived and its end did not yet
         self._body: StreamReader | None = None  # the body of the request being answered
+        self._last: StreamReader = EMPTY_PAYLOAD  # the body of the request parsed last (the parser's)
+        self._head = 0  # bytes of the request head being received (counted while no body is)
+        self.received = 0  # bytes received so far; the sweeper tells a stalled body by it
+        self._seen = -1  # `received` when the sweeper last saw it change, and when that was
+        self._seen_at = 0.0
         self._tail = b""  # bytes after an Upgrade request, handed over with the connection
 
     # -- asyncio callbacks ---------------------------------------------------------------------------
@@ -175,14 +187,20 @@ class _Conn(BaseProtocol):
         self._closing = True
         if self._parser is not None:
             with contextlib.suppress(Exception):
-                self._parser.feed_eof()  # a body cut short fails its reader (payload_exception)
-        body = self._body
-        if body is not None and not body.is_eof():
-            body.set_exception(RequestPayloadError("client disconnected"))  # a body reader must not hang
+                self._parser.feed_eof()
+        self._fail_body(RequestPayloadError("client disconnected"))  # a body reader must not hang
         self._wake()
 
     def eof_received(self) -> bool | None:
-        return None  # half-close: the answer to what was read still goes out, then the socket closes
+        # A FIN is taken as the client going away, as nginx takes it while proxying (499): the transport
+        # closes (connection_lost follows), a body being read fails, an answer not yet sent is not.
+        return None
+
+    def _fail_body(self, exc: BaseException) -> None:
+        """Fail the body the parser is in the middle of (its reader would wait for bytes that never come)."""
+        body = self._last
+        if body is not EMPTY_PAYLOAD and not body.is_eof() and body.exception() is None:
+            body.set_exception(exc)
 
     def data_received(self, data: bytes) -> None:
         if self._upgraded:
@@ -190,29 +208,47 @@ class _Conn(BaseProtocol):
             return
         if self._closing:
             return
+        self.received += len(data)
         parser = self._parser
         assert parser is not None
+        last = self._last
+        in_head = last is EMPTY_PAYLOAD or last.is_eof()  # no body is being received: a head is (or none)
         try:
             messages, upgraded, tail = parser.feed_data(data)
         except HttpProcessingError as exc:
-            self._closing = True
-            self._queue.append(exc)
-            self._wake()
-            self._pause_transport_reading()
+            # A malformed chunk mid-body: the request streaming that body fails now, instead of waiting
+            # for bytes the parser will never deliver.
+            self._fail_body(RequestPayloadError("malformed request body"))
+            self._refuse_input(exc)
             return
         if messages:
             self._queue.extend(messages)
+            self._last = messages[-1][1]
+            self._head = 0
             self.partial = False
             self._wake()
             if len(self._queue) >= _MAX_QUEUE and not self._buffer_paused:
                 self._pause_reading_for_buffer()  # a client pipelining faster than we answer waits
-        elif data and not self.busy and not self._queue:
-            if not self.partial:
+        elif data and in_head:
+            # The parser bounds each line and the number of fields, not their sum (1000 fields of 64 KiB):
+            # a head is refused once it passes max_head, not buffered whole first.
+            self._head += len(data)
+            if self._head > self.server.max_head:
+                self._refuse_input(LineTooLong(b"request head", self.server.max_head))
+                return
+            if not self.partial and not self.busy and not self._queue:
                 self.partial, self.since = True, self._loop.time()
         if upgraded:
             self._upgraded = True
             self._tail = tail
             self._pause_transport_reading()
+
+    def _refuse_input(self, exc: HttpProcessingError) -> None:
+        """Read no more: the requests parsed before `exc` are answered, then `exc` is (and the socket closes)."""
+        self._closing = True
+        self._queue.append(exc)
+        self._wake()
+        self._pause_transport_reading()
 
     def _wake(self) -> None:
         waiter = self._waiter
@@ -247,6 +283,13 @@ class _Conn(BaseProtocol):
                     await self._refuse(item, 400)
                     break
                 msg, payload = item
+                if msg.chunked and (msg.version != HttpVersion11 or
+                                    msg.headers.get("Transfer-Encoding", "").lower() != "chunked"):
+                    # RFC 9112 s6.1: Transfer-Encoding in an HTTP/1.0 message means faulty framing (a 1.0
+                    # hop before us framed it differently); a coding besides chunked we would not apply,
+                    # yet Transfer-Encoding is hop-by-hop: its bytes would reach the upstream undeclared.
+                    await self._refuse(None, 400)
+                    break
                 if self._upgraded and not queue and msg.upgrade:
                     if payload is not EMPTY_PAYLOAD:
                         # An Upgrade with a body (RFC 6455 s4.1: a GET) would need it re-framed: refuse.
@@ -300,6 +343,23 @@ class _Conn(BaseProtocol):
         headers["Date"] = self.server.date()
         with contextlib.suppress(ConnectionError):
             await self.write(message_head(_status(status), headers) + body)
+        await self._lingering_close()
+
+    async def _lingering_close(self) -> None:
+        """Closing with unread input resets the connection, and the client may lose the answer just sent
+        (RFC 9112 s9.6; a refused head or body is typically still arriving): send FIN after the answer,
+        read and drop what still comes until the client closes too, for LINGER_CLOSE at most."""
+        transport = self.transport
+        if transport is None or transport.is_closing() or not transport.can_write_eof():
+            return
+        self._closing = True  # data_received drops the input from here on
+        transport.write_eof()
+        self._resume_transport_reading()
+        self._waiter = waiter = self._loop.create_future()  # connection_lost wakes it
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(LINGER_CLOSE):
+                await waiter
+        self._waiter = None
 
     def _hand_over(self, msg: Any) -> None:
         """Give the connection, the Upgrade request's bytes and whatever followed to `upgrade_factory`."""
@@ -321,12 +381,17 @@ class H1Server:
     """Owns the listening socket and its connections: timeouts, graceful drain."""
 
     def __init__(self, handler: Handler, error_answer: ErrorAnswer, upgrade_factory: Callable[[], asyncio.Protocol],
-                 *, max_line: int, max_headers: int = 1000, keepalive_timeout: float = KEEPALIVE_TIMEOUT,
-                 head_timeout: float = HEAD_TIMEOUT) -> None:
+                 *, max_line: int, max_headers: int = 1000, max_head: int | None = None,
+                 keepalive_timeout: float = KEEPALIVE_TIMEOUT, head_timeout: float = HEAD_TIMEOUT,
+                 body_timeout: float | None = None) -> None:
         self.loop = asyncio.get_running_loop()
         self.handler, self.error_answer, self.upgrade_factory = handler, error_answer, upgrade_factory
         self.max_line, self.max_headers = max_line, max_headers
+        # A whole request head (request line and fields) may be this long: by default a longest request
+        # line plus a longest field.
+        self.max_head = max_head if max_head is not None else 2 * max_line
         self.keepalive_timeout, self.head_timeout = keepalive_timeout, head_timeout
+        self.body_timeout = BODY_TIMEOUT if body_timeout is None else body_timeout
         self.conns: set[_Conn] = set()
         self.tasks: set[asyncio.Task[None]] = set()
         self.draining = False
@@ -348,10 +413,22 @@ class H1Server:
         return int(self._server.sockets[0].getsockname()[1])
 
     def _sweep(self) -> None:
-        """Once a second: close keep-alive connections idle too long and request heads arriving too slowly."""
+        """Once a second: close keep-alive connections idle too long and request heads arriving too slowly;
+        fail a request body that stopped arriving."""
         now = self.loop.time()
         for conn in list(self.conns):
-            if conn.busy or conn._queue or conn.transport is None:
+            if conn.transport is None:
+                continue
+            if conn.busy or conn._queue:
+                body = conn._body
+                if body is None or body.is_eof() or conn._reading_paused or conn._buffer_paused:
+                    conn._seen = -1  # no body awaited, or we are the slow side (flow control holds the socket)
+                elif conn.received != conn._seen:
+                    conn._seen, conn._seen_at = conn.received, now
+                elif now - conn._seen_at > self.body_timeout:
+                    # The client stopped sending its body: the request (and its upstream call) fails
+                    # instead of holding both connections for as long as the client stays silent.
+                    conn._fail_body(RequestPayloadError("request body timed out"))
                 continue
             limit = self.head_timeout if conn.partial else self.keepalive_timeout
             if now - conn.since > limit:
