@@ -14,7 +14,9 @@ needs none of that. This module keeps only what decides correctness, and takes i
   are not UTF-8 (the serializer drops them) and refuses the same injections.
 
 What aiohttp's connector decided is decided here: a connection is reused only when its response was
-parsed to the end, did not say `Connection: close` (RFC 9112 s9.6) and nothing unexpected arrived since;
+parsed to the end, did not say `Connection: close` (RFC 9112 s9.6) and nothing unexpected arrived since
+(not one byte beyond the response's end, not one while idle: RFC 9112 s6.3, such bytes mean the target
+frames its messages otherwise than the parser did, and would become the head of the next answer);
 idle connections are capped and closed after `idle_timeout`; a request on a connection that the target
 dropped before sending a single byte back is resent once on a new connection, but only when resending
 is harmless (the caller decides: idempotent and without a body, RFC 9112 s9.3.1).
@@ -73,6 +75,7 @@ class _Conn(ResponseHandler):
         super().__init__(loop)
         self.got_bytes = False
         self.idle_since = 0.0
+        self.pooled = False  # idle in the pool: no byte may arrive (nothing was asked)
         self.parser_head: bool | None = None  # skip_payload of the current parser, None: no parser yet
         self._deadline: float | None = None
         self._held = False  # pause_reading() was called and no resume_reading() has fed the parser since
@@ -80,6 +83,8 @@ class _Conn(ResponseHandler):
     def data_received(self, data: bytes) -> None:
         if data:  # b"" is resume_reading() asking the parser to go on with what it holds
             self.got_bytes = True
+            if self.pooled:  # an answer to nothing: the connection is out of step, never reuse it
+                self._should_close = True
         super().data_received(data)
 
     def pause_reading(self) -> None:
@@ -174,10 +179,28 @@ class H1Response:
             return
         # Reuse only what is provably at a message boundary: the parser saw this response's end, the
         # target did not ask to close, and nothing else (early bytes, an error, an upgrade) is pending.
-        if self._keep and self.content.is_eof() and not conn.should_close and conn.is_connected():
+        if self._keep and self.content.is_eof() and not conn.should_close and conn.is_connected() and _at_rest(conn):
             self._pool.put(conn)
         else:
             conn.close()
+
+
+def _at_rest(conn: _Conn) -> bool:
+    """True when the parser holds no byte of a next message (it ended the response and stopped there).
+
+    Bytes after the end of a response (a Content-Length shorter than the body, a body on a HEAD, 204 or
+    304 answer) that are not yet a whole head stay inside the parser; on reuse they would become the start
+    of the next answer (`HTTP/1.1 302 ...` followed by the real status line as a header value). Between
+    messages, feed_eof() does nothing and returns None; with a next message begun it returns (or fails
+    on) the head it makes of those bytes: the connection is then closed, so its parser's state is moot.
+    """
+    parser = conn._parser
+    if parser is None:
+        return False
+    try:
+        return parser.feed_eof() is None
+    except Exception:
+        return False
 
 
 class H1Pool:
@@ -205,6 +228,7 @@ class H1Pool:
             conn.close()
             return
         conn.idle_since = self._loop.time()
+        conn.pooled = True
         self.idle.append(conn)
         if self._sweeper is None:
             self._sweeper = self._loop.call_at(conn.idle_since + self.idle_timeout, self._sweep)
@@ -214,6 +238,7 @@ class H1Pool:
         oldest = self._loop.time() - self.idle_timeout
         while idle:
             conn = idle.pop()
+            conn.pooled = False
             if conn.idle_since > oldest and conn.is_connected() and not conn.should_close:
                 return conn
             conn.close()
@@ -334,7 +359,13 @@ async def _send_body(conn: _Conn, body: AsyncIterable[bytes], length: int | None
 
     Without a declared length the body is sent chunked (RFC 9112 s7.1); with one, exactly that many
     bytes must come, else the message would be cut or run into the next one (RFC 9112 s6.3): the request
-    fails instead. A failure of the caller's body is set on the connection, so the response read fails.
+    fails instead. A failure of the caller's body (whatever it raises, a ConnectionError of the client's
+    too) is set on the connection, so the response read fails, and the connection is cut so that the
+    target never takes the unfinished request as whole.
+
+    sock_read is armed only once the body is sent; until then a target that takes no byte of it for
+    `read_timeout` (the socket buffers full, the drain never comes) is a read timeout too, as a silent
+    target is (nginx's proxy_send_timeout), instead of holding the request for ever.
     """
     sent = 0
     try:
@@ -351,18 +382,32 @@ async def _send_body(conn: _Conn, body: AsyncIterable[bytes], length: int | None
                 raise ValueError("request body longer than its Content-Length")
             else:
                 transport.write(chunk)
-            if conn.writing_paused:
-                await conn._drain_helper()
+            if conn.writing_paused and not await _drained(conn):
+                return
         if length is None:
             if conn.transport is not None:
                 conn.transport.write(_LAST_CHUNK)
         elif sent != length:
             raise ValueError("request body shorter than its Content-Length")
-    except (ConnectionError, aiohttp.ClientConnectionResetError):
-        return  # the target went away mid-body: the response read reports it
     except Exception as exc:
         conn.set_exception(ClientBodyError("request body failed"), exc)
         if conn.transport is not None:
             conn.transport.abort()  # the request is incomplete: the target must not take it as whole
         return
     conn.start_timeout()
+
+
+async def _drained(conn: _Conn) -> bool:
+    """Wait until the target takes more of the body: False when it went away or took nothing in time
+    (then the response read reports it: ServerDisconnectedError, or SocketTimeoutError set here)."""
+    try:
+        async with asyncio.timeout(conn.read_timeout):
+            await conn._drain_helper()
+    except ConnectionError:  # ClientConnectionResetError included: the target went away mid-body
+        return False
+    except TimeoutError:
+        conn.set_exception(aiohttp.SocketTimeoutError("Timeout on writing the request body"))
+        if conn.transport is not None:
+            conn.transport.abort()
+        return False
+    return True

@@ -7,6 +7,8 @@ aiohttp's ClientSession. `_map_error` is the one place where their exceptions be
 
     connect refused / DNS / TLS handshake / connect timeout  -> BadGateway      (502)
     reset, disconnect, malformed response                    -> BadGateway      (502)
+    a final status outside 200-599 (0xx, an unasked 101)     -> BadGateway      (502)
+    a transfer coding other than chunked (gzip, chunked)     -> BadGateway      (502)
     no response headers (or body bytes) within read timeout  -> UpstreamTimeout (504)
     every target's breaker open                              -> UpstreamUnavailable (503, Retry-After)
     the target's own final 502 / 503 / 504 answer            -> BadGateway / UpstreamUnavailable /
@@ -112,7 +114,11 @@ class UpstreamResponse:
 
     def __init__(self, resp: _Answer, target: str) -> None:
         self.status: int = resp.status
-        self.headers: CIMultiDictProxy[str] = resp.headers
+        headers = resp.headers
+        names = "".join(headers)  # one C join: field names are tokens, whitespace never belongs in one
+        if " " in names or "\t" in names:
+            headers = _names_trimmed(headers)
+        self.headers: CIMultiDictProxy[str] = headers
         self.target = target
         self._resp = resp
 
@@ -151,6 +157,32 @@ class UpstreamResponse:
         self, et: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self._resp.release()
+
+
+def _framing_known(headers: CIMultiDictProxy[str]) -> bool:
+    """False when the response has a transfer coding other than a lone `chunked` (RFC 9112 s6.1).
+
+    Both parsers undo `chunked` only: with `gzip, chunked` the body left is still gzip, and with a final
+    coding that is not chunked the body runs to the connection's end still coded. Transfer-Encoding is
+    hop-by-hop, so relayed the client would take coded bytes for the body; nginx answers 502 to an unknown
+    Transfer-Encoding, and so does the gateway."""
+    coding = headers.get("Transfer-Encoding")
+    if coding is None:
+        return True
+    codings = headers.getall("Transfer-Encoding")
+    return len(codings) == 1 and coding.strip(" \t").lower() == "chunked"
+
+
+def _names_trimmed(headers: CIMultiDictProxy[str]) -> CIMultiDictProxy[str]:
+    """The fields with the whitespace before the colon removed (RFC 9112 s5.1: a proxy MUST remove it
+    from a response before forwarding it).
+
+    aiohttp's lenient response parser accepts `Content-Length : 5` and frames the body by it, but keeps
+    the name with its space: relayed as is, next to the framing the gateway writes itself, the client
+    would get two framings (`Content-Length : 5` and `Transfer-Encoding: chunked`), a desync for any
+    lenient hop downstream. Trimmed, the names say what the parser acted on.
+    """
+    return CIMultiDictProxy(CIMultiDict((name.rstrip(" \t"), value) for name, value in headers.items()))
 
 
 class _Answer(Protocol):
@@ -383,11 +415,18 @@ class Upstreams:
                 raise
             pool.duration(time.perf_counter() - started)
             status = resp.status
-            if status not in FAILURE_STATUSES:
+            answer = UpstreamResponse(resp, target.url) if 200 <= status <= 599 else None
+            if answer is not None and status not in FAILURE_STATUSES and _framing_known(answer.headers):
                 breaker.record_success()
-                return UpstreamResponse(resp, target.url)
+                return answer
             breaker.record_failure()
             resp.release()
+            if status not in FAILURE_STATUSES:
+                # RFC 9110 s15: a status is 100-599, 1xx are interim (both clients skip them) and 101
+                # answers only an Upgrade, which goes through open_websocket(). Relayed, `HTTP/1.1 0` or a
+                # 101 would leave the client's connection unframed (no length, no chunks). A transfer
+                # coding other than chunked: see _framing_known.
+                raise BadGateway(reason="bad_response")
             if attempt < attempts and status in pool.retry_statuses:
                 tried += (target,)
                 nxt = pool.pick(tried)

@@ -57,21 +57,6 @@ def config(
     )
 
 
-@pytest.fixture
-async def make_upstreams() -> AsyncIterator[Callable[..., Awaitable[Upstreams]]]:
-    made: list[Upstreams] = []
-
-    async def make(*cfgs: UpstreamConfig, clock: Callable[[], float] = time.monotonic) -> Upstreams:
-        ups = Upstreams({c.name: c for c in cfgs}, clock=clock)
-        await ups.start()
-        made.append(ups)
-        return ups
-
-    yield make
-    for ups in made:
-        await ups.close()
-
-
 async def read_json(resp: UpstreamResponse) -> dict[str, object]:
     body = b"".join([chunk async for chunk in resp.iter_chunks()])
     return json.loads(body)  # type: ignore[no-any-return]

@@ -29,12 +29,16 @@ import hashlib
 import socket
 import ssl
 import struct
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
 from aiohttp import WSMsgType, web
 from aiohttp.web_runner import BaseSite
+
+from gateway.config_types import UpstreamConfig
+from gateway.upstream import Upstreams
 
 _PATTERN = bytes(range(256)) * 256  # 64 KiB
 
@@ -348,3 +352,19 @@ async def make_raw_upstream() -> AsyncIterator[Callable[[Callable[[bytes, int], 
     yield make
     for upstream in made:
         await upstream.stop()
+
+
+@pytest.fixture
+async def make_upstreams() -> AsyncIterator[Callable[..., Awaitable[Upstreams]]]:
+    """`await make_upstreams(cfg, ...)`: a started gateway.upstream.Upstreams over those pools, closed at teardown."""
+    made: list[Upstreams] = []
+
+    async def make(*cfgs: UpstreamConfig, clock: Callable[[], float] = time.monotonic) -> Upstreams:
+        ups = Upstreams({c.name: c for c in cfgs}, clock=clock)
+        await ups.start()
+        made.append(ups)
+        return ups
+
+    yield make
+    for ups in made:
+        await ups.close()
