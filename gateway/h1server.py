@@ -91,6 +91,10 @@ class H1Request:
             self.keep_alive = False
         elif self.body_exists and self.content.exception() is not None:
             self.keep_alive = False  # its body broke off (malformed, cut short): the framing is lost
+        elif self._expect:
+            # Answered before the 100 went out: the client may send the body or not (RFC 9110 s10.1.1),
+            # and what follows cannot be framed safely either way: close, as Go's server does.
+            self.keep_alive = False
         if not self.keep_alive:
             headers["Connection"] = "close"
         elif self.version[1] == 0:
@@ -312,6 +316,8 @@ class _Conn(BaseProtocol):
                 finally:
                     self.busy, self._body = False, None
                 if not request.keep_alive or self.transport is None:
+                    if payload is not EMPTY_PAYLOAD and not payload.is_eof():
+                        await self._lingering_close()  # unread body: closing now could reset the answer away
                     break
                 if payload is not EMPTY_PAYLOAD and not payload.is_eof() and not await self._linger(payload):
                     break  # the body was not read to its end: the next request cannot be found safely

@@ -5,6 +5,7 @@ forward honestly, and what the access log and metrics say when the client goes a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -153,3 +154,44 @@ async def test_a_body_that_stops_arriving_fails_the_request(issuer: DevIssuer, e
         await c.close()
         await asyncio.sleep(0.1)
         assert [(line["path"], line["status"]) for line in _lines(capsys)] == [("/open/a", 400)]
+
+
+async def test_a_refusal_before_the_100_continue_closes_the_connection(gw: Any) -> None:
+    """Answered before the interim 100 went out, the client may send its body or skip it (RFC 9110
+    s10.1.1): whatever comes next cannot be framed safely (a skipped body would make the next request
+    be read as that body), so the answer says Connection: close and the connection ends."""
+    c = await Conn.open(gw.app.public_port)
+    c.writer.write(b"POST /staff/a HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n")
+    status, headers, _ = await c.response()
+    assert (status, headers.get("connection")) == (401, "close")
+    c.writer.write(b"GET /open/next HTTP/1.1\r\nHost: x\r\n\r\n")  # a client that skipped the body
+    assert await c.closed(within=3)  # no answer to it: the gateway closed instead of guessing the framing
+    assert not gw.echo.requests
+    await c.close()
+
+
+async def test_a_refusal_with_connection_close_is_not_lost_while_the_body_still_arrives(gw: Any) -> None:
+    """A request that says Connection: close is refused (401) while its 8 MiB body is still being sent.
+    Closing with unread input resets the connection and the client may lose the answer (RFC 9112 s9.6):
+    the gateway half-closes and drops the rest of the body instead, so the 401 is read whole."""
+    size = 8 * 2**20
+    c = await Conn.open(gw.app.public_port)
+    c.writer.write(b"POST /staff/a HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: %d\r\n\r\n" % size)
+
+    async def send_body() -> None:
+        chunk = b"x" * 65536
+        with contextlib.suppress(ConnectionError):
+            for _ in range(size // len(chunk)):
+                c.writer.write(chunk)
+                await c.writer.drain()
+
+    sender = asyncio.create_task(send_body())
+    try:
+        await asyncio.sleep(0.2)  # the answer went out long ago; the body is still coming
+        status, headers, body = await c.response()
+        assert (status, headers.get("connection"), json.loads(body)["error"]) == (401, "close", "invalid_request")
+    finally:
+        sender.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sender
+        c.writer.close()
