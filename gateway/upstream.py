@@ -166,11 +166,8 @@ def _framing_known(headers: CIMultiDictProxy[str]) -> bool:
     coding that is not chunked the body runs to the connection's end still coded. Transfer-Encoding is
     hop-by-hop, so relayed the client would take coded bytes for the body; nginx answers 502 to an unknown
     Transfer-Encoding, and so does the gateway."""
-    coding = headers.get("Transfer-Encoding")
-    if coding is None:
-        return True
-    codings = headers.getall("Transfer-Encoding")
-    return len(codings) == 1 and coding.strip(" \t").lower() == "chunked"
+    codings = headers.getall("Transfer-Encoding", ())
+    return not codings or (len(codings) == 1 and codings[0].strip(" \t").lower() == "chunked")
 
 
 def _names_trimmed(headers: CIMultiDictProxy[str]) -> CIMultiDictProxy[str]:
@@ -416,7 +413,8 @@ class Upstreams:
             pool.duration(time.perf_counter() - started)
             status = resp.status
             answer = UpstreamResponse(resp, target.url) if 200 <= status <= 599 else None
-            if answer is not None and status not in FAILURE_STATUSES and _framing_known(answer.headers):
+            if answer is not None and status not in FAILURE_STATUSES and (
+                    "Transfer-Encoding" not in answer.headers or _framing_known(answer.headers)):
                 breaker.record_success()
                 return answer
             breaker.record_failure()
