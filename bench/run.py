@@ -511,7 +511,7 @@ def cpu_ticks(pids: list[int]) -> tuple[int, int]:
 
 def wrk(url: str, duration: float, *, token: str | None = None, connections: int = 50, pin: bool = True,
         script: Path | None = None, noise: ForeignCpu | None = None,
-        cpu_of: list[int] | None = None) -> dict[str, float]:
+        cpu_of: list[int] | None = None, core: str | None = None) -> dict[str, float]:
     cmd = [tool("wrk"), "-t1", f"-c{connections}", f"-d{max(1, round(duration))}s", "--latency"]
     if token:
         cmd += ["-H", f"Authorization: Bearer {token}"]
@@ -519,7 +519,7 @@ def wrk(url: str, duration: float, *, token: str | None = None, connections: int
         cmd += ["-s", str(script)]
     cmd.append(url)
     if pin:
-        cmd = ["taskset", "-c", LOAD_CORE, *cmd]
+        cmd = ["taskset", "-c", core or LOAD_CORE, *cmd]
     waited = 0.0
     if noise is not None:
         waited = noise.wait_quiet(QUIET_WAIT)
@@ -746,7 +746,12 @@ def top_functions(collapsed: Path, n: int = 25) -> str:
 def half_rate(world: World, rows: list[Row], args: argparse.Namespace, noise: ForeignCpu) -> dict[str, Any]:
     """p99 at half the gateway's measured maximum (headers mode), for upstream direct, the gateway and
     HAProxy + jwt: `--reps` paced samples each, interleaved, medians reported (one sample's p99 is its
-    ~1 % slowest requests, which one stall of the VM decides)."""
+    ~1 % slowest requests, which one stall of the VM decides).
+
+    Also "upstream_xcore": nginx again, but with wrk on the proxy core. Upstream direct has wrk and nginx
+    on one core; a proxy's request crosses between the cores four times (wrk, proxy, nginx, proxy, wrk),
+    and on a VM waking a task on the other core is slow: this row shows what two of those crossings cost
+    with no proxy at all."""
     by_key = {r.key: r for r in rows}
     gw = by_key.get("gw_headers")
     if gw is None or not gw.samples:
@@ -754,10 +759,14 @@ def half_rate(world: World, rows: list[Row], args: argparse.Namespace, noise: Fo
     rate = gw.med("rps") / 2
     script = paced_script(world.tmp, rate, 50)
     targets = [by_key[k] for k in ("upstream", "gw_headers", "haproxy_jwt") if k in by_key]
+    if "upstream" in by_key:
+        up = by_key["upstream"]
+        targets.insert(1, Row("upstream_xcore", "upstream, wrk on proxy core", up.url, False))
     samples: dict[str, list[dict[str, float]]] = {row.key: [] for row in targets}
     for rep in range(args.reps):
         for row in targets:
-            s = wrk(row.url, args.duration, token=world.token if row.token else None, script=script, noise=noise)
+            s = wrk(row.url, args.duration, token=world.token if row.token else None, script=script, noise=noise,
+                    core=PROXY_CORE if row.key == "upstream_xcore" else None)
             samples[row.key].append(s)
             print(f"  half rate {rep + 1}/{args.reps} {row.label:<30} {s['rps']:>9.0f} req/s  "
                   f"p50 {s['p50_ms']:.2f} ms  p99 {s['p99_ms']:.2f} ms", flush=True)
