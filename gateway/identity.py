@@ -46,6 +46,9 @@ _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 # lone surrogates (JSON's "\ud800" decodes to one), which have no UTF-8 form to put on the wire.
 _UNSAFE_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f\ud800-\udfff]")
 _FIELD_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 s5.1: a token
+# RFC 6749 s3.3 scope-token (NQCHAR): anything else, NBSP or U+2028 included, is split by some reader.
+_SCOPE_TOKEN = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+")
+_OWS = " \t"  # RFC 9110 s5.5/s5.6.1: stripped around a field value and around each list member
 
 
 @functools.lru_cache(maxsize=4096)
@@ -246,8 +249,9 @@ def _request_keeps(lower: str, drop: frozenset[str]) -> bool:
 
 
 def _safe(value: str) -> str:
-    if _UNSAFE_VALUE.search(value):
-        # A claim that would split or end the header block (response splitting, RFC 9110 s5.5):
+    if _UNSAFE_VALUE.search(value) or value != value.strip(_OWS):
+        # A claim that would split or end the header block (response splitting, RFC 9110 s5.5), or whose
+        # leading/trailing space the upstream's parser strips ("admin " would arrive as "admin"):
         # refuse the request rather than forward a rewritten identity.
         raise InvalidToken("malformed")
     return value
@@ -279,12 +283,13 @@ def identity_headers(p: Principal) -> dict[str, str]:
         out["X-Auth-Subject"] = _safe(p.subject)
     out["X-Auth-Issuer"] = _safe(p.issuer)
     if p.scopes:
-        if any(" " in s or "\t" in s for s in p.scopes):
+        if not all(_SCOPE_TOKEN.fullmatch(s) for s in p.scopes):
             raise InvalidToken("malformed")  # would read as two scopes upstream (RFC 6749 s3.3)
         out["X-Auth-Scopes"] = _safe(" ".join(sorted(p.scopes)))
     if p.roles:
-        if any("," in r for r in p.roles):
-            raise InvalidToken("malformed")  # "user,admin" would read as two roles upstream
+        if any("," in r or r != r.strip(_OWS) for r in p.roles):
+            # "user,admin" would read as two roles upstream, " admin" as "admin" (RFC 9110 s5.6.1 OWS)
+            raise InvalidToken("malformed")
         out["X-Auth-Roles"] = _safe(",".join(p.roles))
     if p.tenant:
         out["X-Auth-Tenant"] = _safe(p.tenant)

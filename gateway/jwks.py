@@ -88,7 +88,8 @@ class JwksCache:
         self._backoff = self._backoff_first
         self._allowed = frozenset(issuer.algorithms)
         self._jwks_uri = issuer.jwks_uri
-        self._by_kid: Mapping[str, jwt.PyJWK] = {}
+        # RFC 7517 s4.5: keys of different types may share a kid; the token's alg picks among them.
+        self._by_kid: Mapping[str, tuple[jwt.PyJWK, ...]] = {}
         self._keys: tuple[jwt.PyJWK, ...] = ()
         self._inflight: asyncio.Task[bool] | None = None
         self._last_refetch = float("-inf")
@@ -122,7 +123,7 @@ class JwksCache:
         if kid is None:
             fitting = [k for k in self._keys if alg is None or k.algorithm_name == alg]
             return fitting[0] if len(fitting) == 1 else None
-        key = self._by_kid.get(kid)
+        key = self._pick(kid, alg)
         if key is not None:
             return key
         if self._inflight is None:
@@ -133,7 +134,18 @@ class JwksCache:
                 return None
             self._last_refetch = now
         await self._refresh_shared()
-        return self._by_kid.get(kid)
+        return self._pick(kid, alg)
+
+    def _pick(self, kid: str, alg: str | None) -> jwt.PyJWK | None:
+        """The key under `kid` bound to `alg`; else the first under `kid` (the verifier then refuses the
+        alg/key mismatch as alg_not_allowed rather than as an unknown kid)."""
+        keys = self._by_kid.get(kid)
+        if keys is None:
+            return None
+        for key in keys:
+            if key.algorithm_name == alg:
+                return key
+        return keys[0]
 
     # ----- fetching ------------------------------------------------------------------------------
 
@@ -161,10 +173,10 @@ class JwksCache:
                 self.issuer.name, type(exc).__name__, exc, len(self._keys), self.next_refresh_in,
             )
             return False
-        by_kid: dict[str, jwt.PyJWK] = {}
+        by_kid: dict[str, tuple[jwt.PyJWK, ...]] = {}
         for key in keys:
             if key.key_id is not None:
-                by_kid.setdefault(key.key_id, key)
+                by_kid[key.key_id] = (*by_kid.get(key.key_id, ()), key)
         self._keys, self._by_kid = tuple(keys), by_kid
         self.ready = True
         self._backoff = self._backoff_first

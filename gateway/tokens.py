@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 import time
 from collections import OrderedDict
@@ -100,12 +101,37 @@ def _words(value: Any, separators: str) -> tuple[str, ...]:
     return ()
 
 
+# RFC 6749 s3.3: scope = scope-token *( SP scope-token ), scope-token = 1*( %x21 / %x23-5B / %x5D-7E ).
+# Anything else (a list entry "a admin", a string "a\u00a0admin") is dropped, not split: an upstream
+# reading the space-joined X-Auth-Scopes or minted `scope` (str.split() splits on NBSP, EM SPACE, ...)
+# would otherwise see scopes the gateway never granted. Fail closed: fewer scopes, never more.
+_SCOPE_TOKEN = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+")
+_SCOPE_SEP = re.compile(r"[ \t\r\n]+")
+
+
+def _scopes(value: Any) -> frozenset[str]:
+    if isinstance(value, str):
+        words: Any = _SCOPE_SEP.split(value)
+    elif isinstance(value, list | tuple):
+        words = value
+    else:
+        return frozenset()
+    return frozenset(w for w in words if isinstance(w, str) and _SCOPE_TOKEN.fullmatch(w))
+
+
 def _number(payload: Mapping[str, Any], name: str) -> int | None:
     value = payload.get(name)
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise jwt.DecodeError(f"{name} must be a number")  # RFC 7519 s2 NumericDate
+    try:
+        # json.loads reads Infinity, NaN and ints too big for a float (1e400 is inf): none is a date,
+        # and int()/float() of them would raise OverflowError/ValueError past the error boundary (a 500).
+        if not math.isfinite(value):
+            raise jwt.DecodeError(f"{name} must be a finite number")
+    except OverflowError:
+        raise jwt.DecodeError(f"{name} is out of range") from None
     return int(value)
 
 
@@ -271,7 +297,7 @@ class TokenVerifier:
             issuer=issuer.config.name,
             iss=issuer.config.issuer,
             subject=_text(_lookup(claims, issuer.subject)),
-            scopes=frozenset(_words(_lookup(claims, issuer.scopes), r"\s+")),
+            scopes=_scopes(_lookup(claims, issuer.scopes)),
             roles=_words(_lookup(claims, issuer.roles), r"[\s,]+"),
             tenant=_text(_lookup(claims, issuer.tenant)),
             session=_text(_lookup(claims, issuer.session)),
