@@ -278,6 +278,35 @@ class RouteTable:
 
     def _match(self, method: str, path: str, host: str) -> RouteMatch:
         path = normalize_path(path)
+        found = self._find(method, path, host)
+        if ";" in path:
+            self._refuse_if_params_reroute(method, path, host, found.route)
+        return found
+
+    def _refuse_if_params_reroute(self, method: str, path: str, host: str, route: RouteConfig) -> None:
+        """BadPath when the path without its `;params` belongs to another route.
+
+        Tomcat and Spring drop `;params` from each segment before routing: `/api/admin;x/users` is
+        `/api/admin/users` to them. Matched as it came, that path can miss a protected `/api/admin/` route
+        and fall through to a broader public one whose upstream then serves the admin path without the
+        gateway's rules. Where both forms land on the same route (or the plain one on none), or the route was
+        written with `;` in its path, nothing changes.
+        """
+        if ";" in (route.path or route.path_prefix or ""):
+            return  # a route written with ;params in its path asked for them
+        plain = "/".join(seg.split(";", 1)[0] for seg in path.split("/"))
+        if plain == path:
+            return
+        try:
+            other = self._find(method, plain, host).route
+        except NotFound:
+            return  # no route claims the plain form: only this route's rules apply to the request
+        except MethodNotAllowed:
+            raise BadPath() from None  # another route claims the plain form (for other methods)
+        if other is not route:
+            raise BadPath()
+
+    def _find(self, method: str, path: str, host: str) -> RouteMatch:
         if self._any_host:
             host = _norm_host(host)
         candidates = self._exact.get(path)

@@ -279,6 +279,18 @@ def test_invalid_routes_are_refused_at_construction() -> None:
 def _reference(routes: Sequence[RouteConfig], method: str, raw: str, host: str) -> object:
     """A naive linear matcher written from the spec, to check the bucketed table against."""
     path = normalize_path(raw)
+    found = _reference_find(routes, method, path, host)
+    plain = "/".join(seg.split(";", 1)[0] for seg in path.split("/"))
+    written = {r.name: r.path or r.path_prefix or "" for r in routes}
+    if found[0] not in ("NotFound", "MethodNotAllowed") and plain != path and ";" not in written[found[0]]:
+        # The path without its ;params (what Tomcat and Spring route on) must not belong to another route.
+        other = _reference_find(routes, method, plain, host)
+        if other[0] != "NotFound" and other[0] != found[0]:
+            raise BadPath()
+    return found
+
+
+def _reference_find(routes: Sequence[RouteConfig], method: str, path: str, host: str) -> tuple[str, object]:
     allow: set[str] = set()
     for r in routes:
         if r.host is not None and r.host != host:
@@ -324,7 +336,8 @@ ROUTE_POOL = st.builds(
 @settings(max_examples=300, deadline=None)
 @given(
     st.lists(ROUTE_POOL, max_size=8),
-    st.lists(st.lists(st.sampled_from(["a", "b", "c", "", "d"]), max_size=4), min_size=1, max_size=6),
+    st.lists(st.lists(st.sampled_from(["a", "b", "c", "", "d", "a;x", "b;v=1"]), max_size=4), min_size=1,
+             max_size=6),
     st.sampled_from(["GET", "POST", "DELETE"]),
     st.sampled_from(["h", "g"]),
 )
@@ -338,7 +351,7 @@ def test_table_agrees_with_naive_linear_matcher(
         got = _outcome(table.match, method, raw, host)
         if isinstance(got, RouteMatch):
             got = (got.route.name, dict(got.params))
-        assert got == _reference(routes, method, raw, host)
+        assert got == _outcome(_reference, routes, method, raw, host)
 
 
 # Routes spread over the attack alphabet, so random paths hit all of them.
@@ -543,3 +556,28 @@ def test_memo_agrees_with_a_fresh_table(raw: str, method: str, host: str) -> Non
     warm = _outcome(PROP_TABLE.match, method, raw, host)  # PROP_TABLE has answered many paths before
     cold = _outcome(RouteTable(PROP_ROUTES).match, method, raw, host)
     assert warm == cold
+
+
+@pytest.mark.parametrize(("raw", "expected"), [
+    ("/api/admin;x/users", "BadPath"),  # Tomcat/Spring route it as /api/admin/users: the admin route's
+    ("/api/admin;jsessionid=1/users", "BadPath"),
+    ("/api/public/x;v=2", "public"),  # without its params still the public route: kept as it came
+    ("/api/public;v=2/x", "BadPath"),  # the catch-all as it came, the public route without params
+    ("/api/orders;v=2", "orders"),  # a route written with ;params asked for them
+    ("/other;v=2/x", "NotFound"),
+    ("/api/adminx;y/z", "api"),  # the plain form /api/adminx/z is the catch-all too
+])
+def test_params_that_would_reroute_the_path_upstream_are_refused(raw: str, expected: str) -> None:
+    """`;params` are kept on ordinary segments (`/a;v=1/b`), but a path whose plain form (params dropped,
+    as Tomcat and Spring do before routing) belongs to another route is refused: matched as it came,
+    `/api/admin;x/users` missed the protected admin route and went to the public catch-all, whose
+    upstream would serve /api/admin/users without the admin rules."""
+    table = RouteTable([
+        route("admin", prefix="/api/admin/"),
+        route("public", prefix="/api/public/"),
+        route("orders", path="/api/orders;v=2"),
+        route("api", prefix="/api/"),
+    ])
+    got = _outcome(table.match, "GET", raw, "h")
+    name = got.route.name if isinstance(got, RouteMatch) else got[0]  # type: ignore[index]
+    assert name == expected
