@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import os
 import re
@@ -92,6 +93,8 @@ class _Builder:
         names = tuple(i.name for i in issuers)
         admin = self.admin(top.get("admin"), names)
         revocation = self.revocation(top.get("revocation"))
+        # A revocation's key outlives its token by the longest leeway any issuer grants (see grace).
+        revocation = dataclasses.replace(revocation, grace=max((i.leeway for i in issuers), default=0.0))
         internal = self.internal_token(top["internal_token"]) if "internal_token" in top else None
         upstreams = self.upstreams(top.get("upstreams"))
         route_list = self.routes(top.get("routes"), names, upstreams, internal is not None)
@@ -467,6 +470,9 @@ class _RouteBuilder:
         rules: list[ClaimRule] = []
         for k_node, v_node in node.value:
             claim, ck = str(k_node.value), f"{key}.{k_node.value}"
+            if any(rule.claim == claim for rule in rules):
+                r.error(k_node, ck, "duplicate key")  # as Reader.mapping() says for every other mapping
+                continue
             raw: Any = r.field(r.scalar, v_node, ck, None) if isinstance(v_node, yaml.ScalarNode) \
                 else r.strs(v_node, ck)
             values = (raw,) if not isinstance(raw, tuple) else raw

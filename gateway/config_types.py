@@ -67,6 +67,9 @@ class RevocationConfig:
     key_prefix: str = "gw:revoked:"
     on_backend_error: str = "deny"  # deny | allow
     max_token_lifetime: float = 86400.0
+    # Not a key of the file: the largest issuer `leeway`. Tokens pass until exp + leeway, so a key must
+    # outlive what it revokes by that much, or a revoked token would be accepted again in between.
+    grace: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)

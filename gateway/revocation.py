@@ -37,10 +37,14 @@ _KIND_OF_PART = {v: k for k, v in _KEY_PART.items()}
 DIRECT_TIMEOUT = 0.25  # a request waits at most this long for Redis while the view is not live
 DOWN_MEMO = 0.1  # after a failed direct check, the next ones fail at once for this long
 WRITE_TIMEOUT = 2.0
+MAX_EXP = 253402300799  # 9999-12-31T23:59:59Z, the last second of a four-digit year
 START_WAIT = 2.0  # start() waits this long for the first sync; readiness reports the rest
 POLL = 0.1  # listener wake-up: ping timing and expiry purge
 PING_EVERY = 0.3
 DEAD_AFTER = 1.0  # nothing (not even a PONG) heard for this long: the subscription is dead
+# A live view also re-reads the keys this often, so a key written with no message (SPEC 6 asks writers
+# for both, but a hand-written SET or a writer that lost its PUBLISH happens) is honoured within it.
+RESYNC_EVERY = 30.0
 BACKOFF_MIN, BACKOFF_MAX = 0.05, 1.0  # capped low so recovery after a Redis restart is quick
 _BACKEND_ERRORS = (RedisError, OSError, TimeoutError)
 
@@ -117,6 +121,13 @@ class _View:
         if expires_at != math.inf:
             heapq.heappush(self._heap, (expires_at, kind, issuer or "", value))
 
+    def covers(self, kind: str, issuer: str | None, value: str, at: float) -> bool:
+        """An entry revoking at least this much is held already (a merge then adds nothing)."""
+        if kind == "jti":
+            return value in self.jti
+        entry = (self.sub if kind == "subject" else self.sid).get(issuer or "", {}).get(value)
+        return entry is not None and entry[0] >= at
+
     def purge(self, now: float) -> None:
         """Drop entries whose key has expired in Redis too (bounded memory)."""
         heap = self._heap
@@ -171,13 +182,18 @@ def _plan_write(cfg: RevocationConfig, kind: str, value: str, issuer: str | None
         raise ValueError(f"a {kind} revocation needs the issuer's name")
     if issuer is not None and ":" in issuer:
         raise ValueError("issuer names cannot contain ':' (it separates the key's parts)")
+    if exp is not None and (isinstance(exp, bool) or not isinstance(exp, int) or not 0 <= exp <= MAX_EXP):
+        # Bounded so the TTL stays a number Redis takes: an int past float range would raise
+        # OverflowError below, and an expiry past Redis' range would fail the write as if Redis were down.
+        raise ValueError(f"exp must be a UNIX time in whole seconds between 0 and {MAX_EXP}")
     at = int(now)  # iat is whole seconds; a token issued within this second is revoked too (fail closed)
+    # The key only has to outlive the tokens it revokes; a token passes until exp + leeway, hence the
+    # grace (the largest issuer leeway). jti without exp, and subject/session: the longest a token lives.
     if kind == "jti":
-        # The key only has to outlive the token it revokes; without exp, the longest a token may live.
-        ttl = math.ceil(exp - now) if exp is not None else math.ceil(cfg.max_token_lifetime)
+        ttl = math.ceil((exp - now if exp is not None else cfg.max_token_lifetime) + cfg.grace)
         stored = "1"
     else:
-        ttl, stored = math.ceil(cfg.max_token_lifetime), str(at)
+        ttl, stored = math.ceil(cfg.max_token_lifetime + cfg.grace), str(at)
     return _Write(kind, issuer, value, key_for(cfg.key_prefix, kind, value, issuer), stored, max(1, ttl), at)
 
 
@@ -452,6 +468,7 @@ class RedisRevocationStore:
     async def _listen(self, pubsub: PubSub) -> None:
         loop = asyncio.get_running_loop()
         last_heard = next_ping = loop.time()
+        next_resync = last_heard + RESYNC_EVERY
         while not self._closing:
             msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=POLL)
             now = loop.time()
@@ -466,6 +483,13 @@ class RedisRevocationStore:
                 await pubsub.ping()
                 next_ping = now + PING_EVERY
             self._view.purge(self._clock())
+            if now >= next_resync:
+                # Merged into the live view, never swapped: an entry applied meanwhile (this replica's
+                # own write, a message's hint) is kept, and a later T is never lowered by an older read.
+                await self._resync(merge=True)
+                # Messages and PONGs queued meanwhile are read next: the wait was ours, not Redis' silence.
+                last_heard = next_ping = loop.time()
+                next_resync = last_heard + RESYNC_EVERY
 
     async def _on_message(self, data: bytes | str) -> None:
         try:
@@ -488,14 +512,15 @@ class RedisRevocationStore:
             self._apply_key(kind, issuer, value, stored, pttl, self._view, self._clock())
 
     def _apply_key(self, kind: str, issuer: str | None, value: str, stored: bytes, pttl: int,
-                   view: _View, now: float) -> None:
+                   view: _View, now: float, *, replace: bool = True) -> None:
         expires_at = math.inf if pttl < 0 else now + pttl / 1000
         at = 0.0 if kind == "jti" else _parse_time(stored)
-        view.apply(kind, issuer, value, at, expires_at, replace=True)
+        view.apply(kind, issuer, value, at, expires_at, replace=replace)
 
-    async def _resync(self) -> None:
-        """Rebuild the view from every key under the prefix (SCAN, then GET + PTTL in batches)."""
-        view = _View()
+    async def _resync(self, *, merge: bool = False) -> None:
+        """Rebuild the view from every key under the prefix (SCAN, then GET + PTTL in batches);
+        merge=True adds what the keys hold to the live view instead of replacing it."""
+        view = self._view if merge else _View()
         now = self._clock()
         pattern = _glob_escape(self._prefix) + "*"
         cursor = 0
@@ -517,8 +542,13 @@ class RedisRevocationStore:
                 res = await pipe.execute(raise_on_error=False)
                 for i, (kind, issuer, value) in enumerate(parsed):
                     stored, pttl = res[2 * i], res[2 * i + 1]
-                    if isinstance(stored, bytes) and isinstance(pttl, int) and pttl != -2:
-                        self._apply_key(kind, issuer, value, stored, pttl, view, now)
+                    if not isinstance(stored, bytes) or not isinstance(pttl, int) or pttl == -2:
+                        continue
+                    # A merge adds only what the view lacks: re-applying what it holds would push a
+                    # heap entry per key on every periodic pass.
+                    if merge and view.covers(kind, issuer, value, 0.0 if kind == "jti" else _parse_time(stored)):
+                        continue
+                    self._apply_key(kind, issuer, value, stored, pttl, view, now, replace=not merge)
             if cursor == 0:
                 break
         self._view = view

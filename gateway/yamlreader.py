@@ -38,6 +38,7 @@ class Reader:
         self.filename = filename
         self.problems: list[str] = []
         self._constructor = yaml.constructor.SafeConstructor()
+        self._resolver = yaml.resolver.Resolver()
 
     def error(self, node: Node | None, key: str, message: str) -> None:
         line = node.start_mark.line + 1 if node is not None else 1
@@ -60,8 +61,14 @@ class Reader:
                                                                  else "mapping"))
         if "${" in node.value:
             text = self._substitute(node.value)
-            if node.style is None:  # a plain scalar: type it as YAML would have
-                return yaml.safe_load(text) if text.strip() else None
+            if node.style is None:
+                # A plain scalar: type the result as YAML types a plain scalar (int, bool, null ...),
+                # but never parse it as YAML: a value holding ': ', ' #', '[' or '*' is that string,
+                # not a mapping, a comment, a syntax error or an alias.
+                text = text.strip()
+                tag = self._resolver.resolve(yaml.ScalarNode, text, (True, False))  # type: ignore[no-untyped-call]
+                typed = yaml.ScalarNode(tag, text, node.start_mark, node.end_mark)
+                return self._constructor.construct_object(typed, deep=True) if text else None
             return text
         return self._constructor.construct_object(node, deep=True)
 
