@@ -458,7 +458,11 @@ async def serve(config_path: str, *, reuse_port: bool = False, stop: asyncio.Eve
     """Run until SIGTERM/SIGINT; SIGHUP reloads. Returns the process exit code."""
     config = load(config_path)
     app = GatewayApp(config, reuse_port=reuse_port)
-    await app.start()
+    try:
+        await app.start()
+    except BaseException:
+        await app.stop()  # half started (a port taken after `run` checked it): close what did start, quietly
+        raise
     log.info("gateway listening on %s:%d (admin %s:%d)", config.server.host, app.public_port,
              config.admin.host, app.admin_port)
     done = stop or asyncio.Event()

@@ -7,6 +7,9 @@ import asyncio
 import json
 import logging
 import os
+import re
+import socket
+import ssl
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, NoReturn
@@ -103,11 +106,38 @@ def cmd_run(args: Any) -> int:
     workers = args.workers if args.workers is not None else config.server.workers
     if workers < 1:
         raise UsageError("gateway run: --workers must be at least 1")
+    if not args.reuse_port:  # a worker: the supervisor checked (and its siblings hold the ports)
+        _check_references(config)  # as `gateway check` does: refused in one line before anything starts
+        _check_ports(config)
     if workers > 1:
         from gateway.workers import supervise
         return supervise(args.config, workers)
     from gateway.app import serve
     return _run_async(lambda: serve(args.config, reuse_port=args.reuse_port))
+
+
+def _check_ports(config: Config) -> None:
+    """Refuse to start, in one line, when a listener's address is taken, before anything else is started.
+
+    The workers bind with SO_REUSEPORT, which lets any process of the same user join a port: a second
+    `--workers` group would silently share the first one's traffic instead of failing. A probe bound
+    without SO_REUSEPORT fails on any listener there (SO_REUSEADDR, as asyncio sets it, only lets it pass
+    connections left in TIME_WAIT)."""
+    for key, host, port in (("server.listen", config.server.host, config.server.port),
+                            ("admin.listen", config.admin.host, config.admin.port)):
+        if port == 0:
+            continue
+        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        try:
+            addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+            for family, kind, proto, _, address in addresses:
+                with socket.socket(family, kind, proto) as probe:
+                    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    if family == socket.AF_INET6:
+                        probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                    probe.bind(address)
+        except OSError as exc:
+            raise RuntimeError(f"cannot listen on {where} ({key}): {(exc.strerror or str(exc)).lower()}") from None
 
 
 def cmd_check(args: Any) -> int:
@@ -118,14 +148,51 @@ def cmd_check(args: Any) -> int:
 
 
 def _check_references(config: Config) -> None:
-    """What the file points at: an existing key store must be readable and well formed."""
+    """What the file points at: TLS files must load as the listener and the upstream clients load them, and
+    an existing key store must be readable and well formed."""
+    problems: list[str] = []
+    tls = config.server.tls
+    if tls is not None and tls.cert_file is not None:
+        problems += _tls_problems(f"{config.path}:1: server.tls", ssl.Purpose.CLIENT_AUTH, None, tls.cert_file,
+                                  tls.key_file)
+    for name, upstream in config.upstreams.items():
+        if upstream.tls is not None:
+            problems += _tls_problems(f"{config.path}:1: upstreams.{name}.tls",
+                                      ssl.Purpose.SERVER_AUTH, upstream.tls.ca_file, upstream.tls.cert_file,
+                                      upstream.tls.key_file)
     cfg = config.internal_token
     if cfg is not None and os.path.exists(cfg.key_store):
         from gateway.keys import KeyStore
         try:
             KeyStore(cfg).load()
         except KeyStoreError as exc:
-            raise ConfigError([f"{config.path}:1: internal_token.key_store: {_one_line(exc)}"]) from None
+            problems.append(f"{config.path}:1: internal_token.key_store: {_one_line(exc)}")
+    if problems:
+        raise ConfigError(problems)
+
+
+def _tls_problems(where: str, purpose: ssl.Purpose, ca_file: str | None, cert_file: str | None,
+                  key_file: str | None) -> list[str]:
+    """The files loaded into an SSLContext as app.py (listener) and upstream.py (client) load them."""
+    ctx = ssl.create_default_context(purpose)
+    try:
+        if ca_file:
+            ctx.load_verify_locations(cafile=ca_file)
+    except (ssl.SSLError, OSError) as exc:
+        return [f"{where}.ca_file: cannot load CA certificates from {ca_file}: {_ssl_reason(exc)}"]
+    try:
+        if cert_file:
+            ctx.load_cert_chain(cert_file, key_file)
+    except (ssl.SSLError, OSError) as exc:
+        return [f"{where}.cert_file: cannot load a certificate and its key from {cert_file}"
+                f"{f' and {key_file}' if key_file and key_file != cert_file else ''}: {_ssl_reason(exc)}"]
+    return []
+
+
+def _ssl_reason(exc: BaseException) -> str:
+    if isinstance(exc, ssl.SSLError):  # "[SSL] PEM lib (_ssl.c:3905)": OpenSSL's words without the C file
+        return re.sub(r"\s*\(_ssl\.c:\d+\)$", "", _one_line(exc))
+    return exc.strerror if isinstance(exc, OSError) and exc.strerror else _one_line(exc)
 
 
 def cmd_routes(args: Any) -> int:

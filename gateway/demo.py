@@ -13,12 +13,16 @@ from typing import Any
 from aiohttp import web
 
 from gateway.config import load
+from gateway.config_types import RevocationConfig
 from gateway.devissuer import DevIssuer
+from gateway.revocation import forget_jtis
 
 # Fixed ports so the printed curl lines are stable; each can be moved with an environment variable.
 ISSUER_PORT = int(os.environ.get("DEMO_ISSUER_PORT", "8400"))
 ORDERS_PORT = int(os.environ.get("DEMO_ORDERS_PORT", "8401"))
 USERS_PORT = int(os.environ.get("DEMO_USERS_PORT", "8402"))
+# The guide's token ids, fixed so that its lines read the same at every run.
+ALICE_JTI, OTHER_JTI, ADMIN_JTI = "demo-alice-1", "demo-alice-2", "demo-admin"
 
 
 def demo_config_path() -> Path:
@@ -70,6 +74,8 @@ async def run_demo(config_path: str | None = None, *, stop: asyncio.Event | None
         os.environ.setdefault("DEMO_ORDERS", f"http://127.0.0.1:{ORDERS_PORT}")
         os.environ.setdefault("DEMO_USERS", f"http://127.0.0.1:{USERS_PORT}")
         config = load(path)
+        if config.revocation.backend == "redis":
+            await _forget_earlier_runs(config.revocation)
         gateway = GatewayApp(config)
         await gateway.start()
         _print_guide(issuer, gateway.public_port, gateway.admin_port, config.revocation.backend)
@@ -88,19 +94,25 @@ async def run_demo(config_path: str | None = None, *, stop: asyncio.Event | None
     return 0
 
 
+async def _forget_earlier_runs(cfg: RevocationConfig) -> None:
+    """A jti revocation is absolute and, in Redis, outlives the demo (kept for max_token_lifetime): without
+    this, a second run would find the guide's "200" token already revoked by the first run's guide."""
+    await forget_jtis(cfg, (ALICE_JTI, OTHER_JTI, ADMIN_JTI))
+
+
 def _print_guide(issuer: DevIssuer, port: int, admin_port: int, backend: str) -> None:
     base, admin = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin_port}"
     alice: dict[str, Any] = {"sub": "alice", "scope": "orders:read orders:write profile", "tenant_id": "acme",
-                             "sid": "session-1", "jti": "demo-alice-1"}
+                             "sid": "session-1", "jti": ALICE_JTI}
     good = issuer.token(alice, ttl=3600)
-    other = issuer.token({**alice, "jti": "demo-alice-2"}, ttl=3600)
-    admin_token = issuer.token({"sub": "ops", "scope": "gateway:admin", "jti": "demo-admin"}, ttl=3600)
+    other = issuer.token({**alice, "jti": OTHER_JTI}, ttl=3600)
+    admin_token = issuer.token({"sub": "ops", "scope": "gateway:admin", "jti": ADMIN_JTI}, ttl=3600)
     bearer = "Authorization: Bearer "
 
     def curl(*parts: str) -> str:
         return "curl -s -i " + " ".join(shlex.quote(p) for p in parts)
 
-    revoke_body = json.dumps({"type": "jti", "value": "demo-alice-1"})
+    revoke_body = json.dumps({"type": "jti", "value": ALICE_JTI})
     lines = [
         "gateway demo is running (Ctrl-C stops it)",
         f"  development issuer   {issuer.url}",

@@ -52,8 +52,10 @@ async def explain(config: Config, method: str, path: str, host: str, token: str 
     verdicts = evaluate(route.auth, principal, match.params)
     for v in verdicts:
         print(f"  {'PASS' if v.ok else 'FAIL'} {v.rule}: {v.detail}")
-    allowed = all(v.ok for v in verdicts)
-    print("  verdict: " + ("allowed (revocation is checked at request time)" if allowed
-                           else "refused -> 403 insufficient_scope" if any(
-                               v.rule != "issuers" for v in verdicts if not v.ok) else "refused -> 401 invalid_token"))
-    return 0 if allowed else 1
+    failed = {v.rule for v in verdicts if not v.ok}
+    # The server checks the issuer first (authz.Rules.check): a token of an issuer the route does not
+    # accept is 401 invalid_token whatever else fails; any other failed rule is 403.
+    print("  verdict: " + ("allowed (revocation is checked at request time)" if not failed
+                           else "refused -> 401 invalid_token" if "issuers" in failed
+                           else "refused -> 403 insufficient_scope"))
+    return 0 if not failed else 1

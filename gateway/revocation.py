@@ -13,7 +13,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -195,6 +195,18 @@ def _plan_write(cfg: RevocationConfig, kind: str, value: str, issuer: str | None
     else:
         ttl, stored = math.ceil(cfg.max_token_lifetime + cfg.grace), str(at)
     return _Write(kind, issuer, value, key_for(cfg.key_prefix, kind, value, issuer), stored, max(1, ttl), at)
+
+
+async def forget_jtis(cfg: RevocationConfig, jtis: Iterable[str]) -> None:
+    """Delete these jti revocations from Redis, best effort (the demo's own fixed token ids: a second run
+    must not find them revoked by the first). An unreachable Redis is left to say so itself."""
+    client = aioredis.Redis.from_url(cfg.redis_url, socket_timeout=1.0, socket_connect_timeout=0.5)
+    try:
+        await client.delete(*(key_for(cfg.key_prefix, "jti", jti, None) for jti in jtis))
+    except _BACKEND_ERRORS:
+        pass
+    finally:
+        await client.aclose()
 
 
 def _parse_message(data: bytes | str) -> tuple[str, str | None, str, float]:

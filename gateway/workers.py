@@ -26,6 +26,15 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child between 
         pass
 
 
+def _worker_preexec() -> None:  # pragma: no cover - runs in the child between fork and exec
+    # SIGHUP (reload) is forwarded to every worker, but a worker still starting has no handler yet and the
+    # default action would kill it, and with it the group (exit 129). Ignored until its event loop
+    # installs the reload handler (an ignored disposition survives exec; add_signal_handler replaces it).
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    if sys.platform == "linux":
+        _die_with_parent()
+
+
 def metrics_dir(env: dict[str, str]) -> tuple[str, bool]:
     """The workers' multiprocess directory, emptied of an earlier run's files, and whether it is ours
     to delete at the end (True when none was given)."""
@@ -51,7 +60,6 @@ def supervise(config_path: str, workers: int) -> int:
     env[metrics.MULTIPROC_ENV] = directory
     env[metrics.WORKER_ENV] = str(os.getpid())
     cmd = [sys.executable, "-m", "gateway", "run", "-c", config_path, "--workers", "1", "--reuse-port"]
-    preexec = _die_with_parent if sys.platform == "linux" else None
     procs: list[subprocess.Popen[bytes]] = []
     stopping = False
 
@@ -67,7 +75,7 @@ def supervise(config_path: str, workers: int) -> int:
         signal.signal(sig, forward)
     code = 0
     try:
-        procs.extend(subprocess.Popen(cmd, env=env, preexec_fn=preexec)  # noqa: S603 - our own argv
+        procs.extend(subprocess.Popen(cmd, env=env, preexec_fn=_worker_preexec)  # noqa: S603 - our own argv
                      for _ in range(workers))
         while procs:
             for proc in list(procs):
