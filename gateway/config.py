@@ -141,6 +141,8 @@ class _Builder:
         m = r.mapping(node, "admin", ("listen", "issuer", "scope"))
         host, port = r.field(r.listen, m.get("listen"), "admin.listen", (d.host, d.port))
         issuer = r.field(r.opt_str, m.get("issuer"), "admin.issuer", None)
+        if issuer is None and "employees" in issuers:
+            issuer = "employees"  # SPEC 3's default; without such an issuer, every issuer's tokens (scope decides)
         if issuer is not None and issuers and issuer not in issuers:
             r.error(m.get("issuer"), "admin.issuer", f"unknown issuer {issuer!r}; known: {', '.join(issuers)}")
         return AdminConfig(host=host, port=port, issuer=issuer,

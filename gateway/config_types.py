@@ -32,7 +32,8 @@ class ServerConfig:
 class AdminConfig:
     host: str = "127.0.0.1"
     port: int = 9090
-    issuer: str | None = None  # issuer name whose tokens the admin API accepts; None: every issuer
+    issuer: str | None = None  # issuer name whose tokens the admin API accepts (unset: `employees` if that
+    # issuer exists, as SPEC 3 shows; else None: every issuer, and admin.scope alone decides)
     scope: str = "gateway:admin"
 
 

@@ -48,6 +48,17 @@ def test_minimal_file_gets_documented_defaults() -> None:
     assert c.internal_token is None
 
 
+def test_admin_issuer_defaults_to_employees_when_that_issuer_exists() -> None:
+    """SPEC 3 shows `admin.issuer: employees` among the defaults: with an issuer of that name and no
+    admin.issuer, a customer token carrying the admin scope must not open the admin API."""
+    assert load_text(MINIMAL, "gw.yaml").admin.issuer is None  # no employees issuer: the scope decides
+    both = MINIMAL.replace("issuers:\n", "issuers:\n  - name: employees\n    issuer: https://sso.example.com\n"
+                           "    audiences: [api]\n", 1)
+    assert load_text(both, "gw.yaml").admin.issuer == "employees"
+    chosen = both + "admin: {issuer: customers}\n"
+    assert load_text(chosen, "gw.yaml").admin.issuer == "customers"
+
+
 def test_shipped_example_files_are_valid() -> None:
     root = Path(__file__).parent.parent / "config"
     example = load(root / "gateway.yaml")
