@@ -26,11 +26,15 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child between 
         pass
 
 
+_HELD = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+
+
 def _worker_preexec() -> None:  # pragma: no cover - runs in the child between fork and exec
     # SIGHUP (reload) is forwarded to every worker, but a worker still starting has no handler yet and the
     # default action would kill it, and with it the group (exit 129). Ignored until its event loop
     # installs the reload handler (an ignored disposition survives exec; add_signal_handler replaces it).
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _HELD)  # the supervisor holds them while spawning (supervise)
     if sys.platform == "linux":
         _die_with_parent()
 
@@ -75,8 +79,14 @@ def supervise(config_path: str, workers: int) -> int:
         signal.signal(sig, forward)
     code = 0
     try:
-        procs.extend(subprocess.Popen(cmd, env=env, preexec_fn=_worker_preexec)  # noqa: S603 - our own argv
-                     for _ in range(workers))
+        # A stop (or reload) that arrives while spawning waits until every worker exists: forwarded at
+        # once, it would miss the workers not yet started, and the group would wait for them for ever.
+        signal.pthread_sigmask(signal.SIG_BLOCK, _HELD)
+        try:
+            for _ in range(workers):
+                procs.append(subprocess.Popen(cmd, env=env, preexec_fn=_worker_preexec))  # noqa: S603 - our argv
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _HELD)
         while procs:
             for proc in list(procs):
                 rc = proc.poll()

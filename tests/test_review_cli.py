@@ -256,3 +256,40 @@ def test_check_refuses_tls_files_that_cannot_be_loaded(tmp_path: Path) -> None:
             lines = result.stderr.strip().splitlines()
             assert len(lines) == 1 and lines[0].startswith(f"{path}:") and f" {key}." in lines[0], result.stderr
             assert "cannot load" in lines[0] and "_ssl.c" not in lines[0], lines
+
+
+# -- a stop asked for while the supervisor is still spawning its workers -------------------------------------
+
+_SPAWN_RACE = """\
+import os, signal, sys
+from gateway import workers
+real = workers.subprocess.Popen
+spawned = []
+def popen(*args, **kwargs):
+    if spawned:  # the second spawn: SIGTERM arrives now, after the first worker exists, before this one does
+        os.kill(os.getpid(), signal.SIGTERM)
+    proc = real(*args, **kwargs)
+    spawned.append(proc.pid)
+    print("worker", proc.pid, flush=True)
+    return proc
+workers.subprocess.Popen = popen
+sys.exit(workers.supervise(sys.argv[1], 2))
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
+def test_a_stop_during_the_spawning_of_workers_reaches_every_worker(issuer: DevIssuer, tmp_path: Path) -> None:
+    """SIGTERM while the supervisor spawns: a worker started after it was never told to stop, and the
+    supervisor waited for it for ever. The signals are held while spawning, so every worker gets it."""
+    path, _, _ = _config(tmp_path, issuer)
+    proc = subprocess.Popen([sys.executable, "-c", _SPAWN_RACE, str(path)], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        out, err = proc.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        for pid in _children(proc.pid):  # the worker left running, then its supervisor
+            os.kill(pid, signal.SIGKILL)
+        proc.kill()
+        out, err = proc.communicate()
+        pytest.fail(f"the supervisor was still waiting 20 s after SIGTERM:\n{out}{err[-2000:]}")
+    assert out.count("worker ") == 2 and proc.returncode == 0, (out, err[-2000:])
