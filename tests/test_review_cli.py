@@ -282,7 +282,9 @@ def test_a_stop_during_the_spawning_of_workers_reaches_every_worker(issuer: DevI
     """SIGTERM while the supervisor spawns: a worker started after it was never told to stop, and the
     supervisor waited for it for ever. The signals are held while spawning, so every worker gets it."""
     path, _, _ = _config(tmp_path, issuer)
-    proc = subprocess.Popen([sys.executable, "-c", _SPAWN_RACE, str(path)], cwd=ROOT, text=True,
+    # The metrics directory under tmp_path: a supervisor killed by the timeout below cannot remove its own.
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "metrics")}
+    proc = subprocess.Popen([sys.executable, "-c", _SPAWN_RACE, str(path)], cwd=ROOT, text=True, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         out, err = proc.communicate(timeout=20)
