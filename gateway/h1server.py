@@ -387,17 +387,14 @@ class H1Server:
     """Owns the listening socket and its connections: timeouts, graceful drain."""
 
     def __init__(self, handler: Handler, error_answer: ErrorAnswer, upgrade_factory: Callable[[], asyncio.Protocol],
-                 *, max_line: int, max_headers: int = 1000, max_head: int | None = None,
-                 keepalive_timeout: float = KEEPALIVE_TIMEOUT, head_timeout: float = HEAD_TIMEOUT,
-                 body_timeout: float | None = None) -> None:
+                 *, max_line: int, max_headers: int = 1000, keepalive_timeout: float = KEEPALIVE_TIMEOUT,
+                 head_timeout: float = HEAD_TIMEOUT) -> None:
         self.loop = asyncio.get_running_loop()
         self.handler, self.error_answer, self.upgrade_factory = handler, error_answer, upgrade_factory
         self.max_line, self.max_headers = max_line, max_headers
-        # A whole request head (request line and fields) may be this long: by default a longest request
-        # line plus a longest field.
-        self.max_head = max_head if max_head is not None else 2 * max_line
+        self.max_head = 2 * max_line  # a whole request head: a longest request line plus a longest field
         self.keepalive_timeout, self.head_timeout = keepalive_timeout, head_timeout
-        self.body_timeout = BODY_TIMEOUT if body_timeout is None else body_timeout
+        self.body_timeout = BODY_TIMEOUT  # read here, so a test may set the module's constant first
         self.conns: set[_Conn] = set()
         self.tasks: set[asyncio.Task[None]] = set()
         self.draining = False

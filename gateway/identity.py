@@ -21,6 +21,7 @@ from gateway import metrics
 from gateway.config_types import ForwardConfig, InternalTokenConfig, IPNetwork
 from gateway.errors import InvalidToken
 from gateway.model import Principal
+from gateway.tokens import SCOPE_TOKEN
 
 # RFC 9110 s7.6.1 (Connection) and the headers every proxy treats as hop-by-hop (RFC 2616 s13.5.1,
 # plus the non-standard Proxy-Connection). They describe one connection, never the next hop's.
@@ -46,8 +47,6 @@ _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 # lone surrogates (JSON's "\ud800" decodes to one), which have no UTF-8 form to put on the wire.
 _UNSAFE_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f\ud800-\udfff]")
 _FIELD_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 s5.1: a token
-# RFC 6749 s3.3 scope-token (NQCHAR): anything else, NBSP or U+2028 included, is split by some reader.
-_SCOPE_TOKEN = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+")
 _OWS = " \t"  # RFC 9110 s5.5/s5.6.1: stripped around a field value and around each list member
 
 
@@ -283,7 +282,7 @@ def identity_headers(p: Principal) -> dict[str, str]:
         out["X-Auth-Subject"] = _safe(p.subject)
     out["X-Auth-Issuer"] = _safe(p.issuer)
     if p.scopes:
-        if not all(_SCOPE_TOKEN.fullmatch(s) for s in p.scopes):
+        if not all(SCOPE_TOKEN.fullmatch(s) for s in p.scopes):  # RFC 6749 s3.3, as tokens.py reads them
             raise InvalidToken("malformed")  # would read as two scopes upstream (RFC 6749 s3.3)
         out["X-Auth-Scopes"] = _safe(" ".join(sorted(p.scopes)))
     if p.roles:

@@ -105,7 +105,7 @@ def _words(value: Any, separators: str) -> tuple[str, ...]:
 # Anything else (a list entry "a admin", a string "a\u00a0admin") is dropped, not split: an upstream
 # reading the space-joined X-Auth-Scopes or minted `scope` (str.split() splits on NBSP, EM SPACE, ...)
 # would otherwise see scopes the gateway never granted. Fail closed: fewer scopes, never more.
-_SCOPE_TOKEN = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+")
+SCOPE_TOKEN = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+")
 _SCOPE_SEP = re.compile(r"[ \t\r\n]+")
 
 
@@ -116,7 +116,7 @@ def _scopes(value: Any) -> frozenset[str]:
         words = value
     else:
         return frozenset()
-    return frozenset(w for w in words if isinstance(w, str) and _SCOPE_TOKEN.fullmatch(w))
+    return frozenset(w for w in words if isinstance(w, str) and SCOPE_TOKEN.fullmatch(w))
 
 
 def _number(payload: Mapping[str, Any], name: str) -> int | None:
