@@ -21,17 +21,8 @@ from gateway.revocation import RedisRevocationStore
 from tests.support.gateway import RunningGateway, config_text
 from tests.support.redis_server import RedisServer
 from tests.support.upstreams import EchoUpstream
-
-PREFIX = "gw:revoked:"
-PATH = "/api/orders/1"
-ROUTES = """\
-  - name: orders
-    match: {path_prefix: /api/}
-    upstream: orders
-    auth: {scopes: [orders:read]}
-"""
-USER: dict[str, Any] = {"sub": "alice", "scope": "orders:read", "sid": "s-1"}
-ADMIN: dict[str, Any] = {"sub": "ops", "scope": "gateway:admin"}
+from tests.test_config import MINIMAL as BASE
+from tests.test_revocation_e2e import ADMIN, PATH, PREFIX, ROUTES, USER
 
 
 def gateway_yaml(issuer: DevIssuer, upstream: EchoUpstream, redis_url: str, *, lifetime: str = "2h") -> str:
@@ -86,18 +77,7 @@ async def test_a_revoked_jti_is_not_accepted_again_within_the_issuers_leeway(
 
 # -- config: ${VAR} values are typed like a plain scalar, never parsed as YAML documents --------------------------
 
-MINIMAL = """\
-issuers:
-  - name: customers
-    issuer: https://login.example.com
-    audiences: [api]
-upstreams:
-  orders:
-    targets: [http://127.0.0.1:8081]
-routes:
-  - name: orders
-    match: {path: "/orders/{id}", methods: [GET]}
-    upstream: orders
+MINIMAL = BASE + """\
 revocation:
   key_prefix: ${GW_PREFIX}
   redis_url: ${GW_REDIS_URL:-redis://127.0.0.1:6379/0}
