@@ -40,7 +40,8 @@ async def explain(config: Config, method: str, path: str, host: str, token: str 
         try:
             for cache in caches.values():
                 await cache.start()
-            principal = await TokenVerifier(config.issuers, caches).verify(token)
+            verifier = TokenVerifier(config.issuers, caches, max_lifetime=config.revocation.max_token_lifetime)
+            principal = await verifier.verify(token)
         except GatewayError as err:
             print(f"  token: refused ({err.reason}) -> {err.status} {err.code}")
             return 1

@@ -75,7 +75,8 @@ class Services:
                 upstreams = Upstreams(config.upstreams)
                 fresh.append(upstreams)
                 await upstreams.start()
-            gateway = Gateway(config, TokenVerifier(config.issuers, jwks), revocation, minter, upstreams)
+            verifier = TokenVerifier(config.issuers, jwks, max_lifetime=config.revocation.max_token_lifetime)
+            gateway = Gateway(config, verifier, revocation, minter, upstreams)
         except BaseException:
             for item in fresh:
                 with contextlib.suppress(Exception):

@@ -173,8 +173,12 @@ class TokenVerifier:
         *,
         clock: Callable[[], float] = time.time,
         cache_size: int = 20_000,
+        max_lifetime: float | None = None,
     ) -> None:
         self._clock = clock
+        # revocation.max_token_lifetime: a subject/session revocation is kept that long, so a token may not
+        # live longer, counted from its iat, or it would pass again once the revocation expired.
+        self._max_lifetime = max_lifetime
         self._cache_size = cache_size
         # Keyed by the raw token itself, not by a digest of it: a cache hit is then one dict lookup
         # (str hashing, ~0.3 us for a 700-byte JWT) instead of sha256 (~1.2 us here), and a string that
@@ -282,6 +286,11 @@ class TokenVerifier:
             now, leeway = self._clock(), issuer.config.leeway
             if exp is None:
                 raise jwt.MissingRequiredClaimError("exp")
+            if iat is not None and self._max_lifetime is not None and iat + self._max_lifetime < exp:
+                # Accepted until iat + max_token_lifetime at most (+ leeway, as for exp): a revocation of its
+                # subject or session (kept max_token_lifetime + the largest leeway) outlives it. The
+                # Principal carries this bound as exp: the cache, and a minted token, end with it too.
+                exp = int(iat + self._max_lifetime)
             if exp <= now - leeway:
                 raise jwt.ExpiredSignatureError("expired")
             if (nbf is not None and nbf > now + leeway) or (iat is not None and iat > now + leeway):

@@ -36,9 +36,9 @@ USER: dict[str, Any] = {"sub": "alice", "scope": "orders:read", "sid": "s-1"}
 ADMIN: dict[str, Any] = {"sub": "ops", "scope": "gateway:admin"}
 
 
-def revocation_yaml(url: str, on_error: str = "deny") -> str:
+def revocation_yaml(url: str, on_error: str = "deny", lifetime: str = "2h") -> str:
     return (f"revocation: {{backend: redis, redis_url: '{url}', key_prefix: '{PREFIX}', "
-            f"on_backend_error: {on_error}, max_token_lifetime: 2h}}")
+            f"on_backend_error: {on_error}, max_token_lifetime: {lifetime}}}")
 
 
 def gateway_yaml(issuer: DevIssuer, upstream: EchoUpstream, redis_url: str, on_error: str = "deny",
@@ -134,6 +134,33 @@ async def test_subject_revocation_refuses_older_tokens_and_accepts_a_later_one(
     fresh = issuer.token({**USER, "sid": "c"})
     assert (await gw.request("GET", PATH, token=fresh))[0] == 200
     assert (await gw.request("GET", PATH, token=bob))[0] == 200  # other subjects are untouched
+
+
+async def test_a_revoked_long_lived_token_does_not_pass_again_when_its_revocation_expires(
+    issuer: DevIssuer, echo_upstream: EchoUpstream, redis_server: RedisServer, rdb: aioredis.Redis,
+    gateway_factory: Any,
+) -> None:
+    """A subject revocation is kept max_token_lifetime (+ the largest leeway, 0 here). A token that lives
+    longer (exp - iat: an hour; max_token_lifetime: 2 s) used to pass again once the key had expired."""
+    text = config_text(issuer.url, {"orders": [echo_upstream.url]}, ROUTES, issuer_extra="    leeway: 0s",
+                       revocation=revocation_yaml(redis_server.url, lifetime="2s"))
+    async with gateway_factory(text) as gw:
+        token = issuer.token({**USER, "sid": "long"}, ttl=3600)
+        assert (await gw.request("GET", PATH, token=token))[0] == 200
+        status, body = await admin_post(gw.session, gw.admin_url, issuer.token(ADMIN),
+                                        {"type": "subject", "value": "alice", "issuer": "dev"})
+        assert status == 201 and body["revoked"]["ttl"] == 2, body
+        assert (await gw.request("GET", PATH, token=token))[0] == 401
+        await eventually(lambda: _gone(rdb, f"{PREFIX}sub:dev:alice"), timeout=4.0, interval=0.05)
+        await asyncio.sleep(0.1)  # the local view's copy ends with the key's TTL too
+        status, headers, _ = await gw.request("GET", PATH, token=token)
+        assert status == 401 and 'error="invalid_token"' in headers["WWW-Authenticate"]
+        fresh = issuer.token({**USER, "sid": "new"}, ttl=3600)  # a token issued now passes: 2 s of life left
+        assert (await gw.request("GET", PATH, token=fresh))[0] == 200
+
+
+async def _gone(rdb: aioredis.Redis, key: str) -> bool:
+    return not await rdb.exists(key)
 
 
 async def test_session_revocation(gw: RunningGateway, issuer: DevIssuer) -> None:

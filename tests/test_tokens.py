@@ -271,6 +271,30 @@ async def test_cached_entry_never_outlives_exp(issuer: DevIssuer) -> None:
     assert (await refused(verifier, token)).reason == "expired"
 
 
+async def test_a_token_lives_at_most_max_lifetime_from_its_iat(issuer: DevIssuer) -> None:
+    """revocation.max_token_lifetime bounds a token's life: a subject/session revocation is kept that long
+    (+ the largest leeway), so a token living longer would pass again once its revocation expired."""
+    cfg = config(issuer, leeway=30.0)
+    keys, clock = StaticKeys(issuer), Clock()
+    verifier = TokenVerifier([cfg], {cfg.name: keys}, clock=clock, max_lifetime=3600.0)
+    iat = int(clock.now)
+    token = issuer.token({"iat": iat, "nbf": iat, "exp": iat + 86400})  # a day's token, an hour allowed
+    p = await verifier.verify(token)
+    assert p.exp == iat + 3600 and p.claims["exp"] == iat + 86400
+    clock.now = iat + 3600  # the bound ends the cache entry as exp does
+    assert verifier.cached(token) is None
+    clock.now = iat + 3600 + 29  # within leeway of the bound: still accepted after a full verification
+    assert (await verifier.verify(token)).exp == iat + 3600
+    clock.now = iat + 3600 + 31
+    assert (await refused(verifier, token)).reason == "expired"
+    # A token within the bound is unchanged; one without iat is bounded by its exp alone.
+    short = issuer.token({"iat": iat, "exp": iat + 600})
+    clock.now = iat
+    assert (await verifier.verify(short)).exp == iat + 600
+    no_iat = issuer.token({"exp": iat + 86400}, omit=("iat",))
+    assert (await verifier.verify(no_iat)).exp == iat + 86400
+
+
 async def test_failures_are_not_cached(issuer: DevIssuer) -> None:
     cfg = config(issuer, audiences=("https://elsewhere.example",))
     keys = StaticKeys(issuer)
