@@ -107,12 +107,14 @@ class UpstreamResponse:
     `headers` are exactly what the target sent (hop-by-hop ones included: filtering is the caller's).
     Errors while streaming the body come out of `iter_chunks()` already mapped (BadGateway,
     UpstreamTimeout); as the status line is then already on its way to the client, the caller can
-    only log them and abort the client connection.
+    only log them and abort the client connection. Such an error is the target's failure too: it is
+    recorded on the target's breaker (its head was recorded a success), as Envoy's outlier detection
+    counts a reset mid-response.
     """
 
-    __slots__ = ("status", "headers", "target", "_resp")
+    __slots__ = ("status", "headers", "target", "_resp", "_breaker")
 
-    def __init__(self, resp: _Answer, target: str) -> None:
+    def __init__(self, resp: _Answer, target: str, breaker: CircuitBreaker | None = None) -> None:
         self.status: int = resp.status
         headers = resp.headers
         names = "".join(headers)  # one C join: field names are tokens, whitespace never belongs in one
@@ -121,6 +123,7 @@ class UpstreamResponse:
         self.headers: CIMultiDictProxy[str] = headers
         self.target = target
         self._resp = resp
+        self._breaker = breaker
 
     @property
     def content_length(self) -> int | None:
@@ -135,7 +138,7 @@ class UpstreamResponse:
             # A small answer has usually arrived whole with its head: taken at once, no await.
             body = content.read_nowait() if content.is_eof() else await content.read()
         except _CLIENT_ERRORS as exc:
-            raise _map_error(exc)[0] from exc
+            raise self._failed(exc) from exc
         self._resp.release()
         return body
 
@@ -144,8 +147,13 @@ class UpstreamResponse:
             async for chunk in self._resp.content.iter_any():
                 yield chunk
         except _CLIENT_ERRORS as exc:
-            raise _map_error(exc)[0] from exc
+            raise self._failed(exc) from exc
         self._resp.release()  # at the end: a keep-alive connection goes back to its pool at once
+
+    def _failed(self, exc: BaseException) -> GatewayError:
+        if self._breaker is not None:
+            self._breaker.record_failure()
+        return _map_error(exc)[0]
 
     def release(self) -> None:
         self._resp.release()
@@ -412,7 +420,7 @@ class Upstreams:
                 raise
             pool.duration(time.perf_counter() - started)
             status = resp.status
-            answer = UpstreamResponse(resp, target.url) if 200 <= status <= 599 else None
+            answer = UpstreamResponse(resp, target.url, breaker) if 200 <= status <= 599 else None
             if answer is not None and status not in FAILURE_STATUSES and (
                     "Transfer-Encoding" not in answer.headers or _framing_known(answer.headers)):
                 breaker.record_success()

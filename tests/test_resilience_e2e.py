@@ -21,7 +21,7 @@ from aiohttp import WSMsgType, web
 from gateway.devissuer import DevIssuer
 from tests.support.gateway import GatewayProcess, RunningGateway, config_text, eventually, free_port
 from tests.support.pki import make_pki
-from tests.support.upstreams import Blackhole, EchoUpstream
+from tests.support.upstreams import Answer, Blackhole, EchoUpstream, MakeRaw
 
 MakeUpstream = Callable[..., Awaitable[EchoUpstream]]
 
@@ -110,6 +110,30 @@ async def test_breaker_opens_after_threshold_then_answers_503_fast_without_touch
         status, headers, body, elapsed = await timed(gw, "GET", "/hole/x")
         assert (status, body["error"]) == (503, "upstream_unavailable") and "Retry-After" in headers
         assert elapsed < 0.12  # far below the 400 ms connect timeout: no connection attempt
+
+
+async def test_a_body_cut_short_after_its_head_counts_against_the_target(
+        issuer: DevIssuer, make_raw_upstream: MakeRaw, gateway_factory: Any) -> None:
+    """The head arrived (a success so far), then the target closed mid-body: a failure of the target too.
+    Two of them open a breaker of `failures: 2`; the third request is refused without reaching it."""
+    def respond(head: bytes, index: int) -> Answer:
+        length = 100 if b"/cut/small" in head else 1_000_000  # read whole first, or streamed
+        return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % length + b"x" * 10, "close"
+
+    target = await make_raw_upstream(respond)
+    text = gateway_yaml(issuer.url, [upstream_yaml("cut", target.url, failures=2, attempts=1)],
+                        public_routes("cut"))
+    async with gateway_factory(text) as gw:
+        status, _, body = await gw.request("GET", "/cut/small")
+        assert (status, body["error"]) == (502, "bad_gateway")  # nothing was sent yet: an honest 502
+        with pytest.raises(aiohttp.ClientPayloadError):  # status line sent: the client's connection is cut
+            async with gw.session.get(gw.url + "/cut/large") as r:
+                assert r.status == 200
+                await r.read()
+        assert await metric(gw.session, gw.admin_url, "gateway_circuit_state", upstream="cut", target=target.url) == 1
+        status, _, body = await gw.request("GET", "/cut/small")
+        assert (status, body["error"]) == (503, "upstream_unavailable")
+        assert len(target.requests) == 2
 
 
 async def test_half_open_probe_then_recovery(issuer: DevIssuer, make_upstream: MakeUpstream,

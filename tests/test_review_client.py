@@ -17,9 +17,8 @@ from gateway.devissuer import DevIssuer
 from gateway.errors import UpstreamTimeout
 from gateway.upstream import UpstreamResponse, Upstreams
 from tests.support.gateway import config_text
-from tests.support.upstreams import Answer, RawUpstream
+from tests.support.upstreams import Answer, MakeRaw
 
-MakeRaw = Callable[[Callable[[bytes, int], Answer]], Awaitable[RawUpstream]]
 ROUTES = """\
   - name: raw
     match: {path_prefix: /raw/}

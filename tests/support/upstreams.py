@@ -339,6 +339,9 @@ class RawUpstream:
             writer.close()
 
 
+MakeRaw = Callable[[Callable[[bytes, int], Answer]], Awaitable[RawUpstream]]  # the make_raw_upstream fixture
+
+
 @pytest.fixture
 async def make_raw_upstream() -> AsyncIterator[Callable[[Callable[[bytes, int], Answer]], Awaitable[RawUpstream]]]:
     """`await make_raw_upstream(respond)`: a started RawUpstream, stopped at teardown."""
