@@ -13,6 +13,7 @@ from typing import Any
 
 import aiohttp
 import jwt
+from cryptography.hazmat.primitives import serialization
 
 from gateway import metrics
 from gateway.config_types import IssuerConfig
@@ -68,8 +69,20 @@ def parse_jwks(doc: Any, allowed: frozenset[str]) -> list[jwt.PyJWK]:
     return keys
 
 
+def _fingerprint(key: jwt.PyJWK) -> tuple[str | None, str, bytes]:
+    """A key's identity across fetches: kid, alg and the public key itself (DER SubjectPublicKeyInfo)."""
+    material = key.key
+    public = material.public_key() if hasattr(material, "public_key") else material  # a JWK with "d"
+    der = public.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return key.key_id, key.algorithm_name, der
+
+
 class JwksCache:
-    """The keys of one issuer. Lookups of known kids never wait on I/O."""
+    """The keys of one issuer. Lookups of known kids never wait on I/O.
+
+    `generation` grows when a fetch no longer holds a key an earlier one held (withdrawn, or changed
+    under its kid): the verified-token cache then verifies its tokens again, so a token signed with a
+    withdrawn key stops passing once the gateway has seen the new JWKS, cached or not."""
 
     def __init__(
         self,
@@ -91,6 +104,8 @@ class JwksCache:
         # RFC 7517 s4.5: keys of different types may share a kid; the token's alg picks among them.
         self._by_kid: Mapping[str, tuple[jwt.PyJWK, ...]] = {}
         self._keys: tuple[jwt.PyJWK, ...] = ()
+        self._prints: frozenset[tuple[str | None, str, bytes]] = frozenset()
+        self.generation = 0
         self._inflight: asyncio.Task[bool] | None = None
         self._last_refetch = float("-inf")
         self._refresher: asyncio.Task[None] | None = None
@@ -177,7 +192,10 @@ class JwksCache:
         for key in keys:
             if key.key_id is not None:
                 by_kid[key.key_id] = (*by_kid.get(key.key_id, ()), key)
-        self._keys, self._by_kid = tuple(keys), by_kid
+        prints = frozenset(_fingerprint(k) for k in keys)
+        if not prints >= self._prints:
+            self.generation += 1
+        self._keys, self._by_kid, self._prints = tuple(keys), by_kid, prints
         self.ready = True
         self._backoff = self._backoff_first
         self.next_refresh_in = (

@@ -57,7 +57,13 @@ def _reason(exc: jwt.PyJWTError) -> str:
 
 
 class KeySource(Protocol):
-    """Where an issuer's verification keys come from (JwksCache, or a fake in unit tests)."""
+    """Where an issuer's verification keys come from (JwksCache, or a fake in unit tests).
+
+    `generation` changes whenever a key was withdrawn (or changed) since: a token verified under an older
+    generation is verified again before the cache serves it."""
+
+    @property
+    def generation(self) -> int: ...
 
     async def key_for(self, kid: str | None, alg: str | None = None) -> jwt.PyJWK | None: ...
 
@@ -151,12 +157,14 @@ class _Issuer:
 
 
 class _Entry:
-    """One verified token in the cache; `used` is the second-chance bit (set on a hit, read on eviction)."""
+    """One verified token in the cache; `used` is the second-chance bit (set on a hit, read on eviction).
+    `keys` and `generation`: the issuer's key source and its generation when the token verified."""
 
-    __slots__ = ("principal", "expires_at", "used")
+    __slots__ = ("principal", "expires_at", "used", "keys", "generation")
 
-    def __init__(self, principal: Principal, expires_at: float) -> None:
+    def __init__(self, principal: Principal, expires_at: float, keys: KeySource) -> None:
         self.principal, self.expires_at, self.used = principal, expires_at, False
+        self.keys, self.generation = keys, keys.generation
 
 
 _MAX_CACHED_TOKEN = 8192  # longer tokens are verified every time: bounds the cache's memory per entry
@@ -217,12 +225,14 @@ class TokenVerifier:
         entry = self._cache.get(raw)
         if entry is None:
             return None
-        if self._clock() < entry.expires_at:
+        if self._clock() < entry.expires_at and entry.generation == entry.keys.generation:
             # Approximate LRU (second chance): a hit only sets a bit instead of reordering the cache.
             entry.used = True
             self._hit(1)
             return entry.principal
-        del self._cache[raw]  # past exp: verify again (leeway applies there, never here)
+        # Past exp (verify again: leeway applies there, never here), or a key of its issuer was withdrawn
+        # since (verify again: it fails if its own key is gone).
+        del self._cache[raw]
         return None
 
     async def verify(self, raw: str) -> Principal:
@@ -234,7 +244,7 @@ class TokenVerifier:
         principal = await self._verify(raw, hashlib.sha256(raw.encode()).hexdigest())
         assert principal.exp is not None  # exp is required by _verify
         if len(raw) <= _MAX_CACHED_TOKEN:
-            self._remember(raw, _Entry(principal, float(principal.exp)))
+            self._remember(raw, _Entry(principal, float(principal.exp), self._by_iss[principal.iss].keys))
         return principal
 
     def _remember(self, raw: str, entry: _Entry) -> None:

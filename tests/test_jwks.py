@@ -113,6 +113,23 @@ async def test_unknown_kid_single_flight_and_cooldown(issuer: DevIssuer, make_ca
     assert await cache.key_for("no-such-kid") is None and issuer.jwks_hits == 3
 
 
+async def test_generation_grows_only_when_a_key_is_withdrawn(issuer: DevIssuer, make_cache: CacheFactory) -> None:
+    clock = Clock()
+    cache = await make_cache(config(issuer, jwks_min_refetch=1.0), clock=clock)
+    assert cache.generation == 0
+    added = issuer.rotate("RS256")  # the old key stays published: a superset, nothing withdrawn
+    assert await cache.key_for(added) is not None and cache.generation == 0
+    clock.now += 2
+    assert await cache.key_for("unknown") is None and issuer.jwks_hits == 3  # the same set again
+    assert cache.generation == 0
+    clock.now += 2
+    replaced = issuer.rotate("ES256", drop_old=True)  # an ES256 key withdrawn
+    assert await cache.key_for(replaced) is not None and cache.generation == 1
+    clock.now += 2
+    issuer.down = True  # a failed fetch keeps the keys, and the generation
+    assert await cache.key_for("unknown-2") is None and cache.generation == 1
+
+
 async def test_issuer_down_keeps_known_keys(issuer: DevIssuer, make_cache: CacheFactory) -> None:
     clock = Clock()
     cfg = config(issuer)

@@ -234,6 +234,21 @@ async def test_issuer_key_rotation_accepted_without_restart(gw: Any, issuer: Dev
     assert status == 200
 
 
+async def test_a_withdrawn_key_stops_its_cached_tokens(gw: Any, issuer: DevIssuer) -> None:
+    """An issuer withdraws a (say, leaked) key: a token signed with it and already in the verified-token
+    cache is refused as soon as the gateway has fetched the JWKS without it, not at the token's exp."""
+    path = "/api/tenants/acme/orders/1"
+    old = issuer.token(GOOD, ttl=3600)
+    for _ in range(2):
+        assert (await gw.request("GET", path, token=old))[0] == 200  # the second is a cache hit
+    issuer.rotate("RS256", drop_old=True)
+    fresh = issuer.token({**GOOD, "jti": "after"})  # an unknown kid: the gateway fetches the new JWKS
+    assert (await gw.request("GET", path, token=fresh))[0] == 200
+    status, headers, body = await gw.request("GET", path, token=old)
+    assert (status, body["error"]) == (401, "invalid_token") and "invalid_token" in headers["WWW-Authenticate"]
+    assert (await gw.request("GET", path, token=fresh))[0] == 200  # other tokens pass, cached again
+
+
 async def test_garbage_kids_refetch_at_most_once(gw: Any, issuer: DevIssuer) -> None:
     before = issuer.jwks_hits
     results = await asyncio.gather(*(

@@ -30,6 +30,7 @@ class StaticKeys:
     def __init__(self, dev: DevIssuer) -> None:
         self.keys = {k.key_id: k for k in jwt.PyJWKSet.from_dict(dev.jwks()).keys}
         self.calls = 0
+        self.generation = 0
 
     async def key_for(self, kid: str | None, alg: str | None = None) -> jwt.PyJWK | None:
         self.calls += 1
@@ -293,6 +294,22 @@ async def test_a_token_lives_at_most_max_lifetime_from_its_iat(issuer: DevIssuer
     assert (await verifier.verify(short)).exp == iat + 600
     no_iat = issuer.token({"exp": iat + 86400}, omit=("iat",))
     assert (await verifier.verify(no_iat)).exp == iat + 86400
+
+
+async def test_a_new_key_generation_sends_cached_tokens_back_to_verification(issuer: DevIssuer) -> None:
+    cfg = config(issuer)
+    keys = StaticKeys(issuer)
+    verifier = TokenVerifier([cfg], {cfg.name: keys})
+    token = issuer.token()
+    p = await verifier.verify(token)
+    assert verifier.cached(token) is p
+    keys.generation += 1  # the key source saw a key withdrawn
+    assert verifier.cached(token) is None and token not in verifier._cache
+    await verifier.verify(token)  # verified in full again (its key is still there) and cached again
+    assert keys.calls == 2 and verifier.cached(token) is not None
+    keys.keys.clear()  # now its key is gone too
+    keys.generation += 1
+    assert (await refused(verifier, token)).reason == "unknown_kid"
 
 
 async def test_failures_are_not_cached(issuer: DevIssuer) -> None:
