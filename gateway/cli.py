@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, NoReturn
 
-from gateway.config import load
+from gateway.config import load, warnings
 from gateway.config_types import Config
 from gateway.errors import ConfigError, KeyStoreError
 
@@ -61,6 +61,9 @@ def _parser() -> argparse.ArgumentParser:
     rotate.add_argument("-c", "--config", default=DEFAULT_CONFIG)
     demo = sub.add_parser("demo", help="a complete working system on this machine")
     demo.add_argument("--config", default=None, help=argparse.SUPPRESS)
+    # `--debug` after the command too (`gateway check -c F --debug`); SUPPRESS: unset, it leaves the top's value.
+    for command in (*sub.choices.values(), *keys_sub.choices.values()):
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     return p
 
 
@@ -109,6 +112,7 @@ def cmd_run(args: Any) -> int:
     if not args.reuse_port:  # a worker: the supervisor checked (and its siblings hold the ports)
         _check_references(config)  # as `gateway check` does: refused in one line before anything starts
         _check_ports(config)
+        _warn(config)
     if workers > 1:
         from gateway.workers import supervise
         return supervise(args.config, workers)
@@ -143,8 +147,14 @@ def _check_ports(config: Config) -> None:
 def cmd_check(args: Any) -> int:
     config = load(args.config)
     _check_references(config)
+    _warn(config)
     print(f"ok: {len(config.routes)} routes, {len(config.upstreams)} upstreams, {len(config.issuers)} issuers")
     return 0
+
+
+def _warn(config: Config) -> None:
+    for line in warnings(config):
+        print(line, file=sys.stderr)
 
 
 def _check_references(config: Config) -> None:

@@ -48,6 +48,27 @@ def test_check_reports_each_problem_with_file_and_line(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
+def test_check_loads_the_specs_example_and_warns_of_its_admin_issuer() -> None:
+    spec = str(ROOT / "tests" / "support" / "spec_example.yaml")
+    result = gateway("check", "-c", spec)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok: 1 routes, 1 upstreams, 1 issuers"
+    assert result.stderr.strip() == (f"{spec}: warning: admin.issuer: 'employees' is not a configured issuer; "
+                                     "the admin API refuses every token")
+
+
+def test_debug_is_taken_before_or_after_the_command() -> None:
+    for args in (("--debug", "check", "-c", EXAMPLE), ("check", "-c", EXAMPLE, "--debug")):
+        result = gateway(*args)
+        assert result.returncode == 0 and result.stdout.startswith("ok: "), (args, result.stderr)
+    # Without --debug a failure is one line; with it, after the command as well, the traceback shows.
+    env = {"REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}  # nothing listens there
+    quiet = gateway("revoke", "jti", "x", "-c", EXAMPLE, env=env)
+    loud = gateway("revoke", "jti", "x", "-c", EXAMPLE, "--debug", env=env)
+    assert quiet.returncode == 1 and len(quiet.stderr.strip().splitlines()) == 1, quiet.stderr
+    assert loud.returncode == 1 and "Traceback" in loud.stderr, loud.stderr
+
+
 def test_usage_errors_exit_2_in_one_line() -> None:
     for args in (("bogus",), ("run", "--workers", "x"), ("revoke", "token", "abc")):
         result = gateway(*args)

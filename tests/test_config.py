@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.config import load, load_text, parse_duration
+from gateway.config import load, load_text, parse_duration, warnings
 from gateway.errors import ConfigError
 
 MINIMAL = """\
@@ -125,6 +125,29 @@ def test_claim_binding_must_name_a_path_parameter() -> None:
     found = problems(MINIMAL + '    auth: {claims: {tenant: "{path.tenant}"}}\n')
     assert found == ["gw.yaml:12: routes[0].auth.claims.tenant: path parameter 'tenant' is not defined by "
                      "the route's path; defined: id"]
+
+
+def test_the_specs_own_example_loads_as_written() -> None:
+    """SPEC 3's example: `forward.audience`/`scopes` beside `identity: headers` (read in token mode only),
+    `any_scopes: []`/`roles: []`, and `admin.issuer: employees` although only `customers` is defined."""
+    c = load(Path(__file__).parent / "support" / "spec_example.yaml")
+    route = c.routes[0]
+    assert route.forward.identity == "headers" and route.forward.audience == "orders-service"
+    assert route.auth.scopes == ("orders:read",) and route.auth.any_scopes == () and route.auth.roles == ()
+    assert c.admin.issuer == "employees" and [i.name for i in c.issuers] == ["customers"]
+    # No token can come from an issuer that is not configured: the admin API refuses every one, and says so.
+    assert warnings(c) == [f"{c.path}: warning: admin.issuer: 'employees' is not a configured issuer; "
+                           "the admin API refuses every token"]
+    assert warnings(load_text(MINIMAL, "gw.yaml")) == []
+
+
+def test_a_public_route_forwards_nothing_and_may_write_empty_rules() -> None:
+    c = load_text(MINIMAL + "    auth: {required: false, scopes: [], roles: []}\n    forward: {identity: headers}\n",
+                  "gw.yaml")
+    assert c.routes[0].forward.identity == "none" and not c.routes[0].auth.required
+    found = problems(MINIMAL + "    auth: {required: false, roles: [], any_scopes: [a]}\n")
+    assert found == ["gw.yaml:12: routes[0].auth.any_scopes: a public route (required: false) cannot have rules; "
+                     "remove it or set required: true"]
 
 
 def test_token_forwarding_needs_internal_token() -> None:
