@@ -9,6 +9,7 @@ from aiohttp import web
 
 from gateway import metrics
 from gateway.errors import AuthError, GatewayError, InsufficientScope, InvalidToken
+from gateway.identity import request_id_from
 from gateway.matrix import access_matrix
 from gateway.tokens import bearer_token
 
@@ -23,11 +24,18 @@ def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -
                         headers=headers)
 
 
-def _error(err: GatewayError) -> web.Response:
+def _error(err: GatewayError, request: web.Request) -> web.Response:
     if isinstance(err, AuthError):  # admin API refusals count like the public port's
         metrics.auth_failures_total.labels(issuer=err.issuer or "-", reason=err.reason).inc()
-    body = {"error": err.code, "error_description": err.description, "request_id": "-"}
-    return _json(body, err.status, err.headers)
+    return _refusal(request, err.code, err.description, err.status, err.headers)
+
+
+def _refusal(request: web.Request, code: str, description: str, status: int,
+             headers: dict[str, str] | None = None) -> web.Response:
+    """SPEC 5's error body on the admin listener too, with its request id (the client's when valid)."""
+    rid = request_id_from(request.headers)
+    return _json({"error": code, "error_description": description, "request_id": rid}, status,
+                 {**(headers or {}), "X-Request-Id": rid})
 
 
 def admin_app(gw: GatewayApp) -> web.Application:
@@ -81,27 +89,25 @@ def admin_app(gw: GatewayApp) -> web.Application:
             try:
                 body = await request.json()
             except (ValueError, UnicodeDecodeError):
-                return _json({"error": "invalid_request", "error_description": "body must be JSON"}, 400)
+                return _refusal(request, "invalid_request", "body must be JSON", 400)
             problem = _check_revocation(body, [i.name for i in gw.config.issuers])
             if problem:
-                return _json({"error": "invalid_request", "error_description": problem}, 400)
+                return _refusal(request, "invalid_request", problem, 400)
             store = gw.services.revocation
             assert store is not None
             issuer = body.get("issuer") or (gw.config.issuers[0].name if len(gw.config.issuers) == 1 else None)
             try:
                 written = await store.revoke(body["type"], body["value"], issuer, exp=body.get("exp"))
             except ValueError as exc:  # the store's own input rules (e.g. ':' in an issuer name)
-                return _json({"error": "invalid_request", "error_description": str(exc)}, 400)
+                return _refusal(request, "invalid_request", str(exc), 400)
             # BackendUnavailable (a GatewayError) falls through to _error: 503 temporarily_unavailable.
             return _json({"revoked": written}, 201)
         except GatewayError as err:
-            return _error(err)
+            return _error(err, request)
 
     async def routes(request: web.Request) -> web.Response:
-        try:
-            await authorize_admin(request)
-        except GatewayError as err:
-            return _error(err)
+        # Open like /metrics (SPEC 6/7 ask an admin token of POST /admin/revocations only): it says what
+        # `gateway routes` says from the file, on the listener that is internal by default.
         return _json(access_matrix(gw.config))
 
     app = web.Application()
