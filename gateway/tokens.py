@@ -69,11 +69,17 @@ class KeySource(Protocol):
 
 
 def bearer_token(authorization: str | None) -> str:
-    """The token of an `Authorization: Bearer` header; no header is MissingToken, anything else malformed."""
+    """The token of an `Authorization: Bearer` header; no Bearer credential is MissingToken, a bad one malformed."""
     if not authorization:
         raise errors.MissingToken()
     m = _BEARER.fullmatch(authorization.strip())
     if m is None:
+        # RFC 6750 s3.1: a request with no Bearer credential (another scheme such as Basic, or the scheme
+        # with nothing after it) lacks the token: SPEC 5's invalid_request, no error code in the challenge.
+        # A Bearer credential that is not a b64token is a malformed token.
+        scheme, _, credentials = authorization.strip().partition(" ")
+        if scheme.lower() != "bearer" or not credentials.strip():
+            raise errors.MissingToken()
         raise errors.InvalidToken("malformed")
     return m.group(1)
 

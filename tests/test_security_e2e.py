@@ -71,6 +71,15 @@ async def test_missing_token_is_401_invalid_request_without_error_param(gw: Any)
     assert body["error"] == "invalid_request" and body["request_id"] == headers["X-Request-Id"]
     assert headers["WWW-Authenticate"].startswith("Bearer") and "error=" not in headers["WWW-Authenticate"]
     assert gw.orders.hits == 0
+    # RFC 6750 s3.1: a credential of another scheme is no bearer token either (no error code); a Bearer
+    # credential that is not a token is a malformed one.
+    for authorization, want in (("Basic dXNlcjpwYXNz", "invalid_request"), ("Bearer", "invalid_request"),
+                                ("Bearer a b", "invalid_token")):
+        status, headers, body = await gw.request("GET", "/api/tenants/acme/orders/1",
+                                                 headers={"Authorization": authorization})
+        assert (status, body["error"]) == (401, want), authorization
+        assert ("error=" in headers["WWW-Authenticate"]) == (want == "invalid_token")
+    assert gw.orders.hits == 0
 
 
 def _bad_tokens(issuer: DevIssuer, other: DevIssuer) -> dict[str, str]:
