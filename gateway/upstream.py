@@ -22,7 +22,7 @@ import ssl
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping
 from types import TracebackType
-from typing import Protocol
+from typing import Any, Protocol
 
 import aiohttp
 from aiohttp.http_exceptions import HttpProcessingError
@@ -31,7 +31,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from gateway import metrics
-from gateway.breaker import CircuitBreaker
+from gateway.breaker import OPEN, CircuitBreaker
 from gateway.config_types import TLSFiles, UpstreamConfig
 from gateway.errors import BadGateway, GatewayError, UpstreamTimeout, UpstreamUnavailable
 from gateway.h1client import ConnectError, H1Pool
@@ -272,6 +272,39 @@ def _ssl_context(tls: TLSFiles | None) -> ssl.SSLContext | bool:
     return ctx
 
 
+class _StateGauge:
+    """gateway_circuit_state of one target, on time. A breaker moves open -> half-open when its state is
+    next read (a request), so with no traffic the gauge would say open long after `open_for`; a timer reads
+    the state when `open_for` ends, and the move (and the gauge) happens then."""
+
+    __slots__ = ("gauge", "breaker", "timer")
+
+    def __init__(self, gauge: Any) -> None:
+        self.gauge = gauge
+        self.breaker: CircuitBreaker | None = None
+        self.timer: asyncio.TimerHandle | None = None
+
+    def __call__(self, state: int) -> None:
+        self.gauge.set(state)
+        if state == OPEN and self.breaker is not None:
+            self.cancel()
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # a verdict outside any loop (a unit test of pure logic): read when asked
+                return
+            self.timer = loop.call_later(self.breaker.retry_after() + 0.01, self._expired)
+
+    def _expired(self) -> None:
+        self.timer = None
+        if self.breaker is not None:
+            self.breaker.state  # noqa: B018 - reading it moves open -> half-open once open_for has passed
+
+    def cancel(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+
 class Upstreams:
     """Every configured upstream behind one shared keep-alive connection pool."""
 
@@ -284,16 +317,18 @@ class Upstreams:
         self._max_idle = max_idle
         self._idle_timeout = idle_timeout
         self._pools: dict[str, _Pool] = {}
+        self._gauges: list[_StateGauge] = []
         self._session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
         for name, cfg in self._configs.items():
             targets = []
             for url in cfg.targets:
-                gauge = metrics.circuit_state.labels(name, url)
-                gauge.set(0)
-                targets.append(_Target(url, CircuitBreaker(cfg.circuit_breaker, clock=self._clock,
-                                                          on_change=gauge.set), self._h1(url, cfg)))
+                gauge = _StateGauge(metrics.circuit_state.labels(name, url))
+                gauge(0)
+                gauge.breaker = CircuitBreaker(cfg.circuit_breaker, clock=self._clock, on_change=gauge)
+                self._gauges.append(gauge)
+                targets.append(_Target(url, gauge.breaker, self._h1(url, cfg)))
             self._pools[name] = _Pool(cfg, tuple(targets), _ssl_context(cfg.tls))
         connector = aiohttp.TCPConnector(limit=1000, limit_per_host=0, ttl_dns_cache=10)
         self._session = aiohttp.ClientSession(
@@ -326,6 +361,8 @@ class Upstreams:
         raise KeyError(target)
 
     async def close(self) -> None:
+        for gauge in self._gauges:
+            gauge.cancel()
         for pool in self._pools.values():
             for target in pool.targets:
                 if target.h1 is not None:

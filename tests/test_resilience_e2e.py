@@ -152,8 +152,10 @@ async def test_half_open_probe_then_recovery(issuer: DevIssuer, make_upstream: M
         assert await state() == 1
         assert (await gw.request("GET", "/flaky/x"))[0] == 503 and target.hits == 2
 
-        # After open_for: one probe goes through; it fails, so the circuit opens again at once.
+        # After open_for the gauge says half-open by itself, before any request (SPEC 7: it follows every
+        # transition); then one probe goes through; it fails, so the circuit opens again at once.
         await asyncio.sleep(0.45)
+        assert await state() == 2 and target.hits == 2
         assert (await gw.request("GET", "/flaky/x"))[0] == 503
         assert target.hits == 3 and await state() == 1
         await gw.request("GET", "/flaky/x")
