@@ -31,7 +31,6 @@ from gateway.errors import (
     ConfigError,
     GatewayError,
     HeaderTooLarge,
-    NotFound,
     PayloadTooLarge,
 )
 from gateway.h1server import H1Request, H1Server
@@ -228,7 +227,7 @@ class GatewayApp:
                 view = self._view(request, cfg.trusted_proxies)
                 client_ip = view.client_ip
                 body = self._body(request, cfg.max_body_bytes, ex, out)
-                if request.headers.get("Upgrade", "").lower() == "websocket":
+                if request.headers.get("Upgrade", "").lower() == "websocket" and self._websocket_route(gateway, view):
                     status = await self._websocket(gateway, aio, view, ex, out)
                     auth = "ok" if ex.authorized else "none"
                     return
@@ -272,16 +271,24 @@ class GatewayApp:
                                    upstream_status, auth, client_ip)
 
     @staticmethod
+    def _websocket_route(gateway: Gateway, view: RequestView) -> bool:
+        """Does the request's route proxy WebSockets? Elsewhere an Upgrade is a hop-by-hop header like any
+        other (SPEC 4): stripped, and the request proxied as plain HTTP. A request no route takes is
+        answered (400/404/405) on the plain path, as any other."""
+        try:
+            return gateway.match(view).route.websocket
+        except GatewayError:
+            return False
+
+    @staticmethod
     async def _websocket(gateway: Gateway, aio: web.BaseRequest | None, view: RequestView, ex: Exchange,
                          out: _Out) -> int:
         if aio is not None and isinstance(out, _AioReply):
             from gateway.websocket import proxy_websocket
             out.response = await proxy_websocket(gateway, aio, view, ex)
             return out.response.status
-        # An Upgrade the parser did not switch on (no `Connection: upgrade`): never proxied as one.
-        match, _ = await gateway.admit(view, ex)
-        if not match.route.websocket:
-            raise NotFound()
+        # An Upgrade the parser did not switch on (no `Connection: upgrade`): it cannot become one.
+        await gateway.admit(view, ex)  # a refused token is still told 401/403 first
         raise BadRequest()
 
     def _view(self, request: _Req, trusted: Any) -> RequestView:

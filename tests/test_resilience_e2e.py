@@ -363,9 +363,6 @@ WS_ROUTE = """\
   - name: ws
     match: {path_prefix: /ws/, websocket: true}
     upstream: ws
-  - name: plain
-    match: {path_prefix: /plain/}
-    upstream: ws
 """
 
 
@@ -381,10 +378,7 @@ async def test_websocket_through_the_gateway_with_auth(issuer: DevIssuer, ws_ups
         assert ws_upstream.upgrades == 0
         token = issuer.token({"sub": "alice"})
         auth = {"Authorization": f"Bearer {token}"}
-        # A route without match.websocket does not upgrade, token or not.
-        with pytest.raises(aiohttp.WSServerHandshakeError):
-            await gw.session.ws_connect(ws_url + "/plain/chat", headers=auth)
-        assert ws_upstream.upgrades == 0
+        # A route without match.websocket does not upgrade: test_an_upgrade_on_a_plain_route_is_proxied_as_plain_http.
 
         # Frames both ways (the upstream saw the identity header, not the token); the client closes:
         # the upstream side is closed too.
@@ -404,6 +398,27 @@ async def test_websocket_through_the_gateway_with_auth(issuer: DevIssuer, ws_ups
             assert msg.type == WSMsgType.CLOSE and msg.data == 4001
         await asyncio.wait_for(ws_upstream.ended.get(), 2)  # the upstream's handler finished too
         assert ws_upstream.upgrades == 2
+
+
+async def test_an_upgrade_on_a_plain_route_is_proxied_as_plain_http(
+        issuer: DevIssuer, make_upstream: MakeUpstream, gateway_factory: Any) -> None:
+    """SPEC 4: `Upgrade` is a hop-by-hop header stripped unless the route proxies WebSockets; the request
+    itself is served as any other (it used to get 404, as if no route matched)."""
+    target = await make_upstream()
+    routes = "  - name: plain\n    match: {path_prefix: /plain/}\n    upstream: plain\n"
+    async with gateway_factory(gateway_yaml(issuer.url, [upstream_yaml("plain", target.url)], routes)) as gw:
+        token = issuer.token({"sub": "alice"})
+        with pytest.raises(aiohttp.WSServerHandshakeError) as info:  # answered, but not with a 101
+            await gw.session.ws_connect(gw.url.replace("http://", "ws://") + "/plain/chat",
+                                        headers={"Authorization": f"Bearer {token}"})
+        assert info.value.status == 200
+        method, path, got = target.requests[-1]
+        assert (method, path) == ("GET", "/plain/chat") and got["X-Auth-Subject"] == "alice"
+        assert not {"upgrade", "connection", "authorization"} & {k.lower() for k in got}
+        # Without a token it is refused as on any authenticated route, before anything is proxied.
+        with pytest.raises(aiohttp.WSServerHandshakeError) as info:
+            await gw.session.ws_connect(gw.url.replace("http://", "ws://") + "/plain/chat")
+        assert info.value.status == 401 and target.hits == 1
 
 
 # --- live operations: `python -m gateway run` as a child process ------------------------------------
