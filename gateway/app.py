@@ -38,6 +38,7 @@ from gateway.identity import client_ip_from, relay_response_headers, request_id_
 from gateway.model import RequestView
 from gateway.pipeline import Exchange, Gateway
 from gateway.services import Services
+from gateway.tokens import TokenMemo
 from gateway.upstream import UpstreamResponse
 
 log = logging.getLogger("gateway")
@@ -125,7 +126,8 @@ class GatewayApp:
         # aiohttp's server answers only Upgrade requests (WebSocket), handed over with their connection.
         self._upgrades = _Server(self.handle, max_line_size=max_line, max_field_size=max_line, max_headers=1000,
                                  access_log=None)
-        self._public = H1Server(self.handle_h1, refused, self._upgrades, max_line=max_line, max_headers=1000)
+        self._public = H1Server(self.handle_h1, refused, self._upgrades, max_line=max_line, max_headers=1000,
+                                conn_state=TokenMemo)
         server_ssl = _server_ssl(self.config)
         # The listener is never rebuilt on reload: its scheme is fixed here, not looked up per request.
         self._scheme = "https" if server_ssl is not None else "http"
@@ -300,7 +302,7 @@ class GatewayApp:
         return RequestView(
             method=request.method, raw_path=path, query_string=query, host=host.lower(), headers=request.headers,
             client_ip=client_ip_from(request.headers.get("X-Forwarded-For"), peer, trusted) if trusted else peer,
-            peer_ip=peer, scheme=self._scheme,
+            peer_ip=peer, scheme=self._scheme, memo=getattr(request, "conn_state", None),
         )
 
     @staticmethod

@@ -58,10 +58,11 @@ class H1Request:
     """One parsed request and the means to answer it (attribute names as on aiohttp's BaseRequest)."""
 
     __slots__ = ("method", "raw_path", "version", "headers", "raw_headers", "remote", "content", "body_exists",
-                 "content_length", "keep_alive", "started", "_conn", "_expect", "_chunked", "_head")
+                 "content_length", "keep_alive", "started", "conn_state", "_conn", "_expect", "_chunked", "_head")
 
     def __init__(self, conn: _Conn, msg: Any, payload: StreamReader, remote: str | None) -> None:
         self._conn = conn
+        self.conn_state: Any = conn.state  # H1Server's conn_state: kept across the connection's requests
         self.method: str = msg.method
         self.raw_path: str = msg.path
         self.version = msg.version
@@ -173,6 +174,7 @@ class _Conn(BaseProtocol):
         self._seen = -1  # `received` when the sweeper last saw it change, and when that was
         self._seen_at = 0.0
         self._tail = b""  # bytes after an Upgrade request, handed over with the connection
+        self.state: Any = server.conn_state() if server.conn_state is not None else None
 
     # -- asyncio callbacks ---------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -388,9 +390,10 @@ class H1Server:
 
     def __init__(self, handler: Handler, error_answer: ErrorAnswer, upgrade_factory: Callable[[], asyncio.Protocol],
                  *, max_line: int, max_headers: int = 1000, keepalive_timeout: float = KEEPALIVE_TIMEOUT,
-                 head_timeout: float = HEAD_TIMEOUT) -> None:
+                 head_timeout: float = HEAD_TIMEOUT, conn_state: Callable[[], Any] | None = None) -> None:
         self.loop = asyncio.get_running_loop()
         self.handler, self.error_answer, self.upgrade_factory = handler, error_answer, upgrade_factory
+        self.conn_state = conn_state  # makes each connection's `state`: the app's per-connection scratch
         self.max_line, self.max_headers = max_line, max_headers
         self.max_head = 2 * max_line  # a whole request head: a longest request line plus a longest field
         self.keepalive_timeout, self.head_timeout = keepalive_timeout, head_timeout

@@ -17,10 +17,10 @@ class RequestView:
     pays an object.__setattr__ call per field (about 2.4 us against 0.5 us). Stages treat it as read-only.
     """
 
-    __slots__ = ("method", "raw_path", "query_string", "host", "headers", "client_ip", "peer_ip", "scheme")
+    __slots__ = ("method", "raw_path", "query_string", "host", "headers", "client_ip", "peer_ip", "scheme", "memo")
 
     def __init__(self, method: str, raw_path: str, query_string: str, host: str, headers: Mapping[str, str],
-                 client_ip: str, peer_ip: str, scheme: str = "http") -> None:
+                 client_ip: str, peer_ip: str, scheme: str = "http", memo: Any = None) -> None:
         self.method = method
         self.raw_path = raw_path  # the path exactly as sent, before normalisation (no query string)
         self.query_string = query_string
@@ -29,6 +29,7 @@ class RequestView:
         self.client_ip = client_ip  # the real client: X-Forwarded-For walked over trusted proxies, else the peer
         self.peer_ip = peer_ip  # the TCP peer
         self.scheme = scheme
+        self.memo = memo  # the connection's tokens.TokenMemo (public listener), else None
 
     def __repr__(self) -> str:  # headers left out: they hold the client's Authorization
         return (f"RequestView(method={self.method!r}, raw_path={self.raw_path!r}, host={self.host!r}, "

@@ -15,7 +15,7 @@ from gateway.config_types import Config, ForwardConfig, RouteConfig
 from gateway.identity import Identity, identity_headers, upstream_request_headers
 from gateway.model import Principal, RequestView, RouteMatch
 from gateway.routes import RouteTable
-from gateway.tokens import bearer_token
+from gateway.tokens import TokenMemo, bearer_token
 from gateway.upstream import UpstreamResponse
 
 _IDENTITY_CACHE = 10_000  # tokens whose identity headers are kept (a few hundred bytes each)
@@ -74,6 +74,8 @@ class Gateway:
         # Synchronous fast paths when the stages offer them (TokenVerifier.cached, check_local): no
         # coroutine per request for a cached token and a live revocation view.
         self._cached: Callable[[str], Principal | None] | None = getattr(verifier, "cached", None)
+        self._cached_header: Callable[[str, TokenMemo], Principal | None] | None = getattr(
+            verifier, "cached_header", None)
         self._check_local: Callable[[Principal], bool] | None = getattr(revocations, "check_local", None)
 
     def match(self, view: RequestView) -> RouteMatch:
@@ -85,7 +87,11 @@ class Gateway:
         if self._cached is not None and header is not None and header[:7] == "Bearer ":
             # Only exact strings that verified are cache keys, so a hit needs no bearer syntax check;
             # every other spelling (and a miss) goes through bearer_token() and a full verification.
-            principal = self._cached(header[7:])
+            memo = view.memo
+            if memo is not None and self._cached_header is not None:
+                principal = self._cached_header(header, memo)  # the connection's last token: no hashing
+            else:
+                principal = self._cached(header[7:])
         if principal is None:
             principal = await self.verifier.verify(bearer_token(header))
         ex.principal = principal  # known from here on: the log names who used a revoked or refused token

@@ -16,7 +16,7 @@ from gateway import errors, metrics
 from gateway.config_types import ClaimsMap, IssuerConfig
 from gateway.devissuer import ALGORITHMS, DevIssuer
 from gateway.jwks import JwksCache
-from gateway.tokens import TokenVerifier, bearer_token
+from gateway.tokens import TokenMemo, TokenVerifier, bearer_token
 from tests.support.issuer import issuer_config
 
 
@@ -310,6 +310,37 @@ async def test_a_new_key_generation_sends_cached_tokens_back_to_verification(iss
     keys.keys.clear()  # now its key is gone too
     keys.generation += 1
     assert (await refused(verifier, token)).reason == "unknown_kid"
+
+
+async def test_a_connections_memo_answers_its_last_token_as_the_cache_would(issuer: DevIssuer) -> None:
+    cfg = config(issuer)
+    keys, clock = StaticKeys(issuer), Clock()
+    verifier = TokenVerifier([cfg], {cfg.name: keys}, clock=clock)
+    token, other = issuer.token(ttl=60), issuer.token(ttl=600)
+    memo = TokenMemo()
+    assert verifier.cached_header("Bearer " + token, memo) is None and memo.entry is None  # never verified
+    p = await verifier.verify(token)
+    hits = cache_hits()
+    header = "Bearer " + token  # an equal string, not the same object: as each request brings
+    assert verifier.cached_header(header, memo) is p and memo.header == header and cache_hits() == hits + 1
+    verifier._cache.clear()  # the memo answers without the cache: the lookup is what it spares
+    assert verifier.cached_header("Bearer " + token, memo) is p
+    # Another token on the same connection: looked up (and not found, then found once verified).
+    assert verifier.cached_header("Bearer " + other, memo) is None
+    q = await verifier.verify(other)
+    assert verifier.cached_header("Bearer " + other, memo) is q and memo.entry is not None
+    # A reload's new verifier never takes the old one's entry.
+    fresh = TokenVerifier([cfg], {cfg.name: keys}, clock=clock)
+    assert fresh.cached_header("Bearer " + other, memo) is None
+    # Checked as a cache hit is: a withdrawn key, and exp.
+    assert verifier.cached_header("Bearer " + other, memo) is q
+    keys.generation += 1
+    assert verifier.cached_header("Bearer " + other, memo) is None and other not in verifier._cache
+    await verifier.verify(other)
+    assert verifier.cached_header("Bearer " + other, memo) is not None
+    assert q.exp is not None
+    clock.now = q.exp
+    assert verifier.cached_header("Bearer " + other, memo) is None and memo.entry is None
 
 
 async def test_failures_are_not_cached(issuer: DevIssuer) -> None:
