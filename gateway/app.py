@@ -124,8 +124,9 @@ class GatewayApp:
         # The parser's own limits are generous; max_header_bytes is checked on the whole block (handle).
         max_line = max(8190, cfg.max_header_bytes * 4)
         # aiohttp's server answers only Upgrade requests (WebSocket), handed over with their connection.
+        # auto_decompress=False: a body passes as the client encoded it, as on the public listener.
         self._upgrades = _Server(self.handle, max_line_size=max_line, max_field_size=max_line, max_headers=1000,
-                                 access_log=None)
+                                 access_log=None, auto_decompress=False)
         self._public = H1Server(self.handle_h1, refused, self._upgrades, max_line=max_line, max_headers=1000,
                                 conn_state=TokenMemo)
         server_ssl = _server_ssl(self.config)
@@ -206,7 +207,7 @@ class GatewayApp:
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         """Requests that came with an Upgrade (handed to aiohttp's server with their connection)."""
-        out = _AioReply(request, self)
+        out = _AioReply(request)
         await self._serve(request, out, request)
         assert out.response is not None
         return out.response
@@ -407,24 +408,26 @@ class _Out(Protocol):
 
 
 class _AioReply:
-    """_Out on aiohttp's server: the response object its handler returns."""
+    """_Out on aiohttp's server: the response object its handler returns.
 
-    __slots__ = ("request", "app", "response", "_stream")
+    Every answer that is not a WebSocket (an Upgrade declined on a plain route, a refusal) closes the
+    connection: aiohttp's server would go on serving what follows on it without h1server's checks
+    (transfer codings, head and body timeouts, drain), so the client reconnects to h1server instead."""
 
-    def __init__(self, request: web.BaseRequest, app: GatewayApp) -> None:
-        self.request, self.app = request, app
+    __slots__ = ("request", "response", "_stream")
+
+    def __init__(self, request: web.BaseRequest) -> None:
+        self.request = request
         self.response: web.StreamResponse | None = None
         self._stream: web.StreamResponse | None = None
 
     async def send(self, status: int, headers: CIMultiDict[str], body: bytes) -> None:
         self.response = web.Response(status=status, body=body, headers=headers)
-        if self.app.draining:
-            self.response.force_close()
+        self.response.force_close()
 
     async def start(self, status: int, headers: CIMultiDict[str]) -> None:
         self.response = self._stream = web.StreamResponse(status=status, headers=headers)
-        if self.app.draining:
-            self._stream.force_close()  # Connection: close, so a keep-alive client reconnects elsewhere
+        self._stream.force_close()
         await self._stream.prepare(self.request)
 
     async def write(self, chunk: bytes) -> None:

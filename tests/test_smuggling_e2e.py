@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -62,3 +64,37 @@ async def test_ambiguous_framing_is_refused_and_nothing_smuggled(gw: Any, case: 
     assert not any(path.startswith("/staff/") for _, path, _ in gw.echo.requests), gw.echo.requests
     if status == 400:
         assert gw.echo.hits == 0, case
+
+
+UPGRADE = (b"GET /open/up HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+           b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+
+
+@pytest.mark.parametrize("then", [
+    # Refused with 400 on a fresh connection (RFC 9112 s6.1); aiohttp's server would have taken it.
+    b"POST /open/a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+    # aiohttp's server decompressed bodies while the client's Content-Encoding and length went upstream.
+    b"POST /open/a HTTP/1.1\r\nHost: x\r\nContent-Encoding: gzip\r\nContent-Length: %d\r\n\r\n%b"
+    % (len(gzip.compress(b"a" * 2000)), gzip.compress(b"a" * 2000)),
+])
+async def test_a_declined_upgrade_closes_its_connection(gw: Any, then: bytes) -> None:
+    """An Upgrade on a plain route is answered by aiohttp's server (the connection was handed to it); what
+    the client pipelines after it must not be served there, without h1server's checks: the answer says
+    `Connection: close`, and the connection closes after it."""
+    conn = await Conn.open(gw.app.public_port)
+    conn.writer.write(UPGRADE + then)
+    status, headers, body = await conn.response()
+    assert status == 200 and json.loads(body)["path"] == "/open/up"
+    assert headers["connection"] == "close" and await conn.closed()
+    await conn.close()
+    await asyncio.sleep(0.05)
+    assert [path for _, path, _ in gw.echo.requests] == ["/open/up"]
+    # The same request on a fresh connection goes through h1server, as any other.
+    fresh = await Conn.open(gw.app.public_port)
+    fresh.writer.write(then)
+    status, _, body = await fresh.response()
+    await fresh.close()
+    if b"gzip, chunked" in then:
+        assert status == 400 and len(gw.echo.requests) == 1
+    else:
+        assert status == 200 and json.loads(body)["body_length"] == 2000  # the echo server inflates it whole
