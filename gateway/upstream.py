@@ -109,12 +109,14 @@ class UpstreamResponse:
     UpstreamTimeout); as the status line is then already on its way to the client, the caller can
     only log them and abort the client connection. Such an error is the target's failure too: it is
     recorded on the target's breaker (its head was recorded a success), as Envoy's outlier detection
-    counts a reset mid-response.
+    counts a reset mid-response, unless the client's own request body failed first (the client went
+    away, or its body broke off or passed the limit: the upstream call was cut because of it).
     """
 
-    __slots__ = ("status", "headers", "target", "_resp", "_breaker")
+    __slots__ = ("status", "headers", "target", "_resp", "_breaker", "_guard")
 
-    def __init__(self, resp: _Answer, target: str, breaker: CircuitBreaker | None = None) -> None:
+    def __init__(self, resp: _Answer, target: str, breaker: CircuitBreaker | None = None,
+                 guard: _BodyGuard | None = None) -> None:
         self.status: int = resp.status
         headers = resp.headers
         names = "".join(headers)  # one C join: field names are tokens, whitespace never belongs in one
@@ -124,6 +126,7 @@ class UpstreamResponse:
         self.target = target
         self._resp = resp
         self._breaker = breaker
+        self._guard = guard
 
     @property
     def content_length(self) -> int | None:
@@ -151,7 +154,7 @@ class UpstreamResponse:
         self._resp.release()  # at the end: a keep-alive connection goes back to its pool at once
 
     def _failed(self, exc: BaseException) -> GatewayError:
-        if self._breaker is not None:
+        if self._breaker is not None and (self._guard is None or self._guard.error is None):
             self._breaker.record_failure()
         return _map_error(exc)[0]
 
@@ -277,14 +280,17 @@ class _StateGauge:
     next read (a request), so with no traffic the gauge would say open long after `open_for`; a timer reads
     the state when `open_for` ends, and the move (and the gauge) happens then."""
 
-    __slots__ = ("gauge", "breaker", "timer")
+    __slots__ = ("gauge", "breaker", "timer", "live")
 
     def __init__(self, gauge: Any) -> None:
         self.gauge = gauge
         self.breaker: CircuitBreaker | None = None
         self.timer: asyncio.TimerHandle | None = None
+        self.live = True
 
     def __call__(self, state: int) -> None:
+        if not self.live:
+            return  # replaced on reload: the new breaker of these labels speaks for the target now
         self.gauge.set(state)
         if state == OPEN and self.breaker is not None:
             self.cancel()
@@ -303,6 +309,10 @@ class _StateGauge:
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
+
+    def retire(self) -> None:
+        self.live = False
+        self.cancel()
 
 
 class Upstreams:
@@ -360,9 +370,14 @@ class Upstreams:
                 return t.h1
         raise KeyError(target)
 
-    async def close(self) -> None:
+    def retire(self) -> None:
+        """Replaced by a reload's new Upstreams, which owns the same gauges (same labels): from now on this
+        one's verdicts (requests still in flight on it) and timers leave them alone."""
         for gauge in self._gauges:
-            gauge.cancel()
+            gauge.retire()
+
+    async def close(self) -> None:
+        self.retire()
         for pool in self._pools.values():
             for target in pool.targets:
                 if target.h1 is not None:
@@ -457,7 +472,7 @@ class Upstreams:
                 raise
             pool.duration(time.perf_counter() - started)
             status = resp.status
-            answer = UpstreamResponse(resp, target.url, breaker) if 200 <= status <= 599 else None
+            answer = UpstreamResponse(resp, target.url, breaker, guard) if 200 <= status <= 599 else None
             if answer is not None and status not in FAILURE_STATUSES and (
                     "Transfer-Encoding" not in answer.headers or _framing_known(answer.headers)):
                 breaker.record_success()

@@ -136,6 +136,30 @@ async def test_a_body_cut_short_after_its_head_counts_against_the_target(
         assert len(target.requests) == 2
 
 
+async def test_a_client_abandoning_its_upload_does_not_count_against_the_target(
+        issuer: DevIssuer, make_raw_upstream: MakeRaw, gateway_factory: Any) -> None:
+    """The target answered at once while the upload was still arriving; the client then went away, so the
+    gateway cut the upstream call and the response body broke off. The client's doing, not the target's:
+    two of them must not open a breaker of `failures: 2` (anyone could take a healthy target out)."""
+    def respond(head: bytes, index: int) -> Answer:
+        if head.startswith(b"POST"):
+            return b"HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\n" + b"x" * 10, "hang"
+        return b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+    target = await make_raw_upstream(respond)
+    text = gateway_yaml(issuer.url, [upstream_yaml("up", target.url, failures=2, attempts=1)], public_routes("up"))
+    async with gateway_factory(text) as gw:
+        for _ in range(2):
+            reader, writer = await asyncio.open_connection("127.0.0.1", gw.app.public_port)
+            writer.write(b"POST /up/x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+            assert (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)).startswith(b"HTTP/1.1 200")
+            writer.close()
+            await writer.wait_closed()
+            await asyncio.sleep(0.2)
+        assert await metric(gw.session, gw.admin_url, "gateway_circuit_state", upstream="up", target=target.url) == 0
+        assert (await gw.request("GET", "/up/y"))[0] == 200
+
+
 async def test_half_open_probe_then_recovery(issuer: DevIssuer, make_upstream: MakeUpstream,
                                              gateway_factory: Any) -> None:
     target = await make_upstream()
@@ -179,6 +203,29 @@ async def test_half_open_probe_then_recovery(issuer: DevIssuer, make_upstream: M
 
 
 # --- balancing and retries --------------------------------------------------------------------------
+
+
+async def test_a_reloads_replaced_breakers_leave_the_gauge_to_the_new_ones(
+        issuer: DevIssuer, make_upstream: MakeUpstream, gateway_factory: Any, tmp_path: Path) -> None:
+    """A reload that changes an upstream builds new breakers under the same gauge labels; the old ones
+    live on until in-flight requests finish. The old breaker's open_for timer must not set the gauge to
+    half-open while the new breaker is closed (a false GatewayCircuitBreakerOpen alert, lasting)."""
+    target = await make_upstream()
+    target.set_mode("status", status=502)
+    text = gateway_yaml(issuer.url, [upstream_yaml("up", target.url, failures=1, attempts=1, open_for="1s")],
+                        public_routes("up"))
+    async with gateway_factory(text) as gw:
+        async def state() -> float | None:
+            return await metric(gw.session, gw.admin_url, "gateway_circuit_state", upstream="up", target=target.url)
+
+        assert (await gw.request("GET", "/up/x"))[0] == 502 and await state() == 1
+        target.set_mode("echo")
+        path = tmp_path / "gateway.yaml"
+        path.write_text(text.replace("read: 5s", "read: 6s"))
+        assert await gw.app.reload(str(path))
+        assert await state() == 0 and (await gw.request("GET", "/up/x"))[0] == 200
+        await asyncio.sleep(1.3)  # past the old breaker's open_for
+        assert await state() == 0
 
 
 async def test_one_target_down_of_two_no_client_error_after_the_breaker_opens(
