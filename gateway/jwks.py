@@ -43,7 +43,11 @@ def parse_max_age(cache_control: str | None) -> float | None:
 
 
 def parse_jwks(doc: Any, allowed: frozenset[str]) -> list[jwt.PyJWK]:
-    """Usable signing keys of a JWKS document; unusable members are skipped, not fatal."""
+    """Usable signing keys of a JWKS document; unusable members are skipped, not fatal.
+
+    A well-formed JWK Set with no usable key (`{"keys": []}`) is the issuer's word that none of its
+    former keys signs any more (an emergency withdrawal after a leak): it is applied, not kept out as
+    a failed fetch would be, so tokens signed with the withdrawn keys stop passing."""
     if not isinstance(doc, dict) or not isinstance(doc.get("keys"), list):
         raise FetchError("not a JWK Set (no 'keys' list)")
     rsa_hint = [a for a in allowed if a in _RSA_ALGS]
@@ -64,8 +68,6 @@ def parse_jwks(doc: Any, allowed: frozenset[str]) -> list[jwt.PyJWK]:
             continue
         if key.algorithm_name in _ASYMMETRIC_ALGS and key.algorithm_name in allowed:
             keys.append(key)
-    if not keys:
-        raise FetchError("no usable signing key in the JWK Set")
     return keys
 
 
@@ -192,6 +194,9 @@ class JwksCache:
         for key in keys:
             if key.key_id is not None:
                 by_kid[key.key_id] = (*by_kid.get(key.key_id, ()), key)
+        if not keys:
+            log.warning("jwks of issuer %s holds no usable signing key: every token of this issuer is refused "
+                        "until it does", self.issuer.name)
         prints = frozenset(_fingerprint(k) for k in keys)
         if not prints >= self._prints:
             self.generation += 1

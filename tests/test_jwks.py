@@ -14,7 +14,9 @@ import pytest
 from gateway import metrics
 from gateway.config_types import IssuerConfig
 from gateway.devissuer import ALGORITHMS, DevIssuer, generate_key, public_jwk
+from gateway.errors import InvalidToken
 from gateway.jwks import JwksCache, parse_max_age
+from gateway.tokens import TokenVerifier
 from tests.support.issuer import issuer_config
 
 
@@ -147,11 +149,7 @@ async def test_issuer_down_keeps_known_keys(issuer: DevIssuer, make_cache: Cache
         assert await cache.key_for(issuer.kid(alg)) is not None
 
 
-@pytest.mark.parametrize(
-    "body",
-    [b"<html>oops</html>", b'{"keys": []}', b'{"keys": "x"}', b"[]",
-     b'{"keys": [{"kty": "oct", "k": "c2VjcmV0", "kid": "hmac"}]}'],
-)
+@pytest.mark.parametrize("body", [b"<html>oops</html>", b'{"keys": "x"}', b"[]", b'{"no": "keys"}', b"{"])
 async def test_garbage_jwks_keeps_old_keys(issuer: DevIssuer, make_cache: CacheFactory, body: bytes) -> None:
     clock = Clock()
     cache = await make_cache(config(issuer), clock=clock)
@@ -160,6 +158,27 @@ async def test_garbage_jwks_keeps_old_keys(issuer: DevIssuer, make_cache: CacheF
     assert await cache.key_for("hmac") is None
     assert issuer.jwks_hits == 2 and cache.key_count == len(ALGORITHMS)
     assert await cache.key_for(issuer.kid("ES256")) is not None
+
+
+@pytest.mark.parametrize("body", [b'{"keys": []}', b'{"keys": [{"kty": "oct", "k": "c2VjcmV0", "kid": "hmac"}]}'])
+async def test_a_well_formed_set_without_a_usable_key_withdraws_every_key(
+        issuer: DevIssuer, make_cache: CacheFactory, body: bytes) -> None:
+    """Not a failed fetch: the issuer says none of its keys signs any more (say, all leaked). Kept out as
+    garbage, the leaked keys would go on verifying tokens, cached or not."""
+    clock = Clock()
+    cfg = config(issuer)
+    cache = await make_cache(cfg, clock=clock)
+    verifier = TokenVerifier([cfg], {cfg.name: cache}, clock=time.time)
+    leaked = issuer.token({"sub": "mallory"}, ttl=3600)
+    assert (await verifier.verify(leaked)).subject == "mallory"
+    issuer.jwks_body = body
+    clock.now += 3600
+    assert await cache.key_for("anything") is None and cache.key_count == 0 and cache.generation == 1
+    assert sample("gateway_jwks_keys", issuer=cfg.name) == 0
+    assert verifier.cached(leaked) is None  # the cached token is verified again, and refused
+    with pytest.raises(InvalidToken) as info:
+        await verifier.verify(leaked)
+    assert info.value.reason == "unknown_kid"
 
 
 async def test_unusable_members_are_skipped(issuer: DevIssuer, make_cache: CacheFactory) -> None:
