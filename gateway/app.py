@@ -22,7 +22,7 @@ from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway import accesslog, metrics
-from gateway.config import load
+from gateway.config import load, warnings
 from gateway.config_types import Config
 from gateway.errors import (
     AuthError,
@@ -191,6 +191,8 @@ class GatewayApp:
         self.config, self.gateway = config, gateway  # in-flight requests keep the Gateway they started with
         metrics.config_reloads_total.labels(result="ok").inc()
         log.info("configuration reloaded from %s", path)
+        for line in warnings(config):
+            log.warning("%s", line)
         asyncio.get_running_loop().call_later(self.config.server.shutdown_grace or 1.0,
                                               lambda: asyncio.ensure_future(self.services.close_retired()))
         return True

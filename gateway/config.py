@@ -82,6 +82,11 @@ def warnings(config: Config) -> list[str]:
         # can come from an issuer that is not configured, so the admin API refuses every one (fail closed).
         out.append(f"{config.path}: warning: admin.issuer: {admin!r} is not a configured issuer; the admin API "
                    f"refuses every token")
+    for i, route in enumerate(config.routes):
+        if route.forward.scopes is not None and route.forward.identity != "token":
+            # Accepted beside `identity: headers` (SPEC 3 writes it so), but it down-scopes nothing there.
+            out.append(f"{config.path}: warning: routes[{i}].forward.scopes: read in token mode only; with identity: "
+                       f"{route.forward.identity} the upstream is told the token's own scopes")
     return out
 
 

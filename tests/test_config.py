@@ -137,7 +137,9 @@ def test_the_specs_own_example_loads_as_written() -> None:
     assert c.admin.issuer == "employees" and [i.name for i in c.issuers] == ["customers"]
     # No token can come from an issuer that is not configured: the admin API refuses every one, and says so.
     assert warnings(c) == [f"{c.path}: warning: admin.issuer: 'employees' is not a configured issuer; "
-                           "the admin API refuses every token"]
+                           "the admin API refuses every token",
+                           f"{c.path}: warning: routes[0].forward.scopes: read in token mode only; with identity: "
+                           "headers the upstream is told the token's own scopes"]
     assert warnings(load_text(MINIMAL, "gw.yaml")) == []
 
 

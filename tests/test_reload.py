@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from gateway.devissuer import DevIssuer
 from tests.support.gateway import config_text
@@ -56,3 +59,16 @@ async def test_reload_good_bad_and_failing_build(issuer: DevIssuer, echo_upstrea
         assert await gw.app.reload(str(path)) is False
         assert gw.app.services.upstreams is upstreams_before
         assert (await gw.request("GET", "/two"))[0] == 200
+
+
+async def test_a_reload_logs_what_gateway_check_would_warn_of(issuer: DevIssuer, echo_upstream: EchoUpstream,
+                                                              gateway_factory: Any, tmp_path: Path,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    text = config_text(issuer.url, {"svc": [echo_upstream.url]}, ONE)
+    async with gateway_factory(text) as gw:
+        path = tmp_path / "next.yaml"
+        path.write_text(text.replace("  issuer: dev\n", "  issuer: staff\n", 1))  # admin.issuer: not configured
+        with caplog.at_level(logging.WARNING, logger="gateway"):
+            assert await gw.app.reload(str(path)) is True
+        assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == [
+            f"{path}: warning: admin.issuer: 'staff' is not a configured issuer; the admin API refuses every token"]
