@@ -105,6 +105,9 @@ class GatewayApp:
         self._inflight = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        # One reload at a time: two overlapping builds could each reuse, then retire, the other's parts
+        # (a JWKS cache closed but still in use), and the older file could win.
+        self._reloading = asyncio.Lock()
         # Each (route, method, status)'s counter and each route's histogram, resolved once (metrics.py).
         self._labels: dict[tuple[str, str, int], Callable[[float], None]] = {}
         self._durations: dict[str, Callable[[float], None]] = {}
@@ -176,6 +179,10 @@ class GatewayApp:
 
     async def reload(self, path: str) -> bool:
         """SIGHUP: parse off the request path; a good file swaps atomically, a bad one is refused and counted."""
+        async with self._reloading:
+            return await self._reload(path)
+
+    async def _reload(self, path: str) -> bool:
         try:
             config = await asyncio.get_running_loop().run_in_executor(None, load, path)
             gateway = await self.services.build(config)

@@ -114,7 +114,7 @@ class JwksCache:
         self._ok_counter = metrics.jwks_refresh_total.labels(issuer=issuer.name, result="ok")
         self._error_counter = metrics.jwks_refresh_total.labels(issuer=issuer.name, result="error")
         self._keys_gauge = metrics.jwks_keys.labels(issuer=issuer.name)
-        self.ready = False  # keys fetched at least once
+        self.ready = False  # a fetch gave at least one usable key
         self.next_refresh_in = issuer.jwks_refresh  # seconds until the background refresher runs again
 
     @property
@@ -201,7 +201,10 @@ class JwksCache:
         if not prints >= self._prints:
             self.generation += 1
         self._keys, self._by_kid, self._prints = tuple(keys), by_kid, prints
-        self.ready = True
+        # Ready once a fetch gave a usable key (a start against an empty set, or with an `algorithms` list
+        # that fits none of the issuer's keys, is not ready); a later withdrawal does not unset it: the
+        # other issuers' traffic must not be taken out with this one's.
+        self.ready = self.ready or bool(keys)
         self._backoff = self._backoff_first
         self.next_refresh_in = (
             self.issuer.jwks_refresh if max_age is None else min(max(max_age, MAX_AGE_MIN), MAX_AGE_MAX)

@@ -86,7 +86,7 @@ class Services:
         self._retired.extend(c for n, c in self.jwks.items() if jwks.get(n) is not c)
         self.jwks, self._jwks_cfg = jwks, {i.name: i for i in config.issuers}
         if self.upstreams is not None and self.upstreams is not upstreams:
-            self.upstreams.retire()  # its gauges belong to the new one from here on
+            self.upstreams.retire(upstreams)  # its gauges belong to the new one from here on
         for new, old in ((revocation, self.revocation), (upstreams, self.upstreams)):
             if old is not None and old is not new:
                 self._retired.append(old)

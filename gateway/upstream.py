@@ -18,11 +18,12 @@ aiohttp's ClientSession. `_map_error` is the one place where their exceptions be
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping
 from types import TracebackType
-from typing import Any, Protocol
+from typing import Protocol
 
 import aiohttp
 from aiohttp.http_exceptions import HttpProcessingError
@@ -280,10 +281,11 @@ class _StateGauge:
     next read (a request), so with no traffic the gauge would say open long after `open_for`; a timer reads
     the state when `open_for` ends, and the move (and the gauge) happens then."""
 
-    __slots__ = ("gauge", "breaker", "timer", "live")
+    __slots__ = ("labels", "gauge", "breaker", "timer", "live")
 
-    def __init__(self, gauge: Any) -> None:
-        self.gauge = gauge
+    def __init__(self, upstream: str, target: str) -> None:
+        self.labels = (upstream, target)
+        self.gauge = metrics.circuit_state.labels(upstream, target)
         self.breaker: CircuitBreaker | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.live = True
@@ -334,7 +336,7 @@ class Upstreams:
         for name, cfg in self._configs.items():
             targets = []
             for url in cfg.targets:
-                gauge = _StateGauge(metrics.circuit_state.labels(name, url))
+                gauge = _StateGauge(name, url)
                 gauge(0)
                 gauge.breaker = CircuitBreaker(cfg.circuit_breaker, clock=self._clock, on_change=gauge)
                 self._gauges.append(gauge)
@@ -370,14 +372,23 @@ class Upstreams:
                 return t.h1
         raise KeyError(target)
 
-    def retire(self) -> None:
-        """Replaced by a reload's new Upstreams, which owns the same gauges (same labels): from now on this
-        one's verdicts (requests still in flight on it) and timers leave them alone."""
+    def retire(self, successor: Upstreams) -> None:
+        """Replaced by a reload's `successor`, which owns the gauges of the targets both have (same labels):
+        from now on this one's verdicts (requests still in flight on it) and timers leave them alone. A
+        target the successor does not have loses its series (set to 0 first: with --workers the value
+        lives in the worker's file, which remove() does not touch), or an open breaker of a target
+        removed from the config would say "open" until restart."""
+        kept = {g.labels for g in successor._gauges}
         for gauge in self._gauges:
             gauge.retire()
+            if gauge.labels not in kept:
+                gauge.gauge.set(0)
+                with contextlib.suppress(KeyError):
+                    metrics.circuit_state.remove(*gauge.labels)
 
     async def close(self) -> None:
-        self.retire()
+        for gauge in self._gauges:
+            gauge.retire()
         for pool in self._pools.values():
             for target in pool.targets:
                 if target.h1 is not None:

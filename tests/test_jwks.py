@@ -181,6 +181,24 @@ async def test_a_well_formed_set_without_a_usable_key_withdraws_every_key(
     assert info.value.reason == "unknown_kid"
 
 
+async def test_ready_only_once_a_fetch_gave_a_usable_key(issuer: DevIssuer, make_cache: CacheFactory) -> None:
+    """A start against an empty set (or an `algorithms` list that fits none of the issuer's keys) is not
+    ready: /readyz must not send traffic to a replica refusing every token. A later withdrawal does not
+    unset it (the other issuers' traffic is not taken out with this one's)."""
+    clock = Clock()
+    issuer.jwks_body = b'{"keys": []}'
+    cache = await make_cache(config(issuer, jwks_min_refetch=1.0), clock=clock)
+    assert not cache.ready and cache.key_count == 0
+    wrong = await make_cache(config(issuer, algorithms=("ES512",)))  # the dev issuer publishes no ES512 key
+    assert not wrong.ready
+    issuer.jwks_body = None
+    clock.now += 2
+    assert await cache.key_for(issuer.kid("RS256")) is not None and cache.ready
+    issuer.jwks_body = b'{"keys": []}'
+    clock.now += 2
+    assert await cache.key_for("unknown") is None and cache.key_count == 0 and cache.ready
+
+
 async def test_unusable_members_are_skipped(issuer: DevIssuer, make_cache: CacheFactory) -> None:
     good = issuer.jwks()["keys"][0]
     issuer.jwks_body = json.dumps({"keys": [

@@ -228,6 +228,55 @@ async def test_a_reloads_replaced_breakers_leave_the_gauge_to_the_new_ones(
         assert await state() == 0
 
 
+async def test_a_target_removed_by_a_reload_leaves_no_open_gauge(
+        issuer: DevIssuer, make_upstream: MakeUpstream, gateway_factory: Any, tmp_path: Path) -> None:
+    """The breaker of a target the new config no longer has was open: its series must not say "open"
+    until restart (GatewayCircuitBreakerOpen would fire for good)."""
+    dead, live = await make_upstream(), await make_upstream()
+    dead.set_mode("status", status=502)
+    text = gateway_yaml(issuer.url, [upstream_yaml("up", dead.url, failures=1, attempts=1, open_for="1s")],
+                        public_routes("up"))
+    async with gateway_factory(text) as gw:
+        assert (await gw.request("GET", "/up/x"))[0] == 502
+        assert await metric(gw.session, gw.admin_url, "gateway_circuit_state", upstream="up", target=dead.url) == 1
+        path = tmp_path / "next.yaml"
+        path.write_text(text.replace(dead.url, live.url))
+        assert await gw.app.reload(str(path))
+        await asyncio.sleep(1.3)  # past the old breaker's open_for
+        assert await metric(gw.session, gw.admin_url, "gateway_circuit_state", upstream="up", target=dead.url) is None
+        assert await metric(gw.session, gw.admin_url, "gateway_circuit_state", upstream="up", target=live.url) == 0
+
+
+async def test_overlapping_reloads_run_one_at_a_time(
+        issuer: DevIssuer, other_issuer: DevIssuer, make_upstream: MakeUpstream, gateway_factory: Any,
+        tmp_path: Path) -> None:
+    """A slow reload (a new issuer's JWKS takes a second) and a quick one that changes an issuer it reuses:
+    overlapping, the slow one committed that issuer's JWKS cache after the quick one had retired (and
+    later closed) it, so its refresh stopped and a withdrawn key went on verifying; the older file won."""
+    target = await make_upstream()
+    routes = "  - name: who\n    match: {path_prefix: /who/}\n    upstream: up\n"
+    v1 = gateway_yaml(issuer.url, [upstream_yaml("up", target.url, attempts=1)], routes).replace(
+        "    jwks_min_refetch: 30s\n", "    jwks_min_refetch: 30s\n    jwks_refresh: 1s\n", 1)
+    second = f"  - name: other\n    issuer: {other_issuer.url}\n    audiences: [x]\n    algorithms: [RS256]\n"
+    slow_text = v1.replace("    jwks_refresh: 1s\n", "    jwks_refresh: 1s\n" + second, 1)
+    quick_text = v1.replace("    jwks_refresh: 1s\n", "    jwks_refresh: 1s\n    leeway: 5s\n", 1)
+    other_issuer.delay = 1.0
+    async with gateway_factory(v1) as gw:
+        slow_path, quick_path = tmp_path / "slow.yaml", tmp_path / "quick.yaml"
+        slow_path.write_text(slow_text)
+        quick_path.write_text(quick_text)
+        slow = asyncio.ensure_future(gw.app.reload(str(slow_path)))
+        await asyncio.sleep(0.3)
+        assert await gw.app.reload(str(quick_path)) and await slow
+        assert gw.app.config.path == str(quick_path)  # the file sent last wins
+        await gw.app.services.close_retired()  # what a reload schedules after shutdown_grace
+        leaked = issuer.token({"sub": "mallory"}, ttl=3600)
+        assert (await gw.request("GET", "/who/x", token=leaked))[0] == 200
+        issuer.rotate("RS256", drop_old=True)
+        await asyncio.sleep(2.5)  # jwks_refresh: 1s
+        assert (await gw.request("GET", "/who/x", token=leaked))[0] == 401
+
+
 async def test_one_target_down_of_two_no_client_error_after_the_breaker_opens(
         issuer: DevIssuer, make_upstream: MakeUpstream, gateway_factory: Any) -> None:
     live, dead = await make_upstream(), await make_upstream()
