@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 import re
 import time
@@ -180,12 +181,17 @@ class TokenMemo:
     (a memcmp) spares hashing the whole token for the cache lookup (siphash13: ~2.2k instructions for a
     750-byte token, a new string each request). The entry is checked as a cache hit is, every time."""
 
-    __slots__ = ("header", "entry", "verifier")
+    __slots__ = ("header", "entry", "epoch")
 
     def __init__(self) -> None:
         self.header = ""
         self.entry: _Entry | None = None
-        self.verifier: TokenVerifier | None = None  # a reload's new verifier never trusts the old one's entry
+        # The verifier the entry came from, by number: a reload's new verifier never trusts the old one's
+        # entry, and a connection left open does not keep a replaced verifier (and its cache) alive.
+        self.epoch = -1
+
+
+_EPOCHS = itertools.count()
 
 
 _MAX_CACHED_TOKEN = 8192  # longer tokens are verified every time: bounds the cache's memory per entry
@@ -209,6 +215,7 @@ class TokenVerifier:
         # live longer, counted from its iat, or it would pass again once the revocation expired.
         self._max_lifetime = max_lifetime
         self._cache_size = cache_size
+        self._epoch = next(_EPOCHS)  # TokenMemo.epoch: which verifier a connection's memo speaks for
         # Keyed by the raw token itself, not by a digest of it: a cache hit is then one dict lookup
         # (str hashing, ~0.3 us for a 700-byte JWT) instead of sha256 (~1.2 us here), and a string that
         # is a key here is known to be a well-formed token that verified, so the pipeline can skip the
@@ -260,11 +267,11 @@ class TokenVerifier:
         """cached() for a whole `Bearer <token>` header value (exactly "Bearer " then the token, as the
         pipeline's fast path checks), remembering on the connection's `memo` the entry it found."""
         entry = memo.entry
-        if entry is None or memo.verifier is not self or memo.header != header:
+        if entry is None or memo.epoch != self._epoch or memo.header != header:
             entry = self._cache.get(header[7:])
+            memo.header, memo.entry, memo.epoch = header, entry, self._epoch
             if entry is None:
                 return None
-            memo.header, memo.entry, memo.verifier = header, entry, self
         if self._clock() < entry.expires_at and entry.generation == entry.keys.generation:
             entry.used = True
             self._hit(1)

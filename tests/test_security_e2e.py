@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import time
+import weakref
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -14,6 +16,7 @@ import pytest
 from gateway.devissuer import DevIssuer
 from tests.support.gateway import RunningGateway, config_text, logged
 from tests.support.upstreams import EchoUpstream
+from tests.test_h1server import Conn
 
 ROUTES = """\
   - name: orders
@@ -313,3 +316,33 @@ async def test_admin_paths_are_not_served_on_public_port(gw: Any) -> None:
         assert status == 404, path
     async with aiohttp.ClientSession() as s, s.get(gw.admin_url + "/healthz") as r:
         assert r.status == 200
+
+
+async def test_one_connection_many_tokens_each_request_gets_its_own_identity(gw: Any, issuer: DevIssuer) -> None:
+    """The per-connection token memo (tokens.TokenMemo): a keep-alive connection's last token answers the
+    next request; any other token on it is looked up and checked as usual; after a reload the connection
+    keeps no reference to the replaced verifier (nor its cache)."""
+    alice = issuer.token(GOOD)
+    bob = issuer.token({**GOOD, "sub": "bob", "jti": "jti-bob"})
+    conn = await Conn.open(gw.app.public_port)
+
+    async def ask(path: str, token: str | None) -> int:
+        auth = f"Authorization: Bearer {token}\r\n" if token else ""
+        conn.writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n{auth}\r\n".encode())
+        return (await conn.response())[0]
+
+    path = "/api/tenants/acme/orders/1"
+    for token, who in ((alice, "alice"), (alice, "alice"), (bob, "bob"), (alice, "alice"), (bob, "bob")):
+        assert await ask(path, token) == 200 and _received(gw.orders)["x-auth-subject"] == who
+    assert await ask(path, alice + "x") == 401  # the last token but one byte: never taken for it
+    assert await ask(path, bob) == 200
+    (memo,) = [c.state for c in gw.app._public.conns]
+    assert memo.entry is not None and memo.entry.principal.subject == "bob"  # the memo is what answered
+    old = weakref.ref(gw.app.gateway.verifier)
+    assert await gw.app.reload(str(gw.app.config.path))
+    for _ in range(2):
+        assert await ask("/public/x", None) == 200  # no Bearer: the memo is not consulted
+    gc.collect()
+    assert old() is None
+    assert await ask(path, alice) == 200 and _received(gw.orders)["x-auth-subject"] == "alice"
+    await conn.close()
