@@ -253,14 +253,20 @@ class TokenVerifier:
         entry = self._cache.get(raw)
         if entry is None:
             return None
+        principal = self._hit_on(entry)
+        if principal is None:
+            del self._cache[raw]
+        return principal
+
+    def _hit_on(self, entry: _Entry) -> Principal | None:
+        """The entry's Principal, counted as a cache hit, while it may still be served; else None. Not past
+        exp (after it, verify again: leeway applies there, never here), and no key of its issuer withdrawn
+        since it verified (verify again: it fails if its own key is gone)."""
         if self._clock() < entry.expires_at and entry.generation == entry.keys.generation:
             # Approximate LRU (second chance): a hit only sets a bit instead of reordering the cache.
             entry.used = True
             self._hit(1)
             return entry.principal
-        # Past exp (verify again: leeway applies there, never here), or a key of its issuer was withdrawn
-        # since (verify again: it fails if its own key is gone).
-        del self._cache[raw]
         return None
 
     def cached_header(self, header: str, memo: TokenMemo) -> Principal | None:
@@ -272,10 +278,9 @@ class TokenVerifier:
             memo.header, memo.entry, memo.epoch = header, entry, self._epoch
             if entry is None:
                 return None
-        if self._clock() < entry.expires_at and entry.generation == entry.keys.generation:
-            entry.used = True
-            self._hit(1)
-            return entry.principal
+        principal = self._hit_on(entry)
+        if principal is not None:
+            return principal
         memo.entry = None
         return self.cached(header[7:])  # drops the stale entry (or finds one verified since)
 
