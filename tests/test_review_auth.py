@@ -27,6 +27,15 @@ from tests.support.upstreams import EchoUpstream
 
 
 @pytest.fixture
+async def one_route(issuer: DevIssuer, make_upstream: Any, gateway_factory: Any) -> AsyncIterator[Any]:
+    """A gateway with one authenticated route, /r/ (headers mode), to one echo upstream: `(gw, up)`."""
+    up: EchoUpstream = await make_upstream()
+    routes = "  - name: r\n    match: {path_prefix: /r/}\n    upstream: up\n"
+    async with gateway_factory(config_text(issuer.url, {"up": [up.url]}, routes)) as gw:
+        yield gw, up
+
+
+@pytest.fixture
 async def verifier_for() -> AsyncIterator[Any]:
     """`await verifier_for(dev, **overrides)`: a TokenVerifier over a started, real JwksCache."""
     session = aiohttp.ClientSession()
@@ -64,16 +73,12 @@ async def test_non_finite_numeric_dates_are_malformed_not_a_crash(
     assert not verifier._cache
 
 
-async def test_infinite_exp_is_401_through_the_gateway(
-    issuer: DevIssuer, make_upstream: Any, gateway_factory: Any
-) -> None:
-    up: EchoUpstream = await make_upstream()
-    routes = "  - name: r\n    match: {path_prefix: /r/}\n    upstream: up\n"
-    async with gateway_factory(config_text(issuer.url, {"up": [up.url]}, routes)) as gw:
-        status, headers, body = await gw.request("GET", "/r/x", token=issuer.token({"exp": math.inf}))
-        assert (status, body["error"]) == (401, "invalid_token")
-        assert 'error="invalid_token"' in headers["WWW-Authenticate"]
-        assert up.hits == 0
+async def test_infinite_exp_is_401_through_the_gateway(issuer: DevIssuer, one_route: Any) -> None:
+    gw, up = one_route
+    status, headers, body = await gw.request("GET", "/r/x", token=issuer.token({"exp": math.inf}))
+    assert (status, body["error"]) == (401, "invalid_token")
+    assert 'error="invalid_token"' in headers["WWW-Authenticate"]
+    assert up.hits == 0
 
 
 # ----- RFC 7517 s4.5: keys of different types may share one kid; the token's alg picks among them
@@ -147,15 +152,11 @@ def test_identity_values_an_upstream_would_trim_or_split_are_refused(kw: dict[st
     assert info.value.reason == "malformed"
 
 
-async def test_padded_subject_never_reaches_the_upstream_as_another_user(
-    issuer: DevIssuer, make_upstream: Any, gateway_factory: Any
-) -> None:
-    up: EchoUpstream = await make_upstream()
-    routes = "  - name: r\n    match: {path_prefix: /r/}\n    upstream: up\n"
-    async with gateway_factory(config_text(issuer.url, {"up": [up.url]}, routes)) as gw:
-        status, _, _ = await gw.request("GET", "/r/x", token=issuer.token({"sub": "alice"}))
-        assert status == 200 and {k.lower(): v for k, v in up.requests[-1][2].items()}["x-auth-subject"] == "alice"
-        # "admin " is not "admin", but a header parser strips the trailing space (RFC 9110 s5.5 OWS).
-        status, _, body = await gw.request("GET", "/r/x", token=issuer.token({"sub": "admin "}))
-        assert (status, body["error"]) == (401, "invalid_token")
-        assert up.hits == 1
+async def test_padded_subject_never_reaches_the_upstream_as_another_user(issuer: DevIssuer, one_route: Any) -> None:
+    gw, up = one_route
+    status, _, _ = await gw.request("GET", "/r/x", token=issuer.token({"sub": "alice"}))
+    assert status == 200 and {k.lower(): v for k, v in up.requests[-1][2].items()}["x-auth-subject"] == "alice"
+    # "admin " is not "admin", but a header parser strips the trailing space (RFC 9110 s5.5 OWS).
+    status, _, body = await gw.request("GET", "/r/x", token=issuer.token({"sub": "admin "}))
+    assert (status, body["error"]) == (401, "invalid_token")
+    assert up.hits == 1
