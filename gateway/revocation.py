@@ -172,12 +172,24 @@ def key_for(prefix: str, kind: str, value: str, issuer: str | None) -> str:
     return f"{prefix}{_KEY_PART[kind]}:{issuer}:{value}"
 
 
+def _has_utf8_form(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _plan_write(cfg: RevocationConfig, kind: str, value: str, issuer: str | None,
                 exp: int | None, now: float) -> _Write:
     if kind not in KINDS:
         raise ValueError(f"unknown revocation type {kind!r}; expected one of: {', '.join(KINDS)}")
     if not value:
         raise ValueError("the revoked value must not be empty")
+    if not _has_utf8_form(value) or (issuer is not None and not _has_utf8_form(issuer)):
+        # A lone surrogate (JSON "\ud800", or argv bytes that are not UTF-8) cannot be a Redis key, and
+        # no token carrying it verifies (tokens.py refuses such identities).
+        raise ValueError("the revoked value and issuer must be UTF-8 text")
     if kind != "jti" and not issuer:
         raise ValueError(f"a {kind} revocation needs the issuer's name")
     if issuer is not None and ":" in issuer:

@@ -356,7 +356,13 @@ class TokenVerifier:
                 raise jwt.ImmatureSignatureError("not yet valid")
         except jwt.PyJWTError as exc:
             raise errors.InvalidToken(_reason(exc), issuer=name) from None
-        return self._principal(issuer, claims, exp, iat, token_hash)
+        principal = self._principal(issuer, claims, exp, iat, token_hash)
+        if _no_byte_form(principal):
+            # JSON's "\ud800" decodes to a lone surrogate: such an identity has no UTF-8 form, neither for
+            # a revocation key (redis-py's encoder raises UnicodeEncodeError past the error boundary: a 500)
+            # nor for an X-Auth-* header: refused as malformed here, the same on every route and backend.
+            raise errors.InvalidToken("malformed", issuer=name)
+        return principal
 
     @staticmethod
     def _principal(issuer: _Issuer, claims: dict[str, Any], exp: int, iat: int | None, token_hash: str) -> Principal:
@@ -376,6 +382,15 @@ class TokenVerifier:
             claims=MappingProxyType(claims),
             token_hash=token_hash,
         )
+
+
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
+
+
+def _no_byte_form(p: Principal) -> bool:
+    """True when an identity value the gateway keys or forwards holds a lone surrogate."""
+    values = (p.subject, p.tenant, p.session, p.jti, *p.roles)
+    return any(v is not None and _SURROGATE.search(v) is not None for v in values)
 
 
 _CURVES = {"secp256r1": "P-256", "secp384r1": "P-384", "secp521r1": "P-521"}

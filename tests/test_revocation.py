@@ -335,7 +335,9 @@ async def test_memory_backend() -> None:
 
 @pytest.mark.parametrize(
     ("kind", "value", "issuer"),
-    [("user", "x", None), ("jti", "", None), ("subject", "alice", None), ("session", "s", "a:b")],
+    [("user", "x", None), ("jti", "", None), ("subject", "alice", None), ("session", "s", "a:b"),
+     # no UTF-8 form (JSON "\ud800", argv bytes that are not UTF-8): no Redis key can hold it
+     ("jti", "x\ud800", None), ("subject", "alice\udcff", "customers"), ("session", "s", "cust\ud800")],
 )
 async def test_revoke_rejects_bad_input(kind: str, value: str, issuer: Any) -> None:
     store = MemoryRevocationStore(config(backend="memory"))

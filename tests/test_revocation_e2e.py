@@ -224,6 +224,7 @@ async def test_admin_api_needs_an_admin_token_and_refuses_garbage(gw: RunningGat
         ({"type": "everything", "value": "x"}, None), ({"type": "jti"}, None), ({"type": "jti", "value": ""}, None),
         ({"type": "jti", "value": 42}, None), ({"type": "subject", "value": "a", "issuer": "nobody"}, None),
         ({"type": "jti", "value": "x", "exp": "soon"}, None), ({"type": "jti", "value": "x", "extra": 1}, None),
+        (None, b'{"type": "jti", "value": "x\\ud800"}'),  # a lone surrogate: no Redis key can hold it
     ]
     for body_in, raw in garbage:
         status, body = await admin_post(s, url, admin, body_in, raw=raw)

@@ -8,6 +8,7 @@ import json
 import time
 import weakref
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -346,3 +347,40 @@ async def test_one_connection_many_tokens_each_request_gets_its_own_identity(gw:
     assert old() is None
     assert await ask(path, alice) == 200 and _received(gw.orders)["x-auth-subject"] == "alice"
     await conn.close()
+
+
+@pytest.mark.parametrize("claim", ["sub", "jti", "sid"])
+async def test_an_identity_with_no_utf8_form_is_401_while_revocation_asks_redis(
+        issuer: DevIssuer, make_upstream: Any, gateway_factory: Any, redis_server: Any, claim: str,
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A signed token whose sub/jti/sid is a lone surrogate (JSON "\\ud800"), while the revocation view is
+    not live (a Redis that answers MGET but cannot SUBSCRIBE, as during a resync): refused 401 malformed on
+    a headers route and a token route alike, never a 500 from redis-py failing to encode the key."""
+    redis_server.stop()
+    redis_server.start("--rename-command", "SUBSCRIBE", "")  # the view never goes live: direct checks
+    orders: EchoUpstream = await make_upstream()
+    routes = ROUTES + """\
+  - name: minted
+    match: {path: "/minted/{tenant}", methods: [GET]}
+    upstream: orders
+    auth: {scopes: [orders:read], claims: {tenant: "{path.tenant}"}}
+    forward: {identity: token, audience: orders-service}
+"""
+    internal = (f"internal_token:\n  issuer: https://gateway.internal\n  algorithm: ES256\n  ttl: 60s\n"
+                f"  key_store: {tmp_path / 'keys.json'}\n")
+    text = config_text(issuer.url, {"orders": [orders.url], "secret": [orders.url]}, routes, extra=internal,
+                       revocation=f"revocation: {{backend: redis, redis_url: '{redis_server.url}', "
+                                  f"on_backend_error: deny}}")
+    async with gateway_factory(text) as gw:
+        assert not gw.app.gateway.revocations.ready()
+        status, _, _ = await gw.request("GET", "/minted/acme", token=issuer.token(GOOD))
+        assert status == 200  # Redis answers the direct check
+        token = issuer.token({**GOOD, claim: "x\ud800"})
+        for path in ("/api/tenants/acme/orders/1", "/minted/acme"):
+            status, _, body = await gw.request("GET", path, token=token)
+            assert (status, body["error"]) == (401, "invalid_token"), path
+        assert orders.hits == 1
+        out = logged(capsys)
+        assert "request handler failed" not in out and '"status":500' not in out.replace(" ", "")
+        line = json.loads(out.strip().splitlines()[-1])
+        assert (line["status"], line["auth"]) == (401, "malformed")
