@@ -159,6 +159,10 @@ def upstream_request_headers(
     else:
         for name, value in client_headers.items():
             lower = name.lower()
+            if "_" in lower:
+                if _request_keeps(lower, drop):
+                    add(name, value)
+                continue  # an underscore spelling of a name we set or strip: dropped, never merged in
             if lower.startswith(_AUTH_PREFIX):
                 continue  # identity comes only from the verified token (SPEC 4)
             if lower in drop:
@@ -239,6 +243,10 @@ def _remember(table: dict[str, bool], name: str, verdict: bool) -> bool:
 
 def _request_keeps(lower: str, drop: frozenset[str]) -> bool:
     """Whether a request header from an untrusted peer is forwarded."""
+    if "_" in lower:
+        # CGI and WSGI servers read `X_Auth_Roles` as `X-Auth-Roles` (both become HTTP_X_AUTH_ROLES), and
+        # `X_Forwarded_For` as the chain we set: an underscore spelling of a name stripped here is too.
+        lower = lower.replace("_", "-")
     if lower.startswith(_AUTH_PREFIX):
         return False  # identity comes only from the verified token (SPEC 4)
     if lower in drop:

@@ -359,6 +359,22 @@ def test_x_forwarded_for_from_trusted_proxy_is_extended() -> None:
     assert forward([], peer="::ffff:10.0.0.9", trusted_proxies=NETS[:1])["X-Forwarded-For"] == "::ffff:10.0.0.9"
 
 
+@pytest.mark.parametrize("peer", ["203.0.113.9", "10.0.0.9"])  # an untrusted client, a trusted proxy
+def test_underscore_spellings_of_stripped_names_are_dropped(peer: str) -> None:
+    """CGI/WSGI servers map `X_Auth_Roles` and `X-Auth-Roles` to one variable (HTTP_X_AUTH_ROLES): an
+    underscore spelling of a name the gateway strips or sets never passes, nor joins the forwarded chain."""
+    out = forward([
+        ("X_Auth_Roles", "admin"), ("x_auth-subject", "mallory"), ("X_Forwarded_For", "6.6.6.6"),
+        ("X_Forwarded_Host", "evil"), ("X_Request_Id", "forged"), ("Proxy_Authorization", "Basic eA=="),
+        ("Transfer_Encoding", "chunked"), ("X_Custom_Thing", "kept"), ("X-Forwarded-For", "1.2.3.4"),
+    ], peer=peer)
+    assert sorted(k.lower() for k in out) == [
+        "x-forwarded-for", "x-forwarded-host", "x-forwarded-proto", "x-request-id", "x_custom_thing"]
+    assert out["X_Custom_Thing"] == "kept"  # an underscore name that collides with nothing is end-to-end
+    assert out.getall("X-Forwarded-For") == (["203.0.113.9"] if peer == "203.0.113.9" else ["1.2.3.4, 10.0.0.9"])
+    assert "evil" not in out.values() and "forged" not in out.values()
+
+
 def test_client_ip_from_walks_right_to_left_over_trusted_proxies() -> None:
     assert client_ip_from("1.2.3.4", "203.0.113.9", NETS) == "203.0.113.9"  # untrusted peer
     assert client_ip_from(None, "10.0.0.1", NETS) == "10.0.0.1"
