@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import signal
 import ssl
 import sys
@@ -27,6 +28,7 @@ from gateway.config_types import Config
 from gateway.errors import (
     AuthError,
     BadGateway,
+    BadHost,
     BadRequest,
     ConfigError,
     GatewayError,
@@ -45,6 +47,9 @@ log = logging.getLogger("gateway")
 _CHUNK = 64 * 1024
 # Upstream bodies up to this declared length are read whole and sent with their headers in one write.
 _SMALL_BODY = 64 * 1024
+# RFC 3986 s3.2.2-3: reg-name (or IPv4) or [IP-literal], then an optional port; empty is allowed (RFC 9112 s3.2).
+_HOST = re.compile(r"(?:(?:[A-Za-z0-9._~!$&'()*+,;=-]|%[0-9A-Fa-f]{2})*|\[[0-9A-Za-z:.%_~-]+\])(?::[0-9]{0,5})?")
+_HOSTS_KEPT = 1024
 # The method label is bounded: the HTTP parser accepts ~35 methods (PROPFIND, PURGE, ...).
 _METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT", "TRACE"))
 
@@ -115,6 +120,7 @@ class GatewayApp:
         self._flusher: asyncio.Task[None] | None = None
         self._stamp = accesslog.Stamp()
         self._scheme = "http"
+        self._hosts: set[str] = set()  # Host values already found valid (_check_host)
         self.public_port = 0
         self.admin_port = 0
 
@@ -308,12 +314,25 @@ class GatewayApp:
         path, _, query = raw.partition("?")
         peer = request.remote or ""
         host = request.headers.get("Host", "")
+        if host not in self._hosts:
+            self._check_host(host)
         host = host.rsplit(":", 1)[0] if not host.endswith("]") else host
         return RequestView(
             method=request.method, raw_path=path, query_string=query, host=host.lower(), headers=request.headers,
             client_ip=client_ip_from(request.headers.get("X-Forwarded-For"), peer, trusted) if trusted else peer,
             peer_ip=peer, scheme=self._scheme, memo=getattr(request, "conn_state", None),
         )
+
+    def _check_host(self, host: str) -> None:
+        """RFC 9110 s7.2 / RFC 3986 s3.2.2: a Host is a host name, IPv4 address or [IP literal], and an
+        optional port; anything else (a space, `user@`, a path, non-ASCII) is refused with 400, as nginx
+        does: it would otherwise reach routing and the upstream (X-Forwarded-Host) as given. Valid
+        values are remembered (bounded: a client chooses them)."""
+        if _HOST.fullmatch(host) is None:
+            raise BadHost()
+        if len(self._hosts) >= _HOSTS_KEPT:
+            self._hosts.clear()
+        self._hosts.add(host)
 
     @staticmethod
     def _body(request: _Req, limit: int, ex: Exchange, out: _Out) -> AsyncIterator[bytes] | None:

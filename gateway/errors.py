@@ -51,6 +51,10 @@ class BadPath(BadRequest):
     reason, description = "bad_path", "the request path cannot be normalised safely"
 
 
+class BadHost(BadRequest):
+    reason, description = "bad_host", "the Host header is not a valid host"
+
+
 class NotFound(GatewayError):
     status, code, reason, description = 404, "not_found", "no_route", "no route matches this request"
 

@@ -289,6 +289,11 @@ class _Conn(BaseProtocol):
                     await self._refuse(item, 400)
                     break
                 msg, payload = item
+                if msg.version[0] != 1:
+                    # HTTP/0.9 (no version: no headers, an answer without a head) or a major version this
+                    # listener does not speak (RFC 9110 s2.5): refused rather than answered as HTTP/1.1.
+                    await self._refuse(None, 400)
+                    break
                 if msg.chunked and (msg.version != HttpVersion11 or
                                     msg.headers.get("Transfer-Encoding", "").lower() != "chunked"):
                     # RFC 9112 s6.1: Transfer-Encoding in an HTTP/1.0 message means faulty framing (a 1.0

@@ -98,3 +98,44 @@ async def test_a_declined_upgrade_closes_its_connection(gw: Any, then: bytes) ->
         assert status == 400 and len(gw.echo.requests) == 1
     else:
         assert status == 200 and json.loads(body)["body_length"] == 2000  # the echo server inflates it whole
+
+
+BAD_HEADS = {
+    # RFC 9110 s7.2: a Host is a host and an optional port; nginx answers these 400 too.
+    "host_with_space": b"GET /open/a HTTP/1.1\r\nHost: a b.example\r\n\r\n",
+    "host_with_userinfo": b"GET /open/a HTTP/1.1\r\nHost: shop.example@evil.example\r\n\r\n",
+    "host_with_path": b"GET /open/a HTTP/1.1\r\nHost: evil.example/x?\r\n\r\n",
+    "host_not_ascii": b"GET /open/a HTTP/1.1\r\nHost: \xc3\xa9.example\r\n\r\n",
+    "host_bad_port": b"GET /open/a HTTP/1.1\r\nHost: a.example:80x\r\n\r\n",
+    "two_hosts": b"GET /open/a HTTP/1.1\r\nHost: a.example\r\nHost: b.example\r\n\r\n",
+    "no_host_http11": b"GET /open/a HTTP/1.1\r\n\r\n",
+    # Not HTTP/1.x: HTTP/0.9 has no head to answer with, HTTP/2 is not spoken on this listener.
+    "http09": b"GET /open/a\r\n\r\n",
+    "http2_request_line": b"GET /open/a HTTP/2.0\r\nHost: x\r\n\r\n",
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_HEADS))
+async def test_bad_host_or_version_is_400_and_not_forwarded(gw: Any, case: str) -> None:
+    conn = await Conn.open(gw.app.public_port)
+    conn.writer.write(BAD_HEADS[case])
+    status, _, body = await conn.response()
+    await conn.close()
+    assert status == 400 and json.loads(body)["error"] == "invalid_request", case
+    await asyncio.sleep(0.05)
+    assert gw.echo.hits == 0
+
+
+@pytest.mark.parametrize("host", ["", "a.example", "A.Example:8080", "127.0.0.1:80", "[::1]:8080", "[fe80::1%25eth0]",
+                                  "xn--caf-dma.example", "a_b.example", "a.example:"])
+async def test_valid_hosts_pass(gw: Any, host: str) -> None:
+    conn = await Conn.open(gw.app.public_port)
+    conn.writer.write(b"GET /open/a HTTP/1.1\r\nHost: %b\r\n\r\n" % host.encode())
+    status, _, body = await conn.response()
+    await conn.close()
+    assert status == 200 and json.loads(body)["path"] == "/open/a", (host, body)
+    http10 = await Conn.open(gw.app.public_port)
+    http10.writer.write(b"GET /open/a HTTP/1.0\r\n\r\n")  # HTTP/1.0 needs no Host
+    status, _, _ = await http10.response()
+    await http10.close()
+    assert status == 200
