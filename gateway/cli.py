@@ -17,6 +17,7 @@ from typing import Any, NoReturn
 from gateway.config import load, warnings
 from gateway.config_types import Config
 from gateway.errors import ConfigError, KeyStoreError
+from gateway.yamlreader import MAX_WORKERS
 
 DEFAULT_CONFIG = "config/gateway.yaml"
 
@@ -107,8 +108,8 @@ def _run_async(coro_fn: Callable[[], Coroutine[Any, Any, int]]) -> int:
 def cmd_run(args: Any) -> int:
     config = load(args.config)
     workers = args.workers if args.workers is not None else config.server.workers
-    if workers < 1:
-        raise UsageError("gateway run: --workers must be at least 1")
+    if not 1 <= workers <= MAX_WORKERS:
+        raise UsageError(f"gateway run: --workers must be between 1 and {MAX_WORKERS}")
     if not args.reuse_port:  # a worker: the supervisor checked (and its siblings hold the ports)
         _check_references(config)  # as `gateway check` does: refused in one line before anything starts
         _check_ports(config)

@@ -8,8 +8,10 @@ import os
 import re
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import yaml
+from yarl import URL
 
 from gateway import routes
 from gateway.config_types import (
@@ -61,6 +63,8 @@ def load(path: str | os.PathLike[str]) -> Config:
 def load_text(text: str, filename: str = "<config>") -> Config:
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except RecursionError:
+        raise ConfigError([f"{filename}:1: (yaml): nested too deeply to read"]) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark is not None else 1
@@ -90,6 +94,24 @@ def warnings(config: Config) -> list[str]:
     return out
 
 
+def _bad_url(url: str) -> bool:
+    """True when yarl (as upstream.py parses targets at start) refuses the URL or finds no host/port."""
+    try:
+        u = URL(url)
+        return not u.host or u.port is None or not 0 < u.port <= 65535
+    except (ValueError, TypeError):
+        return True
+
+
+def _bad_port(url: str) -> bool:
+    """True when the URL's port cannot be read (redis-py reads it with urllib at connect)."""
+    try:
+        _ = urlsplit(url).port
+    except ValueError:
+        return True
+    return False
+
+
 class _Builder:
     """The schema of SPEC section 3, one method per section."""
 
@@ -109,6 +131,10 @@ class _Builder:
         issuers = self.issuers(top.get("issuers"))
         names = tuple(i.name for i in issuers)
         admin = self.admin(top.get("admin"), names)
+        hosts = {server.host, admin.host}
+        if server.port and server.port == admin.port and (len(hosts) == 1 or hosts & {"0.0.0.0", "::"}):
+            r.error(top.get("admin"), "admin.listen", f"same address as server.listen ({admin.host}:{admin.port}); "
+                                                      "the admin listener needs its own port")
         revocation = self.revocation(top.get("revocation"))
         # A revocation's key outlives its token by the longest leeway any issuer grants (see grace).
         revocation = dataclasses.replace(revocation, grace=max((i.leeway for i in issuers), default=0.0))
@@ -143,7 +169,7 @@ class _Builder:
                            key_file=r.field(r.existing_file, t.get("key_file"), "server.tls.key_file", None))
         return ServerConfig(
             host=host, port=port,
-            workers=r.field(r.positive_int, m.get("workers"), "server.workers", d.workers),
+            workers=r.field(r.workers, m.get("workers"), "server.workers", d.workers),
             max_header_bytes=r.field(r.positive_int, m.get("max_header_bytes"), "server.max_header_bytes",
                                      d.max_header_bytes),
             max_body_bytes=r.field(r.int_, m.get("max_body_bytes"), "server.max_body_bytes", d.max_body_bytes),
@@ -250,7 +276,7 @@ class _Builder:
         redis_url = r.field(r.str_, m.get("redis_url"), "revocation.redis_url", None)
         if redis_url is None:  # the default, with the same ${REDIS_URL:-...} substitution as in the file
             redis_url = os.environ.get("REDIS_URL") or d.redis_url
-        if not re.match(r"^(redis|rediss|unix)://", redis_url):
+        if not re.match(r"^(redis|rediss|unix)://", redis_url) or _bad_port(redis_url):
             r.error(m.get("redis_url"), "revocation.redis_url",
                     f"expected a redis://, rediss:// or unix:// URL, got {redis_url!r}")
         return RevocationConfig(
@@ -278,7 +304,13 @@ class _Builder:
             rotate_every=r.field(r.positive_duration, m.get("rotate_every"), "internal_token.rotate_every",
                                  d.rotate_every),
         )
-        if Path(key_store).is_dir():
+        try:
+            is_dir = Path(key_store).is_dir()
+        except (OSError, ValueError) as exc:  # ENAMETOOLONG, EACCES ...: is_dir() lets them through
+            r.error(m.get("key_store", node), "internal_token.key_store",
+                    f"cannot use {key_store!r}: {getattr(exc, 'strerror', None) or exc}")
+            is_dir = False
+        if is_dir:
             r.error(m.get("key_store", node), "internal_token.key_store",
                     f"{key_store} is a directory; expected the path of a JSON key store file")
         return cfg
@@ -311,7 +343,7 @@ class _Builder:
         if "targets" not in m:
             r.error(node, f"{key}.targets", "required: a list of http(s)://host:port URLs")
         for i, target in enumerate(r.strs(m.get("targets"), f"{key}.targets")):
-            if not re.match(r"^https?://[^/\s?#]+(/[^\s?#]*)?$", target):
+            if not re.match(r"^https?://[^/\s?#]+(/[^\s?#]*)?$", target) or _bad_url(target):
                 r.error(m["targets"].value[i], f"{key}.targets[{i}]",
                         f"expected http(s)://host:port, got {target!r}")
             targets.append(target.rstrip("/"))

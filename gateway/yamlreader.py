@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import re
 from collections.abc import Callable
@@ -24,7 +25,13 @@ def parse_duration(text: str) -> float:
     m = _DURATION.match(text)
     if not m:
         raise ValueError(f"expected a duration like 250ms, 30s, 5m or 24h, got {text!r}")
-    return float(m.group(1)) * _UNITS[m.group(2)]
+    seconds = float(m.group(1)) * _UNITS[m.group(2)]
+    if not math.isfinite(seconds):
+        raise ValueError(f"duration {text!r} is too long")
+    return seconds
+
+
+MAX_WORKERS = 256  # processes: a typo (100000000) must not fork until the machine falls over
 
 
 class Invalid(Exception):
@@ -68,9 +75,28 @@ class Reader:
                 text = text.strip()
                 tag = self._resolver.resolve(yaml.ScalarNode, text, (True, False))  # type: ignore[no-untyped-call]
                 typed = yaml.ScalarNode(tag, text, node.start_mark, node.end_mark)
-                return self._constructor.construct_object(typed, deep=True) if text else None
-            return text
-        return self._constructor.construct_object(node, deep=True)
+                return self._construct(typed) if text else None
+            return self._checked(text)
+        return self._construct(node)
+
+    def _construct(self, node: Node) -> Any:
+        """A scalar as YAML types it; a tag or literal it cannot build (`!!int abc`, `0b_`, `2020-13-45`,
+        `!!python/object:...`) is a problem of this key, not an exception out of load()."""
+        try:
+            value = self._constructor.construct_object(node, deep=True)
+        except (yaml.YAMLError, ValueError, TypeError, KeyError, AttributeError, OverflowError) as exc:
+            what = getattr(exc, "problem", None) or str(exc) or type(exc).__name__
+            raise Invalid(f"cannot read {node.value!r} as {node.tag}: {' '.join(str(what).split())}") from None
+        return self._checked(value)
+
+    @staticmethod
+    def _checked(value: Any) -> Any:
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise Invalid(f"{value!r} is not valid Unicode text (a lone surrogate)") from None
+        return value
 
     def _substitute(self, text: str) -> str:
         def repl(m: re.Match[str]) -> str:
@@ -97,13 +123,18 @@ class Reader:
             raise Invalid(f"expected a non-empty string or null, got {_show(value)}")
         return value
 
-    def int_(self, node: Node, key: str, minimum: int = 0) -> int:
+    def int_(self, node: Node, key: str, minimum: int = 0, maximum: int | None = None) -> int:
         value = self.scalar(node, key)
         if isinstance(value, bool) or not isinstance(value, int):
             raise Invalid(f"expected a whole number, got {_show(value)}")
         if value < minimum:
             raise Invalid(f"must be at least {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            raise Invalid(f"must be at most {maximum}, got {value}")
         return value
+
+    def workers(self, node: Node, key: str) -> int:
+        return self.int_(node, key, 1, MAX_WORKERS)
 
     def positive_int(self, node: Node, key: str) -> int:
         return self.int_(node, key, 1)
@@ -157,7 +188,7 @@ class Reader:
     def listen(self, node: Node, key: str) -> tuple[str, int]:
         text = self.str_(node, key)
         host, sep, port = text.rpartition(":")
-        if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        if not sep or not (port.isascii() and port.isdigit()) or not 0 <= int(port) <= 65535:
             raise Invalid(f"expected HOST:PORT like 0.0.0.0:8080, got {text!r}")
         host = host.strip("[]") or "0.0.0.0"
         try:
@@ -169,7 +200,11 @@ class Reader:
 
     def existing_file(self, node: Node, key: str) -> str:
         path = self.str_(node, key)
-        if not Path(path).is_file():
+        try:
+            found = Path(path).is_file()
+        except (OSError, ValueError) as exc:  # ENAMETOOLONG, EACCES ...: is_file() lets them through
+            raise Invalid(f"cannot use {path!r}: {getattr(exc, 'strerror', None) or exc}") from None
+        if not found:
             raise Invalid(f"file not found: {path}")
         return path
 

@@ -72,7 +72,8 @@ def test_debug_is_taken_before_or_after_the_command() -> None:
 
 
 def test_usage_errors_exit_2_in_one_line() -> None:
-    for args in (("bogus",), ("run", "--workers", "x"), ("revoke", "token", "abc")):
+    for args in (("bogus",), ("run", "--workers", "x"), ("run", "-c", EXAMPLE, "--workers", "100000000"),
+                 ("run", "-c", EXAMPLE, "--workers", "0"), ("revoke", "token", "abc")):
         result = gateway(*args)
         assert result.returncode == 2, args
         assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
