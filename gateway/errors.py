@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 # Reasons are a fixed set: they are metric labels (bounded cardinality) and log fields.
 AUTH_REASONS = (
@@ -85,7 +86,7 @@ class MissingToken(AuthError):
 class InvalidToken(AuthError):
     status, code, reason, description = 401, "invalid_token", "malformed", "the access token is invalid"
 
-    def __init__(self, reason: str, *, issuer: str = "") -> None:
+    def __init__(self, reason: str, *, issuer: str = "", principal: Any = None) -> None:
         super().__init__(
             reason=reason,
             headers={
@@ -94,6 +95,8 @@ class InvalidToken(AuthError):
             },
         )
         self.issuer = issuer
+        # A token whose signature verified but whose claims are refused: its Principal, for the access log.
+        self.principal = principal
 
 
 class InsufficientScope(AuthError):

@@ -12,6 +12,7 @@ from multidict import CIMultiDict
 
 from gateway.authz import Rules
 from gateway.config_types import Config, ForwardConfig, RouteConfig
+from gateway.errors import InvalidToken
 from gateway.identity import Identity, identity_headers, upstream_request_headers
 from gateway.model import Principal, RequestView, RouteMatch
 from gateway.routes import RouteTable
@@ -93,7 +94,11 @@ class Gateway:
             else:
                 principal = self._cached(header[7:])
         if principal is None:
-            principal = await self.verifier.verify(bearer_token(header))
+            try:
+                principal = await self.verifier.verify(bearer_token(header))
+            except InvalidToken as exc:
+                ex.principal = exc.principal  # signed, but its claims are refused: the log still names them
+                raise
         ex.principal = principal  # known from here on: the log names who used a revoked or refused token
         # Revocation is checked on every request, cached tokens included (tests/test_revocation_e2e.py).
         if self._check_local is None or not self._check_local(principal):

@@ -357,11 +357,12 @@ class TokenVerifier:
         except jwt.PyJWTError as exc:
             raise errors.InvalidToken(_reason(exc), issuer=name) from None
         principal = self._principal(issuer, claims, exp, iat, token_hash)
-        if _no_byte_form(principal):
+        if _unsafe_identity(principal):
             # JSON's "\ud800" decodes to a lone surrogate: such an identity has no UTF-8 form, neither for
             # a revocation key (redis-py's encoder raises UnicodeEncodeError past the error boundary: a 500)
-            # nor for an X-Auth-* header: refused as malformed here, the same on every route and backend.
-            raise errors.InvalidToken("malformed", issuer=name)
+            # nor for an X-Auth-* header; a CR, LF or NUL would split a header, or a service's log line when
+            # it arrives inside the internal token. Refused as malformed here, the same on every route.
+            raise errors.InvalidToken("malformed", issuer=name, principal=principal)
         return principal
 
     @staticmethod
@@ -384,13 +385,15 @@ class TokenVerifier:
         )
 
 
-_SURROGATE = re.compile(r"[\ud800-\udfff]")
+# RFC 9110 s5.5: a field value never holds CR, LF or NUL; other controls (but HTAB) are refused too, and
+# lone surrogates (JSON's "\ud800" decodes to one), which have no UTF-8 form to put on the wire.
+UNSAFE_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f\ud800-\udfff]")
 
 
-def _no_byte_form(p: Principal) -> bool:
-    """True when an identity value the gateway keys or forwards holds a lone surrogate."""
+def _unsafe_identity(p: Principal) -> bool:
+    """True when an identity value the gateway keys or forwards could not be a header field value."""
     values = (p.subject, p.tenant, p.session, p.jti, *p.roles)
-    return any(v is not None and _SURROGATE.search(v) is not None for v in values)
+    return any(v is not None and UNSAFE_VALUE.search(v) is not None for v in values)
 
 
 _CURVES = {"secp256r1": "P-256", "secp384r1": "P-384", "secp521r1": "P-521"}

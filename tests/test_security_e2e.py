@@ -352,13 +352,18 @@ async def test_one_connection_many_tokens_each_request_gets_its_own_identity(gw:
     await conn.close()
 
 
-@pytest.mark.parametrize("claim", ["sub", "jti", "sid"])
-async def test_an_identity_with_no_utf8_form_is_401_while_revocation_asks_redis(
-        issuer: DevIssuer, make_upstream: Any, gateway_factory: Any, redis_server: Any, claim: str,
+@pytest.mark.parametrize(("claim", "value"), [
+    ("sub", "x\ud800"), ("jti", "x\ud800"), ("sid", "x\ud800"),  # no UTF-8 form: no Redis key, no header
+    ("sub", "alice\r\nX-Auth-Roles: admin"), ("sid", "s\x00"), ("roles", ["user\x7f"]),  # control characters
+])
+async def test_an_unsafe_identity_is_401_on_every_route_while_revocation_asks_redis(
+        issuer: DevIssuer, make_upstream: Any, gateway_factory: Any, redis_server: Any, claim: str, value: Any,
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A signed token whose sub/jti/sid is a lone surrogate (JSON "\\ud800"), while the revocation view is
     not live (a Redis that answers MGET but cannot SUBSCRIBE, as during a resync): refused 401 malformed on
-    a headers route and a token route alike, never a 500 from redis-py failing to encode the key."""
+    a headers route and a token route alike, never a 500 from redis-py failing to encode the key. A CR, LF,
+    NUL or DEL in an identity value is refused on both routes too: token mode used to carry it to the
+    service inside the internal token (where it could split the service's own header or log line)."""
     redis_server.stop()
     redis_server.start("--rename-command", "SUBSCRIBE", "")  # the view never goes live: direct checks
     orders: EchoUpstream = await make_upstream()
@@ -378,7 +383,7 @@ async def test_an_identity_with_no_utf8_form_is_401_while_revocation_asks_redis(
         assert not gw.app.gateway.revocations.ready()
         status, _, _ = await gw.request("GET", "/minted/acme", token=issuer.token(GOOD))
         assert status == 200  # Redis answers the direct check
-        token = issuer.token({**GOOD, claim: "x\ud800"})
+        token = issuer.token({**GOOD, claim: value})
         for path in ("/api/tenants/acme/orders/1", "/minted/acme"):
             status, _, body = await gw.request("GET", path, token=token)
             assert (status, body["error"]) == (401, "invalid_token"), path
