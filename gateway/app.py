@@ -29,6 +29,7 @@ from gateway.errors import (
     AuthError,
     BadGateway,
     BadHost,
+    BadPath,
     BadRequest,
     ConfigError,
     GatewayError,
@@ -311,6 +312,10 @@ class GatewayApp:
 
     def _view(self, request: _Req, trusted: Any) -> RequestView:
         raw = request.raw_path
+        if "#" in raw:
+            # RFC 9112 s3.2: a fragment is never part of a request-target; upstreams cut it or keep it, so
+            # the path the rules saw may not be the one served. Refused (400), as Envoy does by default.
+            raise BadPath()
         path, _, query = raw.partition("?")
         peer = request.remote or ""
         host = request.headers.get("Host", "")
