@@ -33,7 +33,7 @@ from gateway.config_types import (
     UpstreamConfig,
 )
 from gateway.errors import ConfigError
-from gateway.yamlreader import Invalid, Node, Reader, parse_duration
+from gateway.yamlreader import Invalid, Node, Reader, parse_duration, path_is
 
 __all__ = ["Config", "ConfigError", "load", "load_text", "parse_duration"]
 
@@ -305,14 +305,10 @@ class _Builder:
                                  d.rotate_every),
         )
         try:
-            is_dir = Path(key_store).is_dir()
-        except (OSError, ValueError) as exc:  # ENAMETOOLONG, EACCES ...: is_dir() lets them through
-            r.error(m.get("key_store", node), "internal_token.key_store",
-                    f"cannot use {key_store!r}: {getattr(exc, 'strerror', None) or exc}")
-            is_dir = False
-        if is_dir:
-            r.error(m.get("key_store", node), "internal_token.key_store",
-                    f"{key_store} is a directory; expected the path of a JSON key store file")
+            if path_is(key_store, Path.is_dir):
+                raise Invalid(f"{key_store} is a directory; expected the path of a JSON key store file")
+        except Invalid as exc:
+            r.error(m.get("key_store", node), "internal_token.key_store", str(exc))
         return cfg
 
     # -- upstreams ----------------------------------------------------------------------------------

@@ -38,6 +38,15 @@ class Invalid(Exception):
     """One problem found; collected by _Reader, never escapes load()."""
 
 
+def path_is(path: str, test: Callable[[Path], bool]) -> bool:
+    """`test(Path(path))` (Path.is_file, Path.is_dir); Invalid when the OS refuses the name itself
+    (ENAMETOOLONG, EACCES ...), which pathlib's tests let through."""
+    try:
+        return test(Path(path))
+    except (OSError, ValueError) as exc:
+        raise Invalid(f"cannot use {path!r}: {getattr(exc, 'strerror', None) or exc}") from None
+
+
 class Reader:
     """Walks the composed YAML nodes, so every value keeps its line for messages."""
 
@@ -200,11 +209,7 @@ class Reader:
 
     def existing_file(self, node: Node, key: str) -> str:
         path = self.str_(node, key)
-        try:
-            found = Path(path).is_file()
-        except (OSError, ValueError) as exc:  # ENAMETOOLONG, EACCES ...: is_file() lets them through
-            raise Invalid(f"cannot use {path!r}: {getattr(exc, 'strerror', None) or exc}") from None
-        if not found:
+        if not path_is(path, Path.is_file):
             raise Invalid(f"file not found: {path}")
         return path
 
