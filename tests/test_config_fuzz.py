@@ -3,6 +3,8 @@ exception, and a value that cannot work at `gateway run` is refused at load."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from tests.test_config import MINIMAL, problems
@@ -71,3 +73,9 @@ def test_workers_are_bounded(workers: int) -> None:
     """A typo in workers must not fork processes until the machine falls over."""
     (p,) = problems(MINIMAL + f"server: {{workers: {workers}}}\n")
     assert p.startswith("gw.yaml:12: server.workers: ")
+
+
+def test_a_key_store_that_is_a_directory_is_refused(tmp_path: Path) -> None:
+    (p,) = problems(MINIMAL + f"internal_token: {{key_store: {tmp_path}}}\n")
+    assert p == (f"gw.yaml:12: internal_token.key_store: {tmp_path} is a directory; "
+                 "expected the path of a JSON key store file")
