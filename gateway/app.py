@@ -39,9 +39,8 @@ from gateway.errors import (
 from gateway.h1server import H1Request, H1Server
 from gateway.identity import client_ip_from, relay_response_headers, request_id_from
 from gateway.model import RequestView
-from gateway.pipeline import Exchange, Gateway
+from gateway.pipeline import ConnMemo, Exchange, Gateway
 from gateway.services import Services
-from gateway.tokens import TokenMemo
 from gateway.upstream import UpstreamResponse
 
 log = logging.getLogger("gateway")
@@ -138,7 +137,7 @@ class GatewayApp:
         self._upgrades = _Server(self.handle, max_line_size=max_line, max_field_size=max_line, max_headers=1000,
                                  access_log=None, auto_decompress=False)
         self._public = H1Server(self.handle_h1, refused, self._upgrades, max_line=max_line, max_headers=1000,
-                                conn_state=TokenMemo)
+                                conn_state=ConnMemo)
         server_ssl = _server_ssl(self.config)
         # The listener is never rebuilt on reload: its scheme is fixed here, not looked up per request.
         self._scheme = "https" if server_ssl is not None else "http"

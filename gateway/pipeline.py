@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 from collections import OrderedDict
-from collections.abc import AsyncIterable, Callable
+from collections.abc import AsyncIterable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -56,6 +57,52 @@ class Exchange:
     body_too_large: bool = False  # the request body passed max_body_bytes while streamed upstream
 
 
+class _Admitted:
+    """One connection's last admission: who passed which route with which parameters, at which
+    revocation stamp, and the identity forwarded for them (None in token mode: minted per request)."""
+
+    __slots__ = ("gateway", "route", "params", "principal", "stamp", "identity")
+
+    def __init__(self, gateway: int, route: str, params: Mapping[str, str], principal: Principal, stamp: int,
+                 identity: Identity | None) -> None:
+        self.gateway, self.route, self.params = gateway, route, params
+        self.principal, self.stamp, self.identity = principal, stamp, identity
+
+
+class ConnMemo(TokenMemo):
+    """The public listener's per-connection scratch: the token memo (TokenMemo) and the last admission.
+
+    A keep-alive client sends the same token to the same route again and again. Its next request there
+    is admitted without running the route's rules again, only when each stage would answer as it did:
+    - the token: TokenVerifier.cached_header checks it as every cache hit is checked (exp, its issuer's
+      keys, the verifier), and must give back the very Principal that was admitted;
+    - revocation: the store's stamp is unchanged (nothing revoked since; RevocationStore.passed_again);
+    - the rules: same Gateway (by number: a reload's never trusts the old one's), same route, equal path
+      parameters; rules read only the principal and the parameters.
+    Counters move as on the full path (a token cache hit, an ok revocation check)."""
+
+    __slots__ = ("admitted",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.admitted: _Admitted | None = None
+
+
+_GATEWAYS = itertools.count()
+
+
+def _unstamped() -> None:
+    return None
+
+
+def _not_again(stamp: int) -> bool:
+    return False
+
+
+def _not_cached(header: str, memo: TokenMemo) -> None:
+    return None
+
+
 class Gateway:
     """Built once per config (reload builds a new one); holds no per-request state."""
 
@@ -78,14 +125,26 @@ class Gateway:
         self._cached_header: Callable[[str, TokenMemo], Principal | None] | None = getattr(
             verifier, "cached_header", None)
         self._check_local: Callable[[Principal], bool] | None = getattr(revocations, "check_local", None)
+        # A connection's last admission (ConnMemo) is kept only when both stages can confirm it again
+        # synchronously: the token cache by the connection's memo, the revocation view by its stamp.
+        stamp, again = getattr(revocations, "stamp", None), getattr(revocations, "passed_again", None)
+        readmits = self._cached_header is not None and stamp is not None and again is not None
+        self._stamp: Callable[[], int | None] = stamp if readmits and stamp is not None else _unstamped
+        self._passed_again: Callable[[int], bool] = again if readmits and again is not None else _not_again
+        self._header_again: Callable[[str, TokenMemo], Principal | None] = (
+            self._cached_header if self._cached_header is not None else _not_cached)
+        self._number = next(_GATEWAYS)  # ConnMemo's admissions are this Gateway's only
 
     def match(self, view: RequestView) -> RouteMatch:
         return self.routes.match(view.method, view.raw_path, view.host)  # normalises, or raises BadPath
 
-    async def authenticate(self, view: RequestView, route: RouteConfig, match: RouteMatch, ex: Exchange) -> Principal:
+    async def authenticate(self, view: RequestView, route: RouteConfig, match: RouteMatch, ex: Exchange,
+                           found: Principal | None = None) -> Principal:
+        """The request's principal once its token, revocation and the route's rules passed. `found`: the
+        principal a cache lookup of this very header already gave (so it is not looked up, nor counted, twice)."""
         header = view.headers.get("Authorization")
-        principal = None
-        if self._cached is not None and header is not None and header[:7] == "Bearer ":
+        principal = found
+        if principal is None and self._cached is not None and header is not None and header[:7] == "Bearer ":
             # Only exact strings that verified are cache keys, so a hit needs no bearer syntax check;
             # every other spelling (and a miss) goes through bearer_token() and a full verification.
             memo = view.memo
@@ -126,14 +185,40 @@ class Gateway:
         ex.route, ex.upstream = route.name, route.upstream
         if not route.auth.required:
             return match, self.upstream_headers(view, route, ex.request_id), None
-        principal = await self.authenticate(view, route, match, ex)
-        headers = self.upstream_headers(view, route, ex.request_id)
+        memo = view.memo
+        last = memo.admitted if isinstance(memo, ConnMemo) else None
+        found = None
+        if last is not None:
+            memo.admitted = None  # kept below only if this request passes all over again
+            header = view.headers.get("Authorization")
+            if (last.gateway == self._number and last.route == route.name and last.params == match.params
+                    and header is not None and header[:7] == "Bearer "):
+                # This connection's last admission, again (ConnMemo): each check is the stage's own.
+                found = self._header_again(header, memo)
+                if found is last.principal and self._passed_again(last.stamp):
+                    memo.admitted = last
+                    ex.principal = found
+                    ex.authorized = True
+                    identity = last.identity if last.identity is not None else self._forwarded(route, found)
+                    return match, self.upstream_headers(view, route, ex.request_id), identity
+        stamp = self._stamp()
+        principal = await self.authenticate(view, route, match, ex, found)
+        identity = self._forwarded(route, principal)
+        if stamp is not None and isinstance(memo, ConnMemo) and self._stamp() == stamp:
+            # The same stamp, live, before and after the checks: the principal passed that very view (a
+            # revocation applied meanwhile, or the view lost and rebuilt, changes it: no admission kept).
+            memo.admitted = _Admitted(self._number, route.name, match.params, principal, stamp,
+                                      identity if route.forward.identity == "headers" else None)
+        return match, self.upstream_headers(view, route, ex.request_id), identity
+
+    def _forwarded(self, route: RouteConfig, principal: Principal) -> Identity | None:
+        """What the upstream learns of the principal: headers mode's X-Auth-*, token mode's minted token."""
         mode = route.forward.identity
         if mode == "headers":
-            return match, headers, self._identity_of(principal)
+            return self._identity_of(principal)
         if mode == "token" and self.minter is not None:
-            return match, headers, self._bearer(self.minter.mint(principal, route.forward))
-        return match, headers, None
+            return self._bearer(self.minter.mint(principal, route.forward))
+        return None
 
     async def handle(self, view: RequestView, body: AsyncIterable[bytes] | None, ex: Exchange) -> UpstreamResponse:
         match, headers, identity = await self._admit(view, ex)

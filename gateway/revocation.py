@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import heapq
+import itertools
 import json
 import logging
 import math
@@ -57,6 +58,8 @@ class RevocationStore(Protocol):
     def ready(self) -> bool: ...
     async def check(self, p: Principal) -> None: ...
     def check_local(self, p: Principal) -> bool: ...
+    def stamp(self) -> int | None: ...
+    def passed_again(self, stamp: int) -> bool: ...
     async def revoke(
         self, kind: str, value: str, issuer: str | None, *, exp: int | None = None
     ) -> dict[str, Any]: ...
@@ -76,12 +79,20 @@ def _hit(entry: tuple[float, float] | None, iat: int | None, clock: Clock) -> bo
     return entry is not None and (iat is None or iat <= entry[0]) and entry[1] > clock()
 
 
-class _View:
-    """The local copy of every live revocation: jti -> expiry, issuer -> subject/session -> (T, expiry)."""
+# Every view's change numbers come from one counter: a rebuilt view never repeats an old view's number.
+_STAMPS = itertools.count(1)
 
-    __slots__ = ("jti", "sub", "sid", "_heap")
+
+class _View:
+    """The local copy of every live revocation: jti -> expiry, issuer -> subject/session -> (T, expiry).
+
+    `stamp` changes whenever the view may refuse more than it did: on every apply(). Entries only leave
+    it (purge, expiry) without a change, and that never refuses a token that passed."""
+
+    __slots__ = ("jti", "sub", "sid", "_heap", "stamp")
 
     def __init__(self) -> None:
+        self.stamp = next(_STAMPS)
         self.jti: dict[str, float] = {}
         self.sub: dict[str, dict[str, tuple[float, float]]] = {}
         self.sid: dict[str, dict[str, tuple[float, float]]] = {}
@@ -107,6 +118,7 @@ class _View:
     def apply(self, kind: str, issuer: str | None, value: str, at: float, expires_at: float,
               *, replace: bool = False) -> None:
         """Record one revocation; merging keeps the later T and expiry so a stale hint never un-revokes."""
+        self.stamp = next(_STAMPS)
         if kind == "jti":
             old = self.jti.get(value)
             self.jti[value] = expires_at if replace or old is None else max(old, expires_at)
@@ -262,7 +274,7 @@ class _Results:
     def __init__(self) -> None:
         c = metrics.revocation_checks_total
         self.ok, self.revoked = c.labels(result="ok"), c.labels(result="revoked")
-        self._ok = metrics.incrementer(self.ok)  # once per request: the lean increment
+        self.count_ok = metrics.incrementer(self.ok)  # once per request: the lean increment
         self.denied = c.labels(result="backend_error_denied")
         self.allowed = c.labels(result="backend_error_allowed")
 
@@ -271,7 +283,7 @@ class _Results:
         if revoked:
             self.revoked.inc()
             raise errors.InvalidToken("revoked", issuer=p.issuer)
-        self._ok(1)
+        self.count_ok(1)
 
 
 class MemoryRevocationStore:
@@ -297,6 +309,15 @@ class MemoryRevocationStore:
         """check() without a coroutine: the view is the whole truth here, so always answered (True)."""
         self._results.verdict(p, self._view.revoked(p, self._clock))
         return True
+
+    def stamp(self) -> int | None:
+        return self._view.stamp
+
+    def passed_again(self, stamp: int) -> bool:
+        if self._view.stamp == stamp:
+            self._results.count_ok(1)
+            return True
+        return False
 
     async def check(self, p: Principal) -> None:
         self.check_local(p)
@@ -385,6 +406,19 @@ class RedisRevocationStore:
             return False
         self._results.verdict(p, self._view.revoked(p, self._clock))
         return True
+
+    def stamp(self) -> int | None:
+        """The view's change number while it answers checks (None while it is not live): a principal
+        check_local() passed at stamp S passes again while the stamp is still S (see passed_again)."""
+        return self._view.stamp if self._live else None
+
+    def passed_again(self, stamp: int) -> bool:
+        """check_local() for a principal that passed at `stamp`, without looking it up: True (counted as
+        an ok check) while the view is live and unchanged since; False: call check_local()."""
+        if self._live and self._view.stamp == stamp:
+            self._results.count_ok(1)
+            return True
+        return False
 
     async def check(self, p: Principal) -> None:
         if self._live:

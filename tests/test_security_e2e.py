@@ -323,9 +323,10 @@ async def test_admin_paths_are_not_served_on_public_port(gw: Any) -> None:
 
 
 async def test_one_connection_many_tokens_each_request_gets_its_own_identity(gw: Any, issuer: DevIssuer) -> None:
-    """The per-connection token memo (tokens.TokenMemo): a keep-alive connection's last token answers the
-    next request; any other token on it is looked up and checked as usual; after a reload the connection
-    keeps no reference to the replaced verifier (nor its cache)."""
+    """The per-connection memo (tokens.TokenMemo, pipeline.ConnMemo): a keep-alive connection's last token
+    answers the next request; any other token on it is looked up and checked as usual; another tenant
+    is checked against the rules; after a reload the connection keeps no reference to the replaced
+    verifier (nor its cache)."""
     alice = issuer.token(GOOD)
     bob = issuer.token({**GOOD, "sub": "bob", "jti": "jti-bob"})
     conn = await Conn.open(gw.app.public_port)
@@ -340,8 +341,12 @@ async def test_one_connection_many_tokens_each_request_gets_its_own_identity(gw:
         assert await ask(path, token) == 200 and _received(gw.orders)["x-auth-subject"] == who
     assert await ask(path, alice + "x") == 401  # the last token but one byte: never taken for it
     assert await ask(path, bob) == 200
+    assert await ask(path, bob) == 200
     (memo,) = [c.state for c in gw.app._public.conns]
     assert memo.entry is not None and memo.entry.principal.subject == "bob"  # the memo is what answered
+    assert memo.admitted is not None and memo.admitted.principal.subject == "bob"  # and its last admission
+    assert await ask("/api/tenants/globex/orders/1", bob) == 403  # another tenant: the rules run again
+    assert await ask(path, bob) == 200 and _received(gw.orders)["x-auth-subject"] == "bob"
     old = weakref.ref(gw.app.gateway.verifier)
     assert await gw.app.reload(str(gw.app.config.path))
     for _ in range(2):
