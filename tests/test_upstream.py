@@ -102,17 +102,16 @@ async def test_round_robin_and_headers_forwarded_as_given(
 
 
 async def test_one_target_down_get_never_fails_and_its_breaker_opens(
-    make_upstream: MakeUpstream, make_upstreams: Callable[..., Awaitable[Upstreams]]
+    make_upstream: MakeUpstream, make_upstreams: Callable[..., Awaitable[Upstreams]], refused_url: str
 ) -> None:
-    live, dead = await make_upstream(), await make_upstream()
-    await dead.stop()
-    ups = await make_upstreams(config("down", dead.url, live.url, failures=2))
+    live, dead = await make_upstream(), refused_url
+    ups = await make_upstreams(config("down", dead, live.url, failures=2))
     for _ in range(20):
         async with await get(ups, "down") as resp:
             assert resp.status == 200  # refused connections are retried on the other target
             assert resp.target == live.url
-    assert ups.state("down", dead.url) == OPEN
-    assert gauge("down", dead.url) == OPEN
+    assert ups.state("down", dead) == OPEN
+    assert gauge("down", dead) == OPEN
     assert live.hits == 20
 
 

@@ -236,6 +236,16 @@ def blackhole() -> Iterator[Blackhole]:
 
 
 @pytest.fixture
+def refused_url() -> Iterator[str]:
+    """A URL whose every connection is refused, for the whole test: a socket bound to the port and never
+    listening answers each SYN with a reset, and holds the port. A stopped server's port is free for
+    the next bind to port 0 (a gateway listener started later), which would then answer in its place."""
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        yield f"http://127.0.0.1:{held.getsockname()[1]}"
+
+
+@pytest.fixture
 async def make_upstream() -> AsyncIterator[Callable[..., Awaitable[EchoUpstream]]]:
     """`await make_upstream(ssl_context=None)`: a started EchoUpstream, stopped at teardown."""
     made: list[EchoUpstream] = []
