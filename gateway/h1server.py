@@ -153,11 +153,7 @@ class _Conn(BaseProtocol):
     """One client connection: parse, queue, answer in order, keep alive or close."""
 
     def __init__(self, server: H1Server) -> None:
-        loop = server.loop
-        parser = HttpRequestParser(self, loop, _READ_LIMIT, max_line_size=server.max_line,
-                                   max_field_size=server.max_line, max_headers=server.max_headers,
-                                   payload_exception=RequestPayloadError, auto_decompress=False)
-        super().__init__(loop, parser)
+        super().__init__(server.loop, self._new_parser(server))
         self.server = server
         self._queue: deque[tuple[Any, StreamReader] | BaseException] = deque()
         self._waiter: asyncio.Future[None] | None = None
@@ -202,6 +198,37 @@ class _Conn(BaseProtocol):
         # closes (connection_lost follows), a body being read fails, an answer not yet sent is not.
         return None
 
+    def _new_parser(self, server: H1Server) -> HttpRequestParser:
+        return HttpRequestParser(self, server.loop, _READ_LIMIT, max_line_size=server.max_line,
+                                 max_field_size=server.max_line, max_headers=server.max_headers,
+                                 payload_exception=RequestPayloadError, auto_decompress=False)
+
+    def _salvage(self, data: bytes) -> list[tuple[Any, StreamReader]]:
+        """The requests `data` held before the malformed bytes the parser raised on.
+
+        aiohttp's parser raises from feed_data and drops the messages it had completed in that same call,
+        so requests pipelined in one segment with a malformed one went unanswered: whether they were
+        served depended on how the client's bytes were cut into segments. Only called when the segment
+        began at a message boundary. A fresh parser, configured as the connection's, is fed the segment
+        up to each blank line in turn until it raises: the messages it returns are those the connection's
+        parser had completed before the error, less the last one if the error is in its body: nothing of
+        that request is forwarded, as when the whole segment was refused."""
+        parser = self._new_parser(self.server)
+        out: list[tuple[Any, StreamReader]] = []
+        start = 0
+        while (end := data.find(b"\r\n\r\n", start)) >= 0:
+            try:
+                messages, upgraded, _ = parser.feed_data(data[start:end + 4])
+            except HttpProcessingError:
+                break
+            out.extend(messages)
+            if upgraded:
+                break  # unreachable in practice: the connection's parser would have stopped there too
+            start = end + 4
+        if out and not out[-1][1].is_eof():
+            out.pop()  # the malformed bytes are in its body: refused with them, never handed over in part
+        return out
+
     def _fail_body(self, exc: BaseException) -> None:
         """Fail the body the parser is in the middle of (its reader would wait for bytes that never come)."""
         body = self._last
@@ -219,14 +246,16 @@ class _Conn(BaseProtocol):
         assert parser is not None
         last = self._last
         in_head = last is EMPTY_PAYLOAD or last.is_eof()  # no body is being received: a head is (or none)
+        refused = None
         try:
             messages, upgraded, tail = parser.feed_data(data)
         except HttpProcessingError as exc:
             # A malformed chunk mid-body: the request streaming that body fails now, instead of waiting
             # for bytes the parser will never deliver.
             self._fail_body(RequestPayloadError("malformed request body"))
-            self._refuse_input(exc)
-            return
+            refused, upgraded, tail = exc, False, b""
+            # The segment began a message: the requests before the malformed bytes are whole, answered first.
+            messages = self._salvage(data) if in_head and self._head == 0 else []
         if messages:
             self._queue.extend(messages)
             self._last = messages[-1][1]
@@ -235,7 +264,7 @@ class _Conn(BaseProtocol):
             self._wake()
             if len(self._queue) >= _MAX_QUEUE and not self._buffer_paused:
                 self._pause_reading_for_buffer()  # a client pipelining faster than we answer waits
-        elif data and in_head:
+        elif data and in_head and refused is None:
             # The parser bounds each line and the number of fields, not their sum (1000 fields of 64 KiB):
             # a head is refused once it passes max_head, not buffered whole first.
             self._head += len(data)
@@ -248,6 +277,8 @@ class _Conn(BaseProtocol):
             self._upgraded = True
             self._tail = tail
             self._pause_transport_reading()
+        if refused is not None:
+            self._refuse_input(refused)
 
     def _refuse_input(self, exc: HttpProcessingError) -> None:
         """Read no more: the requests parsed before `exc` are answered, then `exc` is (and the socket closes)."""

@@ -139,6 +139,45 @@ async def test_parse_errors_answer_json_and_close(gw: Any, raw: bytes, status: i
     assert line["status"] == status and line["route"] == "-"
 
 
+@pytest.mark.parametrize("bad", [
+    b"NOT HTTP AT ALL\r\n\r\n",
+    b"GET /open/c HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+    b"GET /open/c HTTP/1.1\r\nHost: x\r\nBad Name: y\r\n\r\n",
+])
+async def test_requests_pipelined_before_a_malformed_one_in_the_same_segment_are_answered(
+        gw: Any, echo_upstream: EchoUpstream, bad: bytes) -> None:
+    """RFC 9112 s9.3.2: pipelined requests are answered in order; the malformed one is answered 400 and the
+    connection closes after it. Sent in one write, so one data_received holds all of them: the parser
+    raises on the malformed bytes after it has parsed the requests before them in that segment."""
+    c = await Conn.open(gw.app.public_port)
+    c.writer.write(b"GET /open/a HTTP/1.1\r\nHost: x\r\n\r\n"
+                   b"POST /open/b HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello" + bad)
+    answers = [await c.response() for _ in range(2)]
+    assert [json.loads(body)["path"] for _, _, body in answers] == ["/open/a", "/open/b"]
+    assert [status for status, _, _ in answers] == [200, 200] and json.loads(answers[1][2])["body_length"] == 5
+    status, headers, body = await c.response()
+    assert status == 400 and headers["connection"] == "close" and json.loads(body)["error"] == "invalid_request"
+    assert await c.closed()
+    await c.close()
+    assert [path for _, path, _ in echo_upstream.requests] == ["/open/a", "/open/b"]  # never /open/c
+
+
+async def test_a_body_malformed_in_the_same_segment_refuses_its_own_request_only(
+        gw: Any, echo_upstream: EchoUpstream) -> None:
+    """The malformed bytes are a chunk size in the third request's body: the two before it are answered,
+    and the third is refused (400) without any of it reaching the upstream."""
+    c = await Conn.open(gw.app.public_port)
+    c.writer.write(b"GET /open/a HTTP/1.1\r\nHost: x\r\n\r\n"
+                   b"GET /open/b HTTP/1.1\r\nHost: x\r\n\r\n"
+                   b"POST /open/c HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\nzz\r\n")
+    answers = [await c.response() for _ in range(3)]
+    assert [status for status, _, _ in answers] == [200, 200, 400]
+    assert [json.loads(body)["path"] for _, _, body in answers[:2]] == ["/open/a", "/open/b"]
+    assert answers[2][1]["connection"] == "close" and await c.closed()
+    await c.close()
+    assert [path for _, path, _ in echo_upstream.requests] == ["/open/a", "/open/b"]
+
+
 async def test_head_has_no_body(gw: Any) -> None:
     c = await Conn.open(gw.app.public_port)
     c.writer.write(b"HEAD /open/a HTTP/1.1\r\nHost: x\r\n\r\nGET /open/b HTTP/1.1\r\nHost: x\r\n\r\n")
