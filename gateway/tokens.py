@@ -315,6 +315,12 @@ class TokenVerifier:
             unverified = _JWT.decode_complete(raw, options=_UNVERIFIED)  # type: ignore[arg-type]
         except jwt.PyJWTError:
             raise errors.InvalidToken("malformed") from None
+        if jwt.utils.base64url_encode(unverified["signature"]).decode() != raw.rpartition(".")[2]:
+            # RFC 7515 s2: base64url without padding. PyJWT's decoder also takes the signature part with
+            # `=` padding, which then verified and was cached as a token of its own. Only the one spelling
+            # of the signature's bytes passes, whatever else a decoder version tolerates. (The header
+            # and payload parts are signed as spelled: another spelling fails the signature.)
+            raise errors.InvalidToken("malformed")
         header, payload = unverified["header"], unverified["payload"]
         iss = payload.get("iss")
         issuer = self._by_iss.get(iss) if isinstance(iss, str) else None

@@ -84,6 +84,32 @@ async def refused(verifier: TokenVerifier, token: str) -> errors.InvalidToken:
     return info.value
 
 
+async def test_only_the_canonical_spelling_of_the_signature_verifies(issuer: DevIssuer) -> None:
+    """RFC 7515 s2: the parts are base64url without padding. A padded signature part used to verify (and
+    be cached as a token of its own); it and the other spellings a base64 decoder may tolerate (the
+    standard alphabet's `+` and `/`, spare low bits in the last character, a character outside the
+    alphabet) are refused as malformed."""
+    cfg = config(issuer)
+    verifier = TokenVerifier([cfg], {cfg.name: StaticKeys(issuer)})
+    token = issuer.token()
+    while "-" not in token.rpartition(".")[2] or "_" not in token.rpartition(".")[2]:
+        token = issuer.token()  # a signature with both characters the standard alphabet spells otherwise
+    head, _, sig = token.rpartition(".")
+    last = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_".index(sig[-1])
+    other_bits = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"[last ^ 1]
+    variants = {
+        "padded": token + "==",
+        "plus": f"{head}.{sig.replace('-', '+', 1)}",
+        "slash": f"{head}.{sig.replace('_', '/', 1)}",
+        "spare_bits": f"{head}.{sig[:-1]}{other_bits}",
+        "tilde": f"{head}.{sig[:10]}~{sig[10:]}",
+    }
+    for name, spelled in variants.items():
+        assert (await refused(verifier, spelled)).reason == "malformed", name
+        assert verifier.cached(spelled) is None, name
+    assert (await verifier.verify(token)).subject is not None  # the canonical spelling still verifies
+
+
 async def test_valid_token_gives_principal(issuer: DevIssuer, make_verifier: VerifierFactory) -> None:
     cfg = config(issuer)
     verifier = await make_verifier(cfg)
