@@ -63,8 +63,8 @@ class _Admitted:
 
     __slots__ = ("gateway", "route", "params", "principal", "stamp", "identity")
 
-    def __init__(self, gateway: int, route: str, params: Mapping[str, str], principal: Principal, stamp: int,
-                 identity: Identity | None) -> None:
+    def __init__(self, gateway: int, route: RouteConfig, params: Mapping[str, str], principal: Principal,
+                 stamp: int, identity: Identity | None) -> None:
         self.gateway, self.route, self.params = gateway, route, params
         self.principal, self.stamp, self.identity = principal, stamp, identity
 
@@ -191,7 +191,7 @@ class Gateway:
         if last is not None:
             memo.admitted = None  # kept below only if this request passes all over again
             header = view.headers.get("Authorization")
-            if (last.gateway == self._number and last.route == route.name and last.params == match.params
+            if (last.gateway == self._number and last.route is route and last.params == match.params
                     and header is not None and header[:7] == "Bearer "):
                 # This connection's last admission, again (ConnMemo): each check is the stage's own.
                 found = self._header_again(header, memo)
@@ -207,7 +207,7 @@ class Gateway:
         if stamp is not None and isinstance(memo, ConnMemo) and self._stamp() == stamp:
             # The same stamp, live, before and after the checks: the principal passed that very view (a
             # revocation applied meanwhile, or the view lost and rebuilt, changes it: no admission kept).
-            memo.admitted = _Admitted(self._number, route.name, match.params, principal, stamp,
+            memo.admitted = _Admitted(self._number, route, match.params, principal, stamp,
                                       identity if route.forward.identity == "headers" else None)
         return match, self.upstream_headers(view, route, ex.request_id), identity
 
