@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import re
+import resource
 import socket
 import ssl
 import sys
@@ -114,11 +115,30 @@ def cmd_run(args: Any) -> int:
         _check_references(config)  # as `gateway check` does: refused in one line before anything starts
         _check_ports(config)
         _warn(config)
+        _raise_open_files_limit()  # before workers start: they inherit it
     if workers > 1:
         from gateway.workers import supervise
         return supervise(args.config, workers)
     from gateway.app import serve
     return _run_async(lambda: serve(args.config, reuse_port=args.reuse_port))
+
+
+_OPEN_FILES_CAP = 1 << 20  # when the hard limit is unlimited: Linux refuses more than nr_open (2^20 by default)
+
+
+def _raise_open_files_limit() -> None:
+    """The soft limit on open files up to the hard one, as HAProxy and Go programs do by themselves.
+
+    Each proxied request holds two sockets; a soft limit of 1024 (the common default outside
+    containers) would refuse connections at about 500 concurrent requests while the hard limit allows
+    far more. Never lowered, and only what the hard limit allows: no privilege is needed."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = _OPEN_FILES_CAP if hard == resource.RLIM_INFINITY else hard
+    if soft != resource.RLIM_INFINITY and soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+        except (ValueError, OSError) as exc:  # a sandbox may refuse it: run with the limit we have
+            print(f"gateway run: open files limit stays {soft} ({_one_line(exc)})", file=sys.stderr)
 
 
 def _check_ports(config: Config) -> None:

@@ -7,18 +7,20 @@ import io
 import json
 import os
 import re
+import resource
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from gateway.config import load
 from gateway.devissuer import DevIssuer
 from gateway.explain import explain
-from tests.support.gateway import ROOT, config_text, free_port
+from tests.support.gateway import ROOT, GatewayProcess, config_text, free_port
 
 EXAMPLE = str(ROOT / "config" / "gateway.yaml")
 
@@ -177,3 +179,22 @@ async def test_explain_with_token_gives_each_rules_verdict(issuer: DevIssuer, tm
     assert "FAIL claims.tenant" in out and "403 insufficient_scope" in out
     assert await explain(config, "GET", "/t/acme/orders", "", issuer.token_alg_none()) == 1
     assert "refused (alg_not_allowed) -> 401 invalid_token" in capsys.readouterr().out
+
+
+async def test_run_raises_its_open_files_limit_to_the_hard_one(
+        issuer: DevIssuer, gateway_processes: Any, tmp_path: Path) -> None:
+    """Started with a soft RLIMIT_NOFILE of 256 (two sockets per proxied request: about 128 concurrent
+    requests), `gateway run` raises it to the hard limit before serving, as HAProxy does by itself."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    want = 1 << 20 if hard == resource.RLIM_INFINITY else hard
+    assert want > 256
+    port, admin_port = free_port(), free_port()
+    routes = "  - name: open\n    match: {path_prefix: /}\n    upstream: up\n    auth: {required: false}\n"
+    path = tmp_path / "gateway.yaml"
+    path.write_text(config_text(issuer.url, {"up": ["http://127.0.0.1:9"]}, routes,
+                                listen=f"127.0.0.1:{port}", admin_listen=f"127.0.0.1:{admin_port}"))
+    gw = gateway_processes(GatewayProcess(path, port=port, admin_port=admin_port, open_files=256))
+    await gw.wait_ready()
+    limits = Path(f"/proc/{gw.proc.pid}/limits").read_text().splitlines()
+    (line,) = [text for text in limits if text.startswith("Max open files")]
+    assert line.split()[3] == str(want), line

@@ -126,11 +126,12 @@ class GatewayProcess:
     """`python -m gateway run -c FILE` as a child process, with its output kept in files."""
 
     def __init__(self, config_path: Path, *, port: int, admin_port: int, args: tuple[str, ...] = (),
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, open_files: int | None = None) -> None:
         self.config_path, self.port, self.admin_port = config_path, port, admin_port
         self.out = config_path.with_suffix(f".{port}.out")
         self.err = config_path.with_suffix(f".{port}.err")
         self._args, self._env = args, env
+        self._open_files = open_files  # the soft RLIMIT_NOFILE the process starts with (the hard one kept)
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -144,8 +145,9 @@ class GatewayProcess:
     def start(self) -> None:
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **(self._env or {})}
         with self.out.open("wb") as out, self.err.open("wb") as err:
+            prefix = [] if self._open_files is None else ["prlimit", f"--nofile={self._open_files}:"]
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "gateway", "run", "-c", str(self.config_path), *self._args],
+                [*prefix, sys.executable, "-m", "gateway", "run", "-c", str(self.config_path), *self._args],
                 stdout=out, stderr=err, env=env, cwd=ROOT)
 
     async def wait_ready(self, timeout: float = 15.0) -> None:
