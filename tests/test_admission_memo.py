@@ -6,14 +6,17 @@ seams faked here. The wire-level counterpart is in test_security_e2e.py."""
 
 from __future__ import annotations
 
+import random
+from collections import Counter
 from typing import Any
 
+import jwt
 import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway import metrics
 from gateway.config import load_text
-from gateway.errors import InsufficientScope, InvalidToken, MissingToken
+from gateway.errors import GatewayError, InsufficientScope, InvalidToken, MissingToken
 from gateway.model import RequestView
 from gateway.pipeline import ConnMemo, Exchange, Gateway
 from gateway.revocation import MemoryRevocationStore, _View
@@ -68,11 +71,13 @@ class World:
     def build(self, text: str) -> Gateway:
         return Gateway(load_text(text), self.verifier, self.store, None, None)  # type: ignore[arg-type]
 
-    async def ask(self, path: str, token: str, *, gateway: Gateway | None = None,
-                  scheme: str = "Bearer ") -> dict[str, str]:
-        """The identity headers the upstream would get; raises what the request path raises."""
+    async def ask(self, path: str, token: str, *, gateway: Gateway | None = None, scheme: str = "Bearer ",
+                  memo: ConnMemo | None | str = "connection") -> dict[str, str]:
+        """The identity headers the upstream would get; raises what the request path raises. `memo`:
+        this World's one connection by default; None for a request with no per-connection memo at all."""
         headers = CIMultiDictProxy(CIMultiDict({"Host": "x", "Authorization": scheme + token}))
-        view = RequestView("GET", path, "", "x", headers, "127.0.0.1", "127.0.0.1", memo=self.memo)
+        view = RequestView("GET", path, "", "x", headers, "127.0.0.1", "127.0.0.1",
+                           memo=self.memo if memo == "connection" else memo)
         _, out = await (gateway or self.gateway).admit(view, Exchange("rid"))
         return {k.lower(): v for k, v in out.items() if k.lower().startswith("x-auth-")}
 
@@ -157,6 +162,65 @@ async def test_another_token_parameters_route_config_or_scheme_run_every_check(i
     with pytest.raises(InsufficientScope):
         await w.ask("/reports/a", token, gateway=stricter)
     assert (await w.ask("/reports/a", token))["x-auth-subject"] == "alice"  # the old one still admits
+
+
+async def test_one_connection_answers_as_requests_without_any_memo_would(issuer: Any) -> None:
+    """Differential: a seeded random walk of requests on one connection (tokens, tenants, routes, the
+    scheme's spelling) mixed with revocations, key withdrawals, the verifier's clock moving past exp and
+    reloads to stricter or looser rules. Every request is also sent without a per-connection memo, and
+    both must get the same answer: the same identity headers, or the same refusal and reason."""
+    w = World(issuer)
+    claims = {"alice": ALICE, "globex": {**ALICE, "sub": "gina", "tenant_id": "globex"},
+              "admin": {**ALICE, "sub": "ada", "roles": ["admin"]}}
+    tokens = {name: issuer.token({**c, "jti": f"{name}-0"}, ttl=86400) for name, c in claims.items()}
+    tokens["bob"] = issuer.token({**ALICE, "sub": "bob", "jti": "bob-0"}, ttl=300)  # past exp in the walk
+    logins: dict[int, str] = {}  # step -> who signs in again (a new token) after a revocation
+    paths = ["/tenants/acme/orders", "/tenants/globex/orders", "/reports/a", "/staff/a"]
+    texts = [w.text, w.text.replace("scopes: [orders:read]}", "scopes: [orders:write]}")]
+    rng = random.Random(20261123)
+    outcomes: Counter[str] = Counter()
+    request = ("alice", paths[0], "Bearer ")
+    readmitted = 0
+
+    async def outcome(path: str, token: str, scheme: str, memo: ConnMemo | None | str) -> tuple[Any, ...]:
+        try:
+            return ("ok", tuple(sorted((await w.ask(path, token, scheme=scheme, memo=memo)).items())))
+        except GatewayError as exc:
+            return (type(exc).__name__, getattr(exc, "reason", None))
+
+    for step in range(800):
+        if step in logins:
+            name = logins.pop(step)
+            tokens[name] = issuer.token({**claims[name], "jti": f"{name}-{step}"}, ttl=86400)
+        roll = rng.random()
+        if roll < 0.02:
+            name = request[0] if request[0] in claims and rng.random() < 0.8 else rng.choice(list(claims))
+            await w.store.revoke("jti", jwt.decode(tokens[name], options={"verify_signature": False})["jti"], None)
+            logins[step + rng.randint(5, 30)] = name  # its next requests are refused until then
+        elif roll < 0.025:
+            await w.store.revoke("subject", "bob", w.config.issuers[0].name)  # for good
+        elif roll < 0.035:
+            w.keys.generation += 1  # a key withdrawn somewhere: cached tokens are verified in full again
+        elif roll < 0.07:
+            w.clock.now += 60  # the cache's clock only (PyJWT reads the real one)
+        elif roll < 0.09:
+            w.gateway = w.build(rng.choice(texts))
+        else:
+            if rng.random() < 0.4:  # a client mostly repeats itself (what the memo is for), else one thing differs
+                which = rng.randrange(3)
+                field = [list(tokens), paths, ["Bearer "] * 6 + ["bearer ", "Basic  "]][which]
+                request = (*request[:which], rng.choice(field), *request[which + 1:])
+            name, path, scheme = request
+            before = w.memo.admitted
+            got = await outcome(path, tokens[name], scheme, "connection")
+            readmitted += before is not None and w.memo.admitted is before  # answered by the memo
+            want = await outcome(path, tokens[name], scheme, None)
+            assert got == want, (step, name, path, scheme)
+            outcomes[got[0]] += 1
+    # The walk went through admissions and every kind of refusal (it is not a test of one outcome), and
+    # the connection's memo answered many of them.
+    assert {"ok", "InsufficientScope", "InvalidToken", "MissingToken"} <= set(outcomes), outcomes
+    assert readmitted >= 80, readmitted
 
 
 def test_the_view_stamp_changes_when_a_revocation_is_applied_not_when_one_expires() -> None:
