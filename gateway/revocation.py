@@ -87,7 +87,9 @@ class _View:
     """The local copy of every live revocation: jti -> expiry, issuer -> subject/session -> (T, expiry).
 
     `stamp` changes whenever the view may refuse more than it did: on every apply(). Entries only leave
-    it (purge, expiry) without a change, and that never refuses a token that passed."""
+    it (purge, expiry) without a change, and that never refuses a token that passed. Every revocation
+    must come in through apply() (or a new _View): pipeline.ConnMemo readmits a principal that passed
+    while the stamp it passed at is unchanged."""
 
     __slots__ = ("jti", "sub", "sid", "_heap", "stamp")
 
