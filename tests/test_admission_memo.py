@@ -14,7 +14,6 @@ import jwt
 import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from gateway import metrics
 from gateway.config import load_text
 from gateway.errors import GatewayError, InsufficientScope, InvalidToken, MissingToken
 from gateway.model import RequestView
@@ -22,6 +21,7 @@ from gateway.pipeline import ConnMemo, Exchange, Gateway
 from gateway.revocation import MemoryRevocationStore, _View
 from gateway.tokens import TokenVerifier
 from tests.support.gateway import config_text
+from tests.test_revocation import counter as revocation_checks
 from tests.test_tokens import Clock, StaticKeys, cache_hits
 
 ROUTES = """\
@@ -82,25 +82,18 @@ class World:
         return {k.lower(): v for k, v in out.items() if k.lower().startswith("x-auth-")}
 
 
-def revocation_oks() -> float:
-    for line in metrics.render()[0].decode().splitlines():
-        if line.startswith('gateway_revocation_checks_total{result="ok"}'):
-            return float(line.split()[1])
-    return 0.0
-
-
 async def test_the_same_request_again_is_admitted_from_the_memo_and_counted_as_the_full_path(issuer: Any) -> None:
     w = World(issuer)
     token = issuer.token(ALICE)
     assert (await w.ask("/tenants/acme/orders", token))["x-auth-subject"] == "alice"  # verified in full
     last = w.memo.admitted
     assert last is not None and last.principal.subject == "alice"
-    hits, oks = cache_hits(), revocation_oks()
+    hits, oks = cache_hits(), revocation_checks("ok")
     for _ in range(5):
         assert (await w.ask("/tenants/acme/orders", token))["x-auth-subject"] == "alice"
         assert w.memo.admitted is last  # answered by the memo: nothing was recorded again
     # A token cache hit and an ok revocation check per request, as the full path counts them.
-    assert (cache_hits(), revocation_oks()) == (hits + 5, oks + 5)
+    assert (cache_hits(), revocation_checks("ok")) == (hits + 5, oks + 5)
 
 
 async def test_a_revocation_or_expiry_since_refuses_the_next_request(issuer: Any) -> None:
