@@ -128,11 +128,11 @@ class Gateway:
         # A connection's last admission (ConnMemo) is kept only when both stages can confirm it again
         # synchronously: the token cache by the connection's memo, the revocation view by its stamp.
         stamp, again = getattr(revocations, "stamp", None), getattr(revocations, "passed_again", None)
-        readmits = self._cached_header is not None and stamp is not None and again is not None
-        self._stamp: Callable[[], int | None] = stamp if readmits and stamp is not None else _unstamped
-        self._passed_again: Callable[[int], bool] = again if readmits and again is not None else _not_again
-        self._header_again: Callable[[str, TokenMemo], Principal | None] = (
-            self._cached_header if self._cached_header is not None else _not_cached)
+        self._stamp: Callable[[], int | None] = _unstamped  # never stamped: no admission is kept
+        self._passed_again: Callable[[int], bool] = _not_again
+        self._header_again: Callable[[str, TokenMemo], Principal | None] = _not_cached
+        if self._cached_header is not None and stamp is not None and again is not None:
+            self._stamp, self._passed_again, self._header_again = stamp, again, self._cached_header
         self._number = next(_GATEWAYS)  # ConnMemo's admissions are this Gateway's only
 
     def match(self, view: RequestView) -> RouteMatch:
@@ -185,10 +185,10 @@ class Gateway:
         ex.route, ex.upstream = route.name, route.upstream
         if not route.auth.required:
             return match, self.upstream_headers(view, route, ex.request_id), None
-        memo = view.memo
-        last = memo.admitted if isinstance(memo, ConnMemo) else None
+        memo = view.memo if isinstance(view.memo, ConnMemo) else None
+        last = memo.admitted if memo is not None else None
         found = None
-        if last is not None:
+        if memo is not None and last is not None:
             memo.admitted = None  # kept below only if this request passes all over again
             header = view.headers.get("Authorization")
             if (last.gateway == self._number and last.route is route and last.params == match.params
@@ -204,7 +204,7 @@ class Gateway:
         stamp = self._stamp()
         principal = await self.authenticate(view, route, match, ex, found)
         identity = self._forwarded(route, principal)
-        if stamp is not None and isinstance(memo, ConnMemo) and self._stamp() == stamp:
+        if stamp is not None and memo is not None and self._stamp() == stamp:
             # The same stamp, live, before and after the checks: the principal passed that very view (a
             # revocation applied meanwhile, or the view lost and rebuilt, changes it: no admission kept).
             memo.admitted = _Admitted(self._number, route, match.params, principal, stamp,
