@@ -32,7 +32,8 @@ from collections.abc import AsyncIterable, Iterator
 import aiohttp
 from aiohttp.client_proto import ResponseHandler
 from aiohttp.http import RawResponseMessage
-from aiohttp.streams import StreamReader
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway.httphead import head as message_head
@@ -48,6 +49,8 @@ _MAX_LINE = 16384
 _MAX_FIELD = 16384
 _CHUNK_END = b"\r\n"
 _LAST_CHUNK = b"0\r\n\r\n"
+# RFC 9110 s6.4.1: these answers end with their head, whatever they declare (aiohttp's own set).
+_EMPTY_BODY_STATUS_CODES = frozenset((204, 304, *range(100, 200)))
 
 
 class ConnectError(aiohttp.ClientConnectionError):
@@ -81,11 +84,48 @@ class _Conn(ResponseHandler):
         self._held = False  # pause_reading() was called and no resume_reading() has fed the parser since
 
     def data_received(self, data: bytes) -> None:
-        if data:  # b"" is resume_reading() asking the parser to go on with what it holds
-            self.got_bytes = True
-            if self.pooled:  # an answer to nothing: the connection is out of step, never reuse it
+        if not data:  # resume_reading() asking the parser to go on with what it holds
+            super().data_received(data)
+            return
+        self.got_bytes = True
+        if self.pooled:  # an answer to nothing: the connection is out of step, never reuse it
+            self._should_close = True
+        parser = self._parser
+        if parser is None or self._upgraded or self._payload_parser is not None or self._payload_parser_failed:
+            super().data_received(data)  # no parser yet, an upgrade, a WebSocket: aiohttp's own ways
+            return
+        # ResponseHandler.data_received's HTTP path, in one call: rearm sock_read, parse, hand over the
+        # messages (the payload's EOF drops sock_read again).
+        self._reschedule_timeout()
+        try:
+            messages, upgraded, tail = parser.feed_data(data)
+        except BaseException as underlying:
+            # As aiohttp does: the connection is cut, the reader gets an HttpProcessingError.
+            if self.transport is not None:
+                self.transport.close()
+            if not isinstance(underlying, Exception):
+                raise
+            exc = (HttpProcessingError(code=underlying.code, message=underlying.message, headers=underlying.headers)
+                   if isinstance(underlying, HttpProcessingError) else HttpProcessingError())
+            self.set_exception(exc, underlying)
+            return
+        self._upgraded = upgraded
+        payload = None
+        for message, payload in messages:
+            if message.should_close:
                 self._should_close = True
-        super().data_received(data)
+            self._payload = payload
+            if self._skip_payload or message.code in _EMPTY_BODY_STATUS_CODES:
+                self.feed_data((message, EMPTY_PAYLOAD), 0)
+            else:
+                self.feed_data((message, payload), 0)
+        if payload is not None:
+            if payload is not EMPTY_PAYLOAD:
+                payload.on_eof(self._drop_timeout)
+            else:
+                self._drop_timeout()
+        if upgraded and tail:
+            self.data_received(tail)
 
     def pause_reading(self) -> None:
         self._held = True  # the parser stops mid-payload and keeps the rest (its tail) until resumed
@@ -239,7 +279,12 @@ class H1Pool:
         while idle:
             conn = idle.pop()
             conn.pooled = False
-            if conn.idle_since > oldest and conn.is_connected() and not conn.should_close:
+            # should_close was False when it was pooled; since then only data_received (which sets
+            # _should_close for a pooled connection) or an error (set_exception sets it, connection_lost
+            # drops the transport) could change it.
+            transport = conn.transport
+            if conn.idle_since > oldest and transport is not None and not transport.is_closing() \
+                    and not conn._should_close:
                 return conn
             conn.close()
         return None
