@@ -8,9 +8,12 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from gateway import metrics
+from gateway.config_types import InternalTokenConfig
 from gateway.errors import AuthError, GatewayError, InsufficientScope, InvalidToken
 from gateway.identity import request_id_from
+from gateway.keys import discovery_document
 from gateway.matrix import access_matrix
+from gateway.routes import HOST_SYNTAX
 from gateway.tokens import bearer_token
 
 if TYPE_CHECKING:
@@ -65,12 +68,17 @@ def admin_app(gw: GatewayApp) -> web.Application:
         return _json(keys.public_jwks() if keys is not None else {"keys": []}, headers=headers)
 
     async def openid_configuration(request: web.Request) -> web.Response:
-        cfg = gw.config.internal_token
-        if cfg is None or gw.services.keys is None:
-            raise web.HTTPNotFound()
-        base = f"{request.scheme}://{request.host}"
-        return _json(gw.services.keys.openid_configuration(cfg.issuer, base + "/.well-known/jwks.json"),
-                     headers={"Cache-Control": "public, max-age=300"})
+        # jwks_uri names this listener as the client reached it, so the Host must be a host (a list or a
+        # path in it would make the URI point elsewhere), and caches keep one copy per Host (Vary).
+        if HOST_SYNTAX.fullmatch(request.host) is None:
+            return _refusal(request, "invalid_request", "the Host header is not a valid host", 400)
+        jwks_uri = f"{request.scheme}://{request.host}/.well-known/jwks.json"
+        # Without an internal_token section SPEC 3's defaults name the issuer; the JWKS is then empty.
+        cfg = gw.config.internal_token or InternalTokenConfig()
+        keys = gw.services.keys
+        doc = (keys.openid_configuration(cfg.issuer, jwks_uri) if keys is not None
+               else discovery_document(cfg.issuer, jwks_uri, {cfg.algorithm}))
+        return _json(doc, headers={"Cache-Control": "public, max-age=300", "Vary": "Host"})
 
     async def authorize_admin(request: web.Request) -> None:
         gateway = gw.gateway

@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import re
 import signal
 import ssl
 import sys
@@ -40,6 +39,7 @@ from gateway.h1server import H1Request, H1Server
 from gateway.identity import client_ip_from, relay_response_headers, request_id_from
 from gateway.model import RequestView
 from gateway.pipeline import ConnMemo, Exchange, Gateway
+from gateway.routes import HOST_SYNTAX
 from gateway.services import Services
 from gateway.upstream import UpstreamResponse
 
@@ -48,7 +48,6 @@ _CHUNK = 64 * 1024
 # Upstream bodies up to this declared length are read whole and sent with their headers in one write.
 _SMALL_BODY = 64 * 1024
 # RFC 3986 s3.2.2-3: reg-name (or IPv4) or [IP-literal], then an optional port; empty is allowed (RFC 9112 s3.2).
-_HOST = re.compile(r"(?:(?:[A-Za-z0-9._~!$&'()*+,;=-]|%[0-9A-Fa-f]{2})*|\[[0-9A-Za-z:.%_~-]+\])(?::[0-9]{0,5})?")
 _HOSTS_KEPT = 1024
 # The method label is bounded: the HTTP parser accepts ~35 methods (PROPFIND, PURGE, ...).
 _METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT", "TRACE"))
@@ -329,10 +328,11 @@ class GatewayApp:
 
     def _check_host(self, host: str) -> None:
         """RFC 9110 s7.2 / RFC 3986 s3.2.2: a Host is a host name, IPv4 address or [IP literal], and an
-        optional port; anything else (a space, `user@`, a path, non-ASCII) is refused with 400, as nginx
-        does: it would otherwise reach routing and the upstream (X-Forwarded-Host) as given. Valid
+        optional port; anything else (a space, `user@`, a path, non-ASCII, `,` `;` and the other
+        sub-delims, percent-encoding) is refused with 400: it would otherwise reach routing and the
+        upstream (X-Forwarded-Host) as given. Valid
         values are remembered (bounded: a client chooses them)."""
-        if _HOST.fullmatch(host) is None:
+        if HOST_SYNTAX.fullmatch(host) is None:
             raise BadHost()
         if len(self._hosts) >= _HOSTS_KEPT:
             self._hosts.clear()

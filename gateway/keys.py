@@ -377,11 +377,15 @@ class KeyStore:
 
     def openid_configuration(self, issuer: str, jwks_uri: str) -> dict[str, Any]:
         """A minimal discovery document so standard verifiers find the JWKS from the issuer."""
-        algs = sorted({rec["alg"] for rec in self._records} | {self._cfg.algorithm})
-        return {
-            "issuer": issuer,
-            "jwks_uri": jwks_uri,
-            "id_token_signing_alg_values_supported": algs,
-            "subject_types_supported": ["public"],
-            "response_types_supported": ["id_token"],
-        }
+        return discovery_document(issuer, jwks_uri, {rec["alg"] for rec in self._records} | {self._cfg.algorithm})
+
+
+def discovery_document(issuer: str, jwks_uri: str, algs: set[str]) -> dict[str, Any]:
+    """The internal issuer's OpenID discovery document (also served, keyless, with no internal_token)."""
+    return {
+        "issuer": issuer,
+        "jwks_uri": jwks_uri,
+        "id_token_signing_alg_values_supported": sorted(algs),
+        "subject_types_supported": ["public"],
+        "response_types_supported": ["id_token"],
+    }

@@ -322,6 +322,24 @@ async def test_admin_paths_are_not_served_on_public_port(gw: Any) -> None:
         assert r.status == 200
 
 
+async def test_discovery_document_names_only_a_valid_host_and_varies_on_it(gw: Any) -> None:
+    """The admin listener's discovery document builds jwks_uri from Host: a Host that is a list or carries
+    a path would point services' verifiers elsewhere, and a shared cache must keep one copy per Host. With
+    no internal_token section (this config) it is still served, with SPEC 3's default issuer."""
+    url = gw.admin_url + "/.well-known/openid-configuration"
+    async with aiohttp.ClientSession() as s:
+        async with s.get(url) as r:
+            assert r.status == 200 and r.headers["Vary"] == "Host"
+            doc = await r.json()
+        assert doc["issuer"] == "https://gateway.internal"
+        async with s.get(doc["jwks_uri"]) as r:
+            assert r.status == 200 and await r.json() == {"keys": []}
+        for host in ("x,evil.example", "evil.example/x", "evil.example;a", "evil%2Eexample"):
+            async with s.get(url, headers={"Host": host}) as r:
+                assert r.status == 400, host
+                assert "evil" not in await r.text()
+
+
 async def test_one_connection_many_tokens_each_request_gets_its_own_identity(gw: Any, issuer: DevIssuer) -> None:
     """The per-connection memo (tokens.TokenMemo, pipeline.ConnMemo): a keep-alive connection's last token
     answers the next request; any other token on it is looked up and checked as usual; another tenant

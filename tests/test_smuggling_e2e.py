@@ -115,6 +115,12 @@ BAD_HEADS = {
     "host_not_ascii": b"GET /open/a HTTP/1.1\r\nHost: \xc3\xa9.example\r\n\r\n",
     "host_bad_port": b"GET /open/a HTTP/1.1\r\nHost: a.example:80x\r\n\r\n",
     "two_hosts": b"GET /open/a HTTP/1.1\r\nHost: a.example\r\nHost: b.example\r\n\r\n",
+    # Sub-delims and percent-encoding are in RFC 3986's reg-name but in no DNS name: relayed as
+    # X-Forwarded-Host, `x,admin.example` is a list naming a host the request was not routed as.
+    "host_list_shaped": b"GET /open/a HTTP/1.1\r\nHost: x,admin.example\r\n\r\n",
+    "host_with_semicolon": b"GET /open/a HTTP/1.1\r\nHost: x;admin.example\r\n\r\n",
+    "host_with_equals": b"GET /open/a HTTP/1.1\r\nHost: host=admin.example\r\n\r\n",
+    "host_percent_encoded": b"GET /open/a HTTP/1.1\r\nHost: admin%2Eexample\r\n\r\n",
     "no_host_http11": b"GET /open/a HTTP/1.1\r\n\r\n",
     # Not HTTP/1.x: HTTP/0.9 has no head to answer with, HTTP/2 is not spoken on this listener.
     "http09": b"GET /open/a\r\n\r\n",
