@@ -356,6 +356,12 @@ class TokenVerifier:
                 # subject or session (kept max_token_lifetime + the largest leeway) outlives it. The
                 # Principal carries this bound as exp: the cache, and a minted token, end with it too.
                 exp = int(iat + self._max_lifetime)
+            if iat is None and self._max_lifetime is not None and exp > now + self._max_lifetime + leeway:
+                # Without iat nothing says when it was issued, so a revocation of it (kept max_token_lifetime
+                # + the largest leeway) could expire before it does, and it would pass again. Accepted only
+                # in the last max_token_lifetime of its life: a revocation made while it is accepted
+                # outlives it. Until then it is not yet valid.
+                raise jwt.ImmatureSignatureError("no iat, and more than max_token_lifetime left")
             if exp <= now - leeway:
                 raise jwt.ExpiredSignatureError("expired")
             if (nbf is not None and nbf > now + leeway) or (iat is not None and iat > now + leeway):

@@ -314,12 +314,30 @@ async def test_a_token_lives_at_most_max_lifetime_from_its_iat(issuer: DevIssuer
     assert (await verifier.verify(token)).exp == iat + 3600
     clock.now = iat + 3600 + 31
     assert (await refused(verifier, token)).reason == "expired"
-    # A token within the bound is unchanged; one without iat is bounded by its exp alone.
+    # A token within the bound is unchanged.
     short = issuer.token({"iat": iat, "exp": iat + 600})
     clock.now = iat
     assert (await verifier.verify(short)).exp == iat + 600
-    no_iat = issuer.token({"exp": iat + 86400}, omit=("iat",))
-    assert (await verifier.verify(no_iat)).exp == iat + 86400
+
+
+async def test_a_token_without_iat_is_accepted_only_in_its_last_max_lifetime(issuer: DevIssuer) -> None:
+    """With no iat, nothing bounds when a token was issued: a day's token revoked now (the revocation kept
+    max_token_lifetime + leeway) would pass again once the revocation expired (security review: 401, then
+    200 from the 34th second with a 4 s max_token_lifetime). It is accepted only while at most
+    max_token_lifetime (+ leeway) of its life is left, so a revocation made while it is accepted outlives it."""
+    cfg = config(issuer, leeway=30.0)
+    keys, clock = StaticKeys(issuer), Clock()
+    verifier = TokenVerifier([cfg], {cfg.name: keys}, clock=clock, max_lifetime=3600.0)
+    now = int(clock.now)
+    day = issuer.token({"exp": now + 86400}, omit=("iat",))
+    assert (await refused(verifier, day)).reason == "not_yet_valid"
+    clock.now = now + 86400 - 3600 - 29  # within leeway of its last hour
+    assert (await verifier.verify(day)).exp == now + 86400
+    clock.now = now
+    hour = issuer.token({"exp": now + 3000}, omit=("iat",))  # an ordinary short-lived token: unchanged
+    assert (await verifier.verify(hour)).exp == now + 3000
+    unbounded = TokenVerifier([cfg], {cfg.name: keys}, clock=clock)  # no max_lifetime: exp alone
+    assert (await unbounded.verify(day)).exp == now + 86400
 
 
 async def test_a_new_key_generation_sends_cached_tokens_back_to_verification(issuer: DevIssuer) -> None:
