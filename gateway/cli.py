@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, NoReturn
 
-from gateway.config import load, warnings
+from gateway.config import line_of, load, warnings
 from gateway.config_types import Config
 from gateway.errors import ConfigError, KeyStoreError
 from gateway.yamlreader import MAX_WORKERS
@@ -85,6 +85,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away (`gateway routes | head -1`): nothing to tell it. stdout is pointed at
+        # /dev/null so that the interpreter's own flush at exit does not fail again and print.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except Exception as exc:  # noqa: BLE001 - SPEC 2: one line, never a traceback unless --debug
         if args is not None and args.debug:
             raise
@@ -184,38 +189,42 @@ def _check_references(config: Config) -> None:
     problems: list[str] = []
     tls = config.server.tls
     if tls is not None and tls.cert_file is not None:
-        problems += _tls_problems(f"{config.path}:1: server.tls", ssl.Purpose.CLIENT_AUTH, None, tls.cert_file,
+        problems += _tls_problems(config.path, ("server", "tls"), ssl.Purpose.CLIENT_AUTH, None, tls.cert_file,
                                   tls.key_file)
     for name, upstream in config.upstreams.items():
         if upstream.tls is not None:
-            problems += _tls_problems(f"{config.path}:1: upstreams.{name}.tls",
-                                      ssl.Purpose.SERVER_AUTH, upstream.tls.ca_file, upstream.tls.cert_file,
-                                      upstream.tls.key_file)
+            problems += _tls_problems(config.path, ("upstreams", name, "tls"), ssl.Purpose.SERVER_AUTH,
+                                      upstream.tls.ca_file, upstream.tls.cert_file, upstream.tls.key_file)
     cfg = config.internal_token
     if cfg is not None and os.path.exists(cfg.key_store):
         from gateway.keys import KeyStore
         try:
             KeyStore(cfg).load()
         except KeyStoreError as exc:
-            problems.append(f"{config.path}:1: internal_token.key_store: {_one_line(exc)}")
+            line = line_of(config.path, "internal_token", "key_store")
+            problems.append(f"{config.path}:{line}: internal_token.key_store: {_one_line(exc)}")
     if problems:
         raise ConfigError(problems)
 
 
-def _tls_problems(where: str, purpose: ssl.Purpose, ca_file: str | None, cert_file: str | None,
-                  key_file: str | None) -> list[str]:
-    """The files loaded into an SSLContext as app.py (listener) and upstream.py (client) load them."""
+def _tls_problems(filename: str, keys: tuple[str, ...], purpose: ssl.Purpose, ca_file: str | None,
+                  cert_file: str | None, key_file: str | None) -> list[str]:
+    """The files loaded into an SSLContext as app.py (listener) and upstream.py (client) load them; a
+    problem names the line of the key (`keys`: the tls section's path) that gave the file."""
+    def where(key: str) -> str:
+        return f"{filename}:{line_of(filename, *keys, key)}: {'.'.join(keys)}.{key}"
+
     ctx = ssl.create_default_context(purpose)
     try:
         if ca_file:
             ctx.load_verify_locations(cafile=ca_file)
     except (ssl.SSLError, OSError) as exc:
-        return [f"{where}.ca_file: cannot load CA certificates from {ca_file}: {_ssl_reason(exc)}"]
+        return [f"{where('ca_file')}: cannot load CA certificates from {ca_file}: {_ssl_reason(exc)}"]
     try:
         if cert_file:
             ctx.load_cert_chain(cert_file, key_file)
     except (ssl.SSLError, OSError) as exc:
-        return [f"{where}.cert_file: cannot load a certificate and its key from {cert_file}"
+        return [f"{where('cert_file')}: cannot load a certificate and its key from {cert_file}"
                 f"{f' and {key_file}' if key_file and key_file != cert_file else ''}: {_ssl_reason(exc)}"]
     return []
 

@@ -60,6 +60,24 @@ def load(path: str | os.PathLike[str]) -> Config:
     return load_text(text, filename)
 
 
+def line_of(filename: str, *keys: str) -> int:
+    """The line of `keys` (a path of mapping keys) in a config file that loaded, for messages about what a
+    value refers to (a TLS file, the key store); the nearest enclosing key's line when a key is absent."""
+    try:
+        node: yaml.Node | None = yaml.compose(Path(filename).read_text(encoding="utf-8"), Loader=yaml.SafeLoader)
+    except (OSError, UnicodeDecodeError, RecursionError, yaml.YAMLError):
+        return 1
+    line = 1
+    for key in keys:
+        if not isinstance(node, yaml.MappingNode):
+            break
+        found = next(((k, v) for k, v in node.value if isinstance(k, yaml.ScalarNode) and k.value == key), None)
+        if found is None:
+            break
+        line, node = found[0].start_mark.line + 1, found[1]
+    return line
+
+
 def load_text(text: str, filename: str = "<config>") -> Config:
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import aiohttp
 
 from gateway.authz import evaluate
@@ -12,19 +14,36 @@ from gateway.routes import RouteTable
 from gateway.tokens import TokenVerifier
 
 
+def _target(path: str, host: str) -> tuple[str, str]:
+    """PATH as given (`/a/b?q`), or a whole URL (`https://api.example.com/a/b`), whose host is used when
+    --host is not given."""
+    scheme, sep, rest = path.partition("://")
+    if sep and scheme.lower() in ("http", "https") and not path.startswith("/"):
+        authority, slash, tail = rest.partition("/")
+        return slash + tail if slash else "/", host or authority.rpartition("@")[2]
+    return path, host
+
+
 async def explain(config: Config, method: str, path: str, host: str, token: str | None) -> int:
-    """Print the explanation; 0 when the request would be let through, 1 when refused (no upstream call)."""
+    """Print the explanation; 0 when the request would be let through, 1 when refused (no upstream call).
+
+    Without a host (no --host, PATH not a URL), routes are matched whatever their `host`: the output
+    names the host such a route needs, instead of answering 404 for a request no Host was given for."""
+    path, host = _target(path, host)
     raw_path, _, _ = path.partition("?")
+    routes = config.routes if host else tuple(dataclasses.replace(r, host=None) for r in config.routes)
     try:
-        match = RouteTable(config.routes).match(method, raw_path, host.lower())
+        match = RouteTable(routes).match(method, raw_path, host.lower())
     except GatewayError as err:
         extra = f" (Allow: {err.headers['Allow']})" if "Allow" in err.headers else ""
         print(f"{method} {path}: no route -> {err.status} {err.code}: {err.description}{extra}")
         return 1
-    route = match.route
+    route = next(orig for orig, r in zip(config.routes, routes, strict=True) if r is match.route)
+    needs = ("any" if route.host is None else route.host if host
+             else f"{route.host} (not checked: give --host, or PATH as a URL)")
     print(f"route: {route.name} (line {route.line}) matches {method} {match.path}")
     print(f"  why: {'path ' + route.path if route.path else 'path_prefix ' + str(route.path_prefix)}"
-          f"; methods {', '.join(route.methods) if route.methods else 'any'}; host {route.host or 'any'}")
+          f"; methods {', '.join(route.methods) if route.methods else 'any'}; host {needs}")
     if match.params:
         print("  params: " + ", ".join(f"{k}={v}" for k, v in match.params.items()))
     print(f"  upstream: {route.upstream}, path sent: {match.upstream_path}")

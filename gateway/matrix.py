@@ -14,28 +14,43 @@ COLUMNS = ("route", "methods", "host", "path", "upstream", "auth", "issuers", "s
 
 
 def access_matrix(config: Config) -> list[dict[str, Any]]:
+    """One row per route, in file order. Besides the table's columns, JSON rows also carry the config's own
+    names for what the columns show: `name`, `auth_required`, `path_prefix`, and the forward mode
+    (`forward`: headers | token | none) apart from its `forward_audience` and `forward_scopes`."""
     rows = []
     for r in config.routes:
         a = r.auth
         rows.append({
             "route": r.name,
+            "name": r.name,
             "methods": list(r.methods) if r.methods else ["*"],
             "host": r.host or "*",
             "path": r.path if r.path is not None else f"{r.path_prefix}*",
+            "path_prefix": r.path_prefix,
             "upstream": r.upstream,
             "auth": "required" if a.required else "public",
+            "auth_required": a.required,
             "issuers": list(a.issuers),
             "scopes": list(a.scopes),
             "any_scopes": list(a.any_scopes),
             "roles": list(a.roles),
             "claims": {rule.claim: list(rule.values) if len(rule.values) > 1 else rule.values[0]
                        for rule in a.claims},
-            "forward": r.forward.identity if r.forward.identity != "token"
-            else f"token(aud={r.forward.audience}"
-                 + (f", scopes={' '.join(r.forward.scopes)}" if r.forward.scopes is not None else "") + ")",
+            "forward": r.forward.identity,
+            "forward_audience": r.forward.audience if r.forward.identity == "token" else None,
+            "forward_scopes": list(r.forward.scopes) if r.forward.identity == "token" and r.forward.scopes is not None
+            else None,
             "websocket": r.websocket,
         })
     return rows
+
+
+def _forward_cell(row: dict[str, Any]) -> str:
+    """The table's and CSV's forward column: the mode, and for token mode its audience and scopes."""
+    if row["forward"] != "token":
+        return str(row["forward"])
+    scopes = row["forward_scopes"]
+    return f"token(aud={row['forward_audience']}" + (f", scopes={' '.join(scopes)}" if scopes is not None else "") + ")"
 
 
 def _cell(value: Any) -> str:
@@ -52,7 +67,7 @@ def render(config: Config, fmt: str) -> str:
     rows = access_matrix(config)
     if fmt == "json":
         return json.dumps(rows, indent=2)
-    cells = [[_cell(row[c]) for c in COLUMNS] for row in rows]
+    cells = [[_forward_cell(row) if c == "forward" else _cell(row[c]) for c in COLUMNS] for row in rows]
     if fmt == "csv":
         out = io.StringIO()
         writer = csv.writer(out, lineterminator="\n")

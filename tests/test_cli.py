@@ -97,8 +97,33 @@ def test_routes_matrix_in_three_formats() -> None:
     assert by_name["orders-read"]["scopes"] == ["orders:read"]
     assert by_name["orders-read"]["claims"] == {"tenant": "{path.tenant}"}
     assert by_name["health"]["auth"] == "public"
+    # The config's own names too: name, auth_required, the forward mode apart from its audience and scopes.
+    assert all(r["name"] == r["route"] for r in rows)
+    assert by_name["health"]["auth_required"] is False and by_name["orders-read"]["auth_required"] is True
+    assert by_name["orders-write"]["forward"] == "token"
+    assert by_name["orders-write"]["forward_audience"] == "orders-service"
+    assert by_name["orders-read"]["forward"] == "headers" and by_name["orders-read"]["forward_audience"] is None
+    assert by_name["users"]["path_prefix"] == "/api/users/" and by_name["users"]["path"] == "/api/users/*"
     parsed = list(csv.DictReader(io.StringIO(gateway("routes", "-c", EXAMPLE, "--format", "csv").stdout)))
     assert [r["route"] for r in parsed] == ["health", "orders-read", "orders-write", "users"]
+
+
+def test_routes_into_a_closed_pipe_exits_quietly(tmp_path: Path) -> None:
+    """`gateway routes | head -1`: the reader leaves before the matrix is written (more than a pipe holds):
+    no error line, no traceback."""
+    routes = "".join(f"  - name: r{i}\n    match:\n      path: /r{i}/{{id}}\n    upstream: orders\n"
+                     f"    auth:\n      required: false\n" for i in range(600))
+    cfg = tmp_path / "many.yaml"
+    cfg.write_text(config_text("http://127.0.0.1:1", {"orders": ["http://127.0.0.1:2"]}, routes))
+    proc = subprocess.Popen([sys.executable, "-m", "gateway", "routes", "-c", str(cfg), "--format", "json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+    assert proc.stdout is not None and proc.stderr is not None
+    with proc.stdout, proc.stderr:
+        assert proc.stdout.read(1) == b"["
+        proc.stdout.close()
+        err = proc.stderr.read()
+    assert proc.wait(timeout=30) == 1
+    assert err == b"", err
 
 
 def test_explain_without_token() -> None:
@@ -109,6 +134,21 @@ def test_explain_without_token() -> None:
     assert nothing.returncode == 1 and "404 not_found" in nothing.stdout
     wrong = gateway("explain", "-c", EXAMPLE, "DELETE", "/health")
     assert "405 method_not_allowed" in wrong.stdout and "Allow: GET" in wrong.stdout
+
+
+def test_explain_without_a_host_matches_host_bound_routes_and_names_their_host() -> None:
+    """The SPEC's example route is bound to api.example.com: `explain GET PATH` (no --host) must still find
+    it, say which host it needs, and a URL's host counts as --host; only a Host given and wrong misses."""
+    bare = gateway("explain", "-c", EXAMPLE, "GET", "/api/tenants/acme/orders/9")
+    assert "route: orders-read" in bare.stdout, bare.stdout
+    assert "host api.example.com (not checked" in bare.stdout
+    url = gateway("explain", "-c", EXAMPLE, "GET", "https://api.example.com/api/tenants/acme/orders/9?x=1")
+    assert "route: orders-read" in url.stdout and "host api.example.com\n" in url.stdout, url.stdout
+    assert "params: tenant=acme, id=9" in url.stdout
+    other = gateway("explain", "-c", EXAMPLE, "GET", "http://other.example/api/tenants/acme/orders/9")
+    assert other.returncode == 1 and "404 not_found" in other.stdout, other.stdout
+    wrong = gateway("explain", "-c", EXAMPLE, "GET", "/api/tenants/acme/orders/9", "--host", "other.example")
+    assert wrong.returncode == 1 and "404 not_found" in wrong.stdout
 
 
 @pytest.mark.timeout(60)

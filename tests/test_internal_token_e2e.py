@@ -272,6 +272,10 @@ async def test_corrupt_key_store_stops_run_with_one_line(
     assert code in (1, 2)
     assert len(lines) == 1, lines
     assert str(store) in lines[0] and words in lines[0] and "Traceback" not in lines[0]
+    if code == 2:  # the config check's line names key_store's own line (SPEC 3), not line 1
+        config = Path(gw.config_path)
+        line = next(n for n, text in enumerate(config.read_text().splitlines(), 1) if "key_store:" in text)
+        assert lines[0].startswith(f"{config}:{line}: internal_token.key_store: "), lines
 
 
 async def test_read_only_store_keeps_signing_and_logs_once(

@@ -244,17 +244,19 @@ def test_check_refuses_tls_files_that_cannot_be_loaded(tmp_path: Path) -> None:
     ok = _run("check", "-c", str(_tls_config(tmp_path, good_server, good_upstream)))
     assert ok.returncode == 0 and ok.stdout.startswith("ok: "), ok.stderr
 
-    for server, upstream, key in (
-            (f"{{cert_file: {garbage}, key_file: {garbage}}}", good_upstream, "server.tls"),
-            (good_server, f"{{ca_file: {garbage}}}", "upstreams.svc.tls"),
+    for server, upstream, key, where in (
+            (f"{{cert_file: {garbage}, key_file: {garbage}}}", good_upstream, "server.tls", "tls:"),
+            (good_server, f"{{ca_file: {garbage}}}", "upstreams.svc.tls", "svc:"),
             (good_server, f"{{ca_file: {pki['ca']}, cert_file: {pki['ca']}, key_file: {pki['ca']}}}",
-             "upstreams.svc.tls")):
+             "upstreams.svc.tls", "svc:")):
         path = _tls_config(tmp_path, server, upstream)
+        # SPEC 3: every error names the line of its key (here the line holding the tls mapping), not line 1.
+        line = next(n for n, text in enumerate(path.read_text().splitlines(), 1) if text.strip().startswith(where))
         for command in ("check", "run"):  # `run` refuses it the same way, before it starts anything
             result = _run(command, "-c", str(path))
             assert result.returncode == 2, (command, key, result.stderr)
             lines = result.stderr.strip().splitlines()
-            assert len(lines) == 1 and lines[0].startswith(f"{path}:") and f" {key}." in lines[0], result.stderr
+            assert len(lines) == 1 and lines[0].startswith(f"{path}:{line}: {key}."), result.stderr
             assert "cannot load" in lines[0] and "_ssl.c" not in lines[0], lines
 
 
