@@ -286,7 +286,7 @@ class RouteTable:
     def _match(self, method: str, path: str, host: str) -> RouteMatch:
         path = normalize_path(path)
         found = self._find(method, path, host)
-        if ";" in path:
+        if ";" in path or "%3B" in path:  # normalize_path wrote escapes in upper case
             self._refuse_if_params_reroute(method, path, host, found.route)
         return found
 
@@ -297,11 +297,12 @@ class RouteTable:
         `/api/admin/users` to them. Matched as it came, that path can miss a protected `/api/admin/` route
         and fall through to a broader public one whose upstream then serves the admin path without the
         gateway's rules. Where both forms land on the same route (or the plain one on none), or the route was
-        written with `;` in its path, nothing changes.
+        written with `;` in its path, nothing changes. An encoded `%3B` counts as `;`, as it does for dot
+        segments (normalize_path): an upstream that decodes before it strips params reads it as one.
         """
         if ";" in (route.path or route.path_prefix or ""):
             return  # a route written with ;params in its path asked for them
-        plain = "/".join(seg.split(";", 1)[0] for seg in path.split("/"))
+        plain = "/".join(seg.replace("%3B", ";").split(";", 1)[0] for seg in path.split("/"))
         if plain == path:
             return
         try:

@@ -566,6 +566,10 @@ def test_memo_agrees_with_a_fresh_table(raw: str, method: str, host: str) -> Non
     ("/api/orders;v=2", "orders"),  # a route written with ;params asked for them
     ("/other;v=2/x", "NotFound"),
     ("/api/adminx;y/z", "api"),  # the plain form /api/adminx/z is the catch-all too
+    ("/api/admin%3Bx/users", "BadPath"),  # encoded, as for dot segments: `;` to an upstream that decodes first
+    ("/api/admin%3bx/users", "BadPath"),
+    ("/api/public%3Bv=2/x", "BadPath"),
+    ("/api/public/x%3Bv=2", "public"),
 ])
 def test_params_that_would_reroute_the_path_upstream_are_refused(raw: str, expected: str) -> None:
     """`;params` are kept on ordinary segments (`/a;v=1/b`), but a path whose plain form (params dropped,
