@@ -47,8 +47,7 @@ log = logging.getLogger("gateway")
 _CHUNK = 64 * 1024
 # Upstream bodies up to this declared length are read whole and sent with their headers in one write.
 _SMALL_BODY = 64 * 1024
-# RFC 3986 s3.2.2-3: reg-name (or IPv4) or [IP-literal], then an optional port; empty is allowed (RFC 9112 s3.2).
-_HOSTS_KEPT = 1024
+_HOSTS_KEPT = 1024  # valid Host values remembered (_check_host)
 # The method label is bounded: the HTTP parser accepts ~35 methods (PROPFIND, PURGE, ...).
 _METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT", "TRACE"))
 
@@ -330,8 +329,7 @@ class GatewayApp:
         """RFC 9110 s7.2 / RFC 3986 s3.2.2: a Host is a host name, IPv4 address or [IP literal], and an
         optional port; anything else (a space, `user@`, a path, non-ASCII, `,` `;` and the other
         sub-delims, percent-encoding) is refused with 400: it would otherwise reach routing and the
-        upstream (X-Forwarded-Host) as given. Valid
-        values are remembered (bounded: a client chooses them)."""
+        upstream (X-Forwarded-Host) as given. Valid values are remembered (bounded: a client chooses them)."""
         if HOST_SYNTAX.fullmatch(host) is None:
             raise BadHost()
         if len(self._hosts) >= _HOSTS_KEPT:

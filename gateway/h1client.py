@@ -31,6 +31,7 @@ from collections.abc import AsyncIterable, Iterator
 
 import aiohttp
 from aiohttp.client_proto import ResponseHandler
+from aiohttp.helpers import EMPTY_BODY_STATUS_CODES
 from aiohttp.http import RawResponseMessage
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
@@ -49,8 +50,6 @@ _MAX_LINE = 16384
 _MAX_FIELD = 16384
 _CHUNK_END = b"\r\n"
 _LAST_CHUNK = b"0\r\n\r\n"
-# RFC 9110 s6.4.1: these answers end with their head, whatever they declare (aiohttp's own set).
-_EMPTY_BODY_STATUS_CODES = frozenset((204, 304, *range(100, 200)))
 
 
 class ConnectError(aiohttp.ClientConnectionError):
@@ -115,7 +114,7 @@ class _Conn(ResponseHandler):
             if message.should_close:
                 self._should_close = True
             self._payload = payload
-            if self._skip_payload or message.code in _EMPTY_BODY_STATUS_CODES:
+            if self._skip_payload or message.code in EMPTY_BODY_STATUS_CODES:
                 self.feed_data((message, EMPTY_PAYLOAD), 0)
             else:
                 self.feed_data((message, payload), 0)

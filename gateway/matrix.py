@@ -20,6 +20,7 @@ def access_matrix(config: Config) -> list[dict[str, Any]]:
     rows = []
     for r in config.routes:
         a = r.auth
+        token = r.forward.identity == "token"
         rows.append({
             "route": r.name,
             "name": r.name,
@@ -37,9 +38,8 @@ def access_matrix(config: Config) -> list[dict[str, Any]]:
             "claims": {rule.claim: list(rule.values) if len(rule.values) > 1 else rule.values[0]
                        for rule in a.claims},
             "forward": r.forward.identity,
-            "forward_audience": r.forward.audience if r.forward.identity == "token" else None,
-            "forward_scopes": list(r.forward.scopes) if r.forward.identity == "token" and r.forward.scopes is not None
-            else None,
+            "forward_audience": r.forward.audience if token else None,
+            "forward_scopes": list(r.forward.scopes) if token and r.forward.scopes is not None else None,
             "websocket": r.websocket,
         })
     return rows

@@ -288,6 +288,15 @@ class _Results:
         self.count_ok(1)
 
 
+def _passed_again(view: _View, results: _Results, stamp: int) -> bool:
+    """A principal that passed `view` at `stamp` passes again, counted as an ok check, while the view's stamp
+    is unchanged (both stores' passed_again; the Redis one also needs its view live)."""
+    if view.stamp == stamp:
+        results.count_ok(1)
+        return True
+    return False
+
+
 class MemoryRevocationStore:
     """One process only (demo, tests of other parts): the view is the whole truth."""
 
@@ -316,10 +325,7 @@ class MemoryRevocationStore:
         return self._view.stamp
 
     def passed_again(self, stamp: int) -> bool:
-        if self._view.stamp == stamp:
-            self._results.count_ok(1)
-            return True
-        return False
+        return _passed_again(self._view, self._results, stamp)
 
     async def check(self, p: Principal) -> None:
         self.check_local(p)
@@ -417,10 +423,7 @@ class RedisRevocationStore:
     def passed_again(self, stamp: int) -> bool:
         """check_local() for a principal that passed at `stamp`, without looking it up: True (counted as
         an ok check) while the view is live and unchanged since; False: call check_local()."""
-        if self._live and self._view.stamp == stamp:
-            self._results.count_ok(1)
-            return True
-        return False
+        return self._live and _passed_again(self._view, self._results, stamp)
 
     async def check(self, p: Principal) -> None:
         if self._live:

@@ -136,7 +136,8 @@ def check_prefix(prefix: str) -> str | None:
 # A Host's syntax: a host name's characters only, or an [IP literal]; and an optional port. RFC 3986's
 # reg-name also admits sub-delims (`,` `;` `=` ...) and percent-encoding, which no DNS name holds: relayed
 # in X-Forwarded-Host (or a discovery document's jwks_uri), `x,admin.example.com` reads as a list that
-# names a host the request was not routed as, and `%2E` as a dot once an upstream decodes it.
+# names a host the request was not routed as, and `%2E` as a dot once an upstream decodes it. Empty is
+# allowed (RFC 9112 s3.2: an HTTP/1.0 request, or a Host with no value).
 HOST_SYNTAX = re.compile(r"[A-Za-z0-9._~-]*(?::[0-9]{0,5})?|\[[0-9A-Za-z:.%_~-]+\](?::[0-9]{0,5})?")
 
 
