@@ -32,7 +32,11 @@ HOP_BY_HOP = frozenset(
 # Headers the gateway sets itself: the client's copies are removed first (strip before add, as Envoy
 # sanitizes the headers it will set) so a client can never smuggle a value past us.
 _WE_SET = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-request-id", "host"})
-_BASE = HOP_BY_HOP | _WE_SET
+# Method overrides (Google APIs, Laravel, Symfony, ASP.NET and Express middleware honour them): the
+# route's methods and rules were checked for the request's own method, so an upstream must not serve
+# another one (a POST carrying `X-HTTP-Method-Override: DELETE` on a route allowing POST only).
+_METHOD_OVERRIDES = frozenset({"x-http-method-override", "x-http-method", "x-method-override"})
+_BASE = HOP_BY_HOP | _WE_SET | _METHOD_OVERRIDES
 # Precomputed per (strip_authorization, keep_upgrade): no set is built per request.
 _DROP = {
     (True, False): _BASE | {"authorization"},

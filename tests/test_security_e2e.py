@@ -235,6 +235,20 @@ async def test_hop_by_hop_headers_stripped(gw: Any, issuer: DevIssuer) -> None:
     assert rh["X-Request-Id"] == "req-123"
 
 
+async def test_method_override_headers_never_reach_upstreams(gw: Any, issuer: DevIssuer) -> None:
+    """The route allows POST and PUT: an upstream that honours a method override (Laravel, Symfony,
+    Google APIs, Express middleware) must not turn the admitted POST into a DELETE."""
+    override = {"X-HTTP-Method-Override": "DELETE", "X-HTTP-Method": "DELETE", "X-Method-Override": "DELETE",
+                "x_http_method_override": "DELETE", "X-Custom": "kept"}
+    status, _, _ = await gw.request("POST", "/upload", token=issuer.token(GOOD), headers=override, data=b"x")
+    assert status == 200
+    method, _, got = gw.orders.requests[-1]
+    assert method == "POST" and got.get("X-Custom") == "kept"
+    assert "DELETE" not in got.values(), got
+    status, _, _ = await gw.request("GET", "/public/x", headers=override)  # public routes too
+    assert status == 200 and "DELETE" not in gw.orders.requests[-1][2].values()
+
+
 async def test_header_block_too_large_is_431(gw: Any) -> None:
     status, _, body = await gw.request("GET", "/public/x", headers={"X-Big": "a" * 20000})
     assert status == 431 and body["error"] == "request_header_too_large"
