@@ -1,16 +1,25 @@
-"""WebSocket proxying for routes with `match.websocket: true`: the upgrade passes only after auth."""
+"""WebSocket proxying for routes with `match.websocket: true`: the upgrade passes only after auth, and
+the session ends when the token that opened it expires or is revoked."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
 
 import aiohttp
 from aiohttp import web
 
-from gateway.errors import NotFound
-from gateway.model import RequestView
+from gateway.errors import GatewayError, InvalidToken, NotFound
+from gateway.model import Principal, RequestView
 from gateway.pipeline import Exchange, Gateway
+
+log = logging.getLogger("gateway")
+# How often an open session's principal is looked at again: a revocation reaches every replica's view
+# within a second (SPEC 6), and the session ends within this much after that.
+WATCH_EVERY = 0.25
 
 
 async def proxy_websocket(gateway: Gateway, request: web.BaseRequest, view: RequestView,
@@ -23,17 +32,58 @@ async def proxy_websocket(gateway: Gateway, request: web.BaseRequest, view: Requ
     path_qs = match.upstream_path + ("?" + view.query_string if view.query_string else "")
     upstream = await gateway.upstreams.open_websocket(match.route.upstream, path_qs, headers, protocols)
     client = web.WebSocketResponse(protocols=(upstream.protocol,) if upstream.protocol else ())
+    principal = ex.principal if ex.authorized else None
     try:
         await client.prepare(request)
-        await _bridge(client, upstream)
+        ended = await _bridge(client, upstream, None if principal is None else watch(gateway, principal))
+        if ended is not None:
+            log.info("websocket closed by the gateway: token %s (request_id %s)", ended, ex.request_id)
     finally:
         await upstream.close()
         await client.close()
     return client
 
 
-async def _bridge(client: web.WebSocketResponse, upstream: aiohttp.ClientWebSocketResponse) -> None:
-    """Frames flow both ways; when either side closes, the other is closed with the same code."""
+async def watch(gateway: Gateway, principal: Principal, *, clock: Callable[[], float] = time.time,
+                every: float = WATCH_EVERY) -> str:
+    """Returns once the session of `principal` must end: "expired" at its `exp` (+ its issuer's leeway,
+    as long as a request with it would still pass), "revoked" once the revocation store refuses it.
+
+    The store is asked again only when its view changed (its stamp, as ConnMemo's admissions), or on
+    every look while the view is not live. A failed backend is not a verdict on the principal: under
+    `on_backend_error: deny` new requests are refused, but an open session is not cut for a blip; it is
+    looked at again next time."""
+    revocations = gateway.revocations
+    stamp_of: Callable[[], int | None] | None = getattr(revocations, "stamp", None)
+    seen = stamp_of() if stamp_of is not None else None
+    ends = None
+    if principal.exp is not None:
+        leeway = next((i.leeway for i in gateway.config.issuers if i.name == principal.issuer), 0.0)
+        ends = principal.exp + leeway
+    while True:
+        wait = every
+        if ends is not None:
+            left = ends - clock()
+            if left <= 0:
+                return "expired"
+            wait = min(wait, left)
+        await asyncio.sleep(wait)
+        stamp = stamp_of() if stamp_of is not None else None
+        if stamp is not None and stamp == seen:
+            continue
+        try:
+            await revocations.check(principal)
+        except InvalidToken:
+            return "revoked"
+        except GatewayError:
+            continue  # the backend failed (deny): no verdict; asked again next time
+        seen = stamp
+
+
+async def _bridge(client: web.WebSocketResponse, upstream: aiohttp.ClientWebSocketResponse,
+                  watcher: Awaitable[str] | None = None) -> str | None:
+    """Frames flow both ways; when either side closes, the other is closed with the same code. When the
+    watcher returns first, both sides are closed with 1008 (policy violation) and its reason is returned."""
 
     async def pump(src: web.WebSocketResponse | aiohttp.ClientWebSocketResponse,
                    dst: web.WebSocketResponse | aiohttp.ClientWebSocketResponse) -> None:
@@ -47,8 +97,21 @@ async def _bridge(client: web.WebSocketResponse, upstream: aiohttp.ClientWebSock
         await dst.close(code=src.close_code or aiohttp.WSCloseCode.OK)
 
     tasks = [asyncio.ensure_future(pump(client, upstream)), asyncio.ensure_future(pump(upstream, client))]
-    _, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    watching = asyncio.ensure_future(watcher) if watcher is not None else None
+    done, pending = await asyncio.wait([*tasks, *([watching] if watching else [])],
+                                       return_when=asyncio.FIRST_COMPLETED)
     for task in pending:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await task
+    if watching is None or watching not in done:
+        return None
+    if watching.exception() is not None:
+        log.error("websocket watcher failed: %r", watching.exception())  # the session ends as any
+        return None
+    reason = watching.result()
+    message = f"token {reason}".encode()
+    for side in (client, upstream):
+        with contextlib.suppress(Exception):
+            await side.close(code=aiohttp.WSCloseCode.POLICY_VIOLATION, message=message)
+    return reason

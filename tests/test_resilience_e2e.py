@@ -495,6 +495,58 @@ async def test_websocket_through_the_gateway_with_auth(issuer: DevIssuer, ws_ups
         assert ws_upstream.upgrades == 2
 
 
+async def test_a_websocket_session_ends_when_its_token_expires(issuer: DevIssuer, ws_upstream: WsUpstream,
+                                                               gateway_factory: Any) -> None:
+    """A session outlives no token: at exp (+ the issuer's leeway, 0 here) both sides are closed with 1008."""
+    text = gateway_yaml(issuer.url, [upstream_yaml("ws", ws_upstream.url)], WS_ROUTE, issuer_extra="    leeway: 0s")
+    async with gateway_factory(text) as gw:
+        token = issuer.token({"sub": "alice"}, ttl=2)
+        started = time.monotonic()
+        async with gw.session.ws_connect(gw.url.replace("http://", "ws://") + "/ws/chat",
+                                         headers={"Authorization": f"Bearer {token}"}) as ws:
+            await ws.send_str("hello")
+            assert await ws.receive_str(timeout=2) == "alice:hello"
+            msg = await ws.receive(timeout=5)
+            took = time.monotonic() - started
+        assert (msg.type, msg.data, msg.extra) == (WSMsgType.CLOSE, 1008, "token expired")
+        assert took < 2.5, took  # exp is whole seconds: at most 2 s after the token was made, + one look
+        assert await asyncio.wait_for(ws_upstream.ended.get(), 2) == 1008
+
+
+async def test_a_websocket_session_ends_within_a_second_of_its_revocation(
+        issuer: DevIssuer, ws_upstream: WsUpstream, redis_server: Any, gateway_factory: Any) -> None:
+    """Revoked while open (Redis, as across replicas): that session is closed with 1008; a session of
+    another token stays open through the same change of the revocation view."""
+    revocation = (f"revocation: {{backend: redis, redis_url: '{redis_server.url}', key_prefix: 'ws:rev:', "
+                  "on_backend_error: deny}")
+    text = gateway_yaml(issuer.url, [upstream_yaml("ws", ws_upstream.url)], WS_ROUTE, revocation=revocation)
+    async with gateway_factory(text) as gw:
+        url = gw.url.replace("http://", "ws://") + "/ws/chat"
+        bob = {"Authorization": f"Bearer {issuer.token({'sub': 'bob', 'jti': 'ws-bob'})}"}
+        carol = {"Authorization": f"Bearer {issuer.token({'sub': 'carol', 'jti': 'ws-carol'})}"}
+        async with gw.session.ws_connect(url, headers=bob) as ws_bob, \
+                gw.session.ws_connect(url, headers=carol) as ws_carol:
+            await ws_bob.send_str("a")
+            assert await ws_bob.receive_str(timeout=2) == "bob:a"
+            admin = {"Authorization": f"Bearer {issuer.token({'sub': 'ops', 'scope': 'gateway:admin'})}"}
+            async with gw.session.post(gw.admin_url + "/admin/revocations", headers=admin,
+                                       json={"type": "jti", "value": "ws-bob"}) as r:
+                assert r.status == 201, await r.text()
+            started = time.monotonic()
+            msg = await ws_bob.receive(timeout=3)
+            took = time.monotonic() - started
+            assert (msg.type, msg.data, msg.extra) == (WSMsgType.CLOSE, 1008, "token revoked")
+            assert took < 1.0, took
+            assert await asyncio.wait_for(ws_upstream.ended.get(), 2) == 1008
+            await asyncio.sleep(2 * 0.25)  # two more looks of carol's watcher after the view changed
+            await ws_carol.send_str("b")
+            assert await ws_carol.receive_str(timeout=2) == "carol:b"
+        # A new upgrade with the revoked token is refused before anything reaches the upstream.
+        with pytest.raises(aiohttp.WSServerHandshakeError) as info:
+            await gw.session.ws_connect(url, headers=bob)
+        assert info.value.status == 401 and ws_upstream.upgrades == 2
+
+
 async def test_an_upgrade_on_a_plain_route_is_proxied_as_plain_http(
         issuer: DevIssuer, make_upstream: MakeUpstream, gateway_factory: Any) -> None:
     """SPEC 4: `Upgrade` is a hop-by-hop header stripped unless the route proxies WebSockets; the request
@@ -687,3 +739,52 @@ async def test_sigterm_exits_within_grace_even_when_a_request_outlasts_it(
                 pass
     assert gw.proc.returncode == 0
     assert 0.9 <= exited < 1.6
+
+
+async def test_the_websocket_watcher_keeps_a_session_through_a_backend_failure() -> None:
+    """watch() alone, with a fake store and clock: a failed backend (503 under deny) is no verdict, an
+    unchanged stamp is not asked again, a revocation ends the session; the clock ends it at exp + leeway."""
+    from types import SimpleNamespace
+
+    from gateway.errors import BackendUnavailable, InvalidToken
+    from gateway.model import Principal
+    from gateway.websocket import watch
+
+    class Store:
+        def __init__(self) -> None:
+            self.answers: list[BaseException | None] = [BackendUnavailable(), None, InvalidToken("revoked")]
+            self.asked = 0
+            self.current: int | None = 1
+
+        def stamp(self) -> int | None:
+            return self.current
+
+        async def check(self, p: Principal) -> None:
+            self.asked += 1
+            answer = self.answers.pop(0)
+            if answer is not None:
+                raise answer
+
+    store = Store()
+    p = Principal(issuer="dev", iss="x", subject="a", scopes=frozenset(), roles=(), tenant=None, session=None,
+                  jti="j", iat=0, exp=None, aud=())
+    gw = SimpleNamespace(revocations=store, config=SimpleNamespace(issuers=[SimpleNamespace(name="dev", leeway=5.0)]))
+    task = asyncio.ensure_future(watch(gw, p, every=0.01))  # type: ignore[arg-type]
+    await asyncio.sleep(0.05)
+    assert not task.done() and store.asked == 0  # the stamp it started at: nothing to ask
+    store.current = 2  # the view changed: asked; the backend fails; asked again next look; passes
+    await asyncio.sleep(0.05)
+    assert not task.done() and store.asked == 2
+    store.current = None  # the view is not live: asked at every look; this time it is revoked
+    assert await asyncio.wait_for(task, 1) == "revoked" and store.asked == 3
+
+    now = [100.0]
+    expiring = Principal(issuer="dev", iss="x", subject="a", scopes=frozenset(), roles=(), tenant=None,
+                         session=None, jti=None, iat=0, exp=104, aud=())
+    store.answers, store.current = [None] * 100, 7
+    task = asyncio.ensure_future(watch(gw, expiring, clock=lambda: now[0], every=0.01))  # type: ignore[arg-type]
+    now[0] = 108.9  # past exp, within the leeway: still valid
+    await asyncio.sleep(0.05)
+    assert not task.done()
+    now[0] = 109.0
+    assert await asyncio.wait_for(task, 1) == "expired"
