@@ -244,7 +244,7 @@ class GatewayApp:
                 client_ip = view.client_ip
                 body = self._body(request, cfg.max_body_bytes, ex, out)
                 if request.headers.get("Upgrade", "").lower() == "websocket" and self._websocket_route(gateway, view):
-                    status = await self._websocket(gateway, aio, view, ex, out)
+                    status = await self._websocket(gateway, aio, view, ex, out, self._current)
                     auth = "ok" if ex.authorized else "none"
                     return
                 try:
@@ -296,12 +296,15 @@ class GatewayApp:
         except GatewayError:
             return False
 
+    def _current(self) -> Gateway | None:
+        return self.gateway
+
     @staticmethod
     async def _websocket(gateway: Gateway, aio: web.BaseRequest | None, view: RequestView, ex: Exchange,
-                         out: _Out) -> int:
+                         out: _Out, current: Callable[[], Gateway | None]) -> int:
         if aio is not None and isinstance(out, _AioReply):
             from gateway.websocket import proxy_websocket
-            out.response = await proxy_websocket(gateway, aio, view, ex)
+            out.response = await proxy_websocket(gateway, aio, view, ex, current)
             return out.response.status
         # An Upgrade the parser did not switch on (no `Connection: upgrade`): it cannot become one.
         await gateway.admit(view, ex)  # a refused token is still told 401/403 first

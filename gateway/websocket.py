@@ -22,8 +22,9 @@ log = logging.getLogger("gateway")
 WATCH_EVERY = 0.25
 
 
-async def proxy_websocket(gateway: Gateway, request: web.BaseRequest, view: RequestView,
-                          ex: Exchange) -> web.StreamResponse:
+async def proxy_websocket(gateway: Gateway, request: web.BaseRequest, view: RequestView, ex: Exchange,
+                          current: Callable[[], Gateway | None] | None = None) -> web.StreamResponse:
+    """`current`: the gateway now (a reload swaps it): its revocation store watches the open session."""
     match, headers = await gateway.admit(view, ex)  # route, token, revocation and rules, as for HTTP
     if not match.route.websocket:
         # An Upgrade on a route that does not allow it is not proxied as one (SPEC 4 strips Upgrade).
@@ -35,7 +36,8 @@ async def proxy_websocket(gateway: Gateway, request: web.BaseRequest, view: Requ
     principal = ex.principal if ex.authorized else None
     try:
         await client.prepare(request)
-        ended = await _bridge(client, upstream, None if principal is None else watch(gateway, principal))
+        watcher = None if principal is None else watch(gateway, principal, current=current)
+        ended = await _bridge(client, upstream, watcher)
         if ended is not None:
             log.info("websocket closed by the gateway: token %s (request_id %s)", ended, ex.request_id)
     finally:
@@ -45,17 +47,19 @@ async def proxy_websocket(gateway: Gateway, request: web.BaseRequest, view: Requ
 
 
 async def watch(gateway: Gateway, principal: Principal, *, clock: Callable[[], float] = time.time,
-                every: float = WATCH_EVERY) -> str:
+                every: float = WATCH_EVERY, current: Callable[[], Gateway | None] | None = None) -> str:
     """Returns once the session of `principal` must end: "expired" at its `exp` (+ its issuer's leeway,
     as long as a request with it would still pass), "revoked" once the revocation store refuses it.
 
     The store is asked again only when its view changed (its stamp, as ConnMemo's admissions), or on
     every look while the view is not live. A failed backend is not a verdict on the principal: under
     `on_backend_error: deny` new requests are refused, but an open session is not cut for a blip; it is
-    looked at again next time."""
+    looked at again next time.
+
+    The store is the current gateway's (`current()`, else `gateway`'s): a reload that replaces the store
+    (another Redis) retires the old one, which then answers nothing."""
     revocations = gateway.revocations
-    stamp_of: Callable[[], int | None] | None = getattr(revocations, "stamp", None)
-    seen = stamp_of() if stamp_of is not None else None
+    seen = _stamp(revocations)
     ends = None
     if principal.exp is not None:
         leeway = next((i.leeway for i in gateway.config.issuers if i.name == principal.issuer), 0.0)
@@ -68,7 +72,10 @@ async def watch(gateway: Gateway, principal: Principal, *, clock: Callable[[], f
                 return "expired"
             wait = min(wait, left)
         await asyncio.sleep(wait)
-        stamp = stamp_of() if stamp_of is not None else None
+        now = (current() if current is not None else None) or gateway
+        if now.revocations is not revocations:
+            revocations, seen = now.revocations, None  # another store: its stamps are not comparable
+        stamp = _stamp(revocations)
         if stamp is not None and stamp == seen:
             continue
         try:
@@ -78,6 +85,11 @@ async def watch(gateway: Gateway, principal: Principal, *, clock: Callable[[], f
         except GatewayError:
             continue  # the backend failed (deny): no verdict; asked again next time
         seen = stamp
+
+
+def _stamp(revocations: object) -> int | None:
+    stamp: Callable[[], int | None] | None = getattr(revocations, "stamp", None)
+    return stamp() if stamp is not None else None
 
 
 async def _bridge(client: web.WebSocketResponse, upstream: aiohttp.ClientWebSocketResponse,

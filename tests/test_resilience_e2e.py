@@ -788,3 +788,15 @@ async def test_the_websocket_watcher_keeps_a_session_through_a_backend_failure()
     assert not task.done()
     now[0] = 109.0
     assert await asyncio.wait_for(task, 1) == "expired"
+
+    # A reload that replaced the store: the session is watched by the current gateway's store.
+    revoking = Store()
+    revoking.answers = [InvalidToken("revoked")]
+    store.answers, store.current = [None] * 100, 7
+    reloaded = SimpleNamespace(revocations=revoking, config=gw.config)
+    now_gw: list[Any] = [gw]
+    task = asyncio.ensure_future(watch(gw, p, every=0.01, current=lambda: now_gw[0]))  # type: ignore[arg-type]
+    await asyncio.sleep(0.05)
+    assert not task.done()
+    now_gw[0] = reloaded  # another store: asked at once, whatever its stamp
+    assert await asyncio.wait_for(task, 1) == "revoked" and revoking.asked == 1
