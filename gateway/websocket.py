@@ -8,6 +8,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -59,7 +60,10 @@ async def watch(gateway: Gateway, principal: Principal, *, clock: Callable[[], f
     The store is the current gateway's (`current()`, else `gateway`'s): a reload that replaces the store
     (another Redis) retires the old one, which then answers nothing."""
     revocations = gateway.revocations
-    seen = _stamp(revocations)
+    # Nothing seen yet: the first look asks the store (from a live view, answered locally). A stamp taken
+    # here would already include a revocation made while the session was being set up (the upstream's
+    # handshake), and that revocation would then never be looked for.
+    seen: int | None = None
     ends = None
     if principal.exp is not None:
         leeway = next((i.leeway for i in gateway.config.issuers if i.name == principal.issuer), 0.0)
@@ -106,24 +110,42 @@ async def _bridge(client: web.WebSocketResponse, upstream: aiohttp.ClientWebSock
                 await dst.send_bytes(msg.data)
             elif msg.type == aiohttp.WSMsgType.ERROR:
                 break
-        await dst.close(code=src.close_code or aiohttp.WSCloseCode.OK)
+        await dst.close(code=_on_the_wire(src.close_code))
 
-    tasks = [asyncio.ensure_future(pump(client, upstream)), asyncio.ensure_future(pump(upstream, client))]
-    watching = asyncio.ensure_future(watcher) if watcher is not None else None
-    done, pending = await asyncio.wait([*tasks, *([watching] if watching else [])],
-                                       return_when=asyncio.FIRST_COMPLETED)
-    for task in pending:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await task
+    tasks: list[asyncio.Future[Any]] = [asyncio.ensure_future(pump(client, upstream)),
+                                        asyncio.ensure_future(pump(upstream, client))]
+    if watcher is not None:
+        tasks.append(asyncio.ensure_future(watcher))
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        # Also when the handler itself is cancelled (shutdown): no pump, and no watcher asking a store
+        # that is being closed, outlives the session.
+        for task in tasks:
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+    watching = tasks[2] if watcher is not None else None
     if watching is None or watching not in done:
         return None
     if watching.exception() is not None:
         log.error("websocket watcher failed: %r", watching.exception())  # the session ends as any
         return None
-    reason = watching.result()
+    reason: str = watching.result()
     message = f"token {reason}".encode()
-    for side in (client, upstream):
-        with contextlib.suppress(Exception):
-            await side.close(code=aiohttp.WSCloseCode.POLICY_VIOLATION, message=message)
+    # Both at once: a client that never answers the close frame must not hold the upstream's session
+    # open for the close handshake's timeout (10 s).
+    await asyncio.gather(*(side.close(code=aiohttp.WSCloseCode.POLICY_VIOLATION, message=message)
+                           for side in (upstream, client)), return_exceptions=True)
     return reason
+
+
+def _on_the_wire(code: int | None) -> int:
+    """The close code to send on for one received (or not): RFC 6455 s7.4.1 reserves 1005 (no code), 1006
+    (closed without a close frame) and 1015 (TLS failure) for reporting; they are never sent in a frame."""
+    if code is None or code == aiohttp.WSCloseCode.OK or code == 1005:
+        return int(aiohttp.WSCloseCode.OK)
+    if code in (1006, 1015):
+        return int(aiohttp.WSCloseCode.GOING_AWAY)
+    return code

@@ -547,6 +547,91 @@ async def test_a_websocket_session_ends_within_a_second_of_its_revocation(
         assert info.value.status == 401 and ws_upstream.upgrades == 2
 
 
+class SlowWsUpstream(WsUpstream):
+    """Takes 0.6 s to answer the handshake: a window in which the session is admitted but not yet open."""
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        await asyncio.sleep(0.6)
+        return await super().handle(request)
+
+
+async def _raw_upgrade(url: str, token: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A WebSocket handshake by hand, then nothing: the caller decides whether it ever reads again."""
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(b"GET /ws/chat HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                 b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                 + f"Authorization: Bearer {token}\r\n\r\n".encode())
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert head.startswith(b"HTTP/1.1 101"), head
+    return reader, writer
+
+
+async def test_a_websocket_revoked_while_its_handshake_goes_on_is_closed(
+        issuer: DevIssuer, gateway_factory: Any) -> None:
+    """Admitted, then revoked while the upstream still answers the handshake: the session that opens
+    after is closed at the watcher's first look (it used to take its first stamp after the revocation,
+    and so never looked)."""
+    slow = SlowWsUpstream()
+    await slow.start()
+    try:
+        text = gateway_yaml(issuer.url, [upstream_yaml("ws", slow.url)], WS_ROUTE)
+        async with gateway_factory(text) as gw:
+            token = issuer.token({"sub": "alice", "jti": "race-1"})
+            connecting = asyncio.ensure_future(gw.session.ws_connect(
+                gw.url.replace("http://", "ws://") + "/ws/chat", headers={"Authorization": f"Bearer {token}"}))
+            await asyncio.sleep(0.2)
+            admin = {"Authorization": f"Bearer {issuer.token({'sub': 'ops', 'scope': 'gateway:admin'})}"}
+            async with gw.session.post(gw.admin_url + "/admin/revocations", headers=admin,
+                                       json={"type": "jti", "value": "race-1"}) as r:
+                assert r.status == 201, await r.text()
+            async with await connecting as ws:
+                msg = await ws.receive(timeout=2)
+            assert (msg.type, msg.data, msg.extra) == (WSMsgType.CLOSE, 1008, "token revoked")
+            assert await asyncio.wait_for(slow.ended.get(), 2) == 1008
+    finally:
+        assert slow.runner is not None
+        await slow.runner.cleanup()
+
+
+async def test_a_client_that_never_reads_does_not_hold_the_upstream_session(
+        issuer: DevIssuer, ws_upstream: WsUpstream, gateway_factory: Any) -> None:
+    """Revoked while its client reads nothing: the upstream is closed at once, not after the close
+    handshake's 10 s timeout on the client's side."""
+    text = gateway_yaml(issuer.url, [upstream_yaml("ws", ws_upstream.url)], WS_ROUTE)
+    async with gateway_factory(text) as gw:
+        _, writer = await _raw_upgrade(gw.url, issuer.token({"sub": "mute", "jti": "mute-1"}))
+        try:
+            admin = {"Authorization": f"Bearer {issuer.token({'sub': 'ops', 'scope': 'gateway:admin'})}"}
+            started = time.monotonic()
+            async with gw.session.post(gw.admin_url + "/admin/revocations", headers=admin,
+                                       json={"type": "jti", "value": "mute-1"}) as r:
+                assert r.status == 201, await r.text()
+            assert await asyncio.wait_for(ws_upstream.ended.get(), 3) == 1008
+            assert time.monotonic() - started < 1.5
+        finally:
+            writer.close()
+
+
+async def test_a_client_gone_without_a_close_frame_is_told_to_the_upstream_as_going_away(
+        issuer: DevIssuer, ws_upstream: WsUpstream, gateway_factory: Any) -> None:
+    """RFC 6455 s7.4.1: 1006 reports a connection lost without a close frame and is never sent in one;
+    the upstream is sent 1001 (going away) instead. Leaving the gateway with sessions open leaves no
+    watcher behind."""
+    text = gateway_yaml(issuer.url, [upstream_yaml("ws", ws_upstream.url)], WS_ROUTE)
+    async with gateway_factory(text) as gw:
+        _, writer = await _raw_upgrade(gw.url, issuer.token({"sub": "gone"}))
+        writer.transport.abort()
+        assert await asyncio.wait_for(ws_upstream.ended.get(), 3) == 1001
+        _, still_open = await _raw_upgrade(gw.url, issuer.token({"sub": "stays"}))
+        await asyncio.sleep(0.1)
+    still_open.close()
+    await asyncio.sleep(0.1)
+    names = ("watch", "_bridge.<locals>.pump")
+    left = [t for t in asyncio.all_tasks() if getattr(t.get_coro(), "__qualname__", "") in names]
+    assert left == [], left
+
+
 async def test_an_upgrade_on_a_plain_route_is_proxied_as_plain_http(
         issuer: DevIssuer, make_upstream: MakeUpstream, gateway_factory: Any) -> None:
     """SPEC 4: `Upgrade` is a hop-by-hop header stripped unless the route proxies WebSockets; the request
@@ -766,17 +851,20 @@ async def test_the_websocket_watcher_keeps_a_session_through_a_backend_failure()
                 raise answer
 
     store = Store()
+    store.answers.insert(0, None)
     p = Principal(issuer="dev", iss="x", subject="a", scopes=frozenset(), roles=(), tenant=None, session=None,
                   jti="j", iat=0, exp=None, aud=())
     gw = SimpleNamespace(revocations=store, config=SimpleNamespace(issuers=[SimpleNamespace(name="dev", leeway=5.0)]))
     task = asyncio.ensure_future(watch(gw, p, every=0.01))  # type: ignore[arg-type]
     await asyncio.sleep(0.05)
-    assert not task.done() and store.asked == 0  # the stamp it started at: nothing to ask
+    # The first look asks (a revocation made while the session was set up is in the stamp already);
+    # then the stamp it saw, unchanged: nothing to ask.
+    assert not task.done() and store.asked == 1
     store.current = 2  # the view changed: asked; the backend fails; asked again next look; passes
     await asyncio.sleep(0.05)
-    assert not task.done() and store.asked == 2
+    assert not task.done() and store.asked == 3
     store.current = None  # the view is not live: asked at every look; this time it is revoked
-    assert await asyncio.wait_for(task, 1) == "revoked" and store.asked == 3
+    assert await asyncio.wait_for(task, 1) == "revoked" and store.asked == 4
 
     now = [100.0]
     expiring = Principal(issuer="dev", iss="x", subject="a", scopes=frozenset(), roles=(), tenant=None,
