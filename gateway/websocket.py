@@ -13,6 +13,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from gateway.config_types import Config
 from gateway.errors import GatewayError, InvalidToken, NotFound
 from gateway.model import Principal, RequestView
 from gateway.pipeline import Exchange, Gateway
@@ -57,17 +58,16 @@ async def watch(gateway: Gateway, principal: Principal, *, clock: Callable[[], f
     `on_backend_error: deny` new requests are refused, but an open session is not cut for a blip; it is
     looked at again next time.
 
-    The store is the current gateway's (`current()`, else `gateway`'s): a reload that replaces the store
-    (another Redis) retires the old one, which then answers nothing."""
+    The store and the leeway are the current gateway's (`current()`, else `gateway`'s): a reload that
+    replaces the store (another Redis) retires the old one, which then answers nothing, and a reload that
+    changes an issuer's leeway changes when its sessions end."""
     revocations = gateway.revocations
     # Nothing seen yet: the first look asks the store (from a live view, answered locally). A stamp taken
     # here would already include a revocation made while the session was being set up (the upstream's
     # handshake), and that revocation would then never be looked for.
     seen: int | None = None
-    ends = None
-    if principal.exp is not None:
-        leeway = next((i.leeway for i in gateway.config.issuers if i.name == principal.issuer), 0.0)
-        ends = principal.exp + leeway
+    config = gateway.config
+    ends = _ends(config, principal)
     while True:
         wait = every
         if ends is not None:
@@ -77,6 +77,11 @@ async def watch(gateway: Gateway, principal: Principal, *, clock: Callable[[], f
             wait = min(wait, left)
         await asyncio.sleep(wait)
         now = (current() if current is not None else None) or gateway
+        if now.config is not config:  # a reload: the issuer's leeway is the one a request would meet now
+            config = now.config
+            ends = _ends(config, principal)
+            if ends is not None and ends <= clock():
+                return "expired"
         if now.revocations is not revocations:
             revocations, seen = now.revocations, None  # another store: its stamps are not comparable
         stamp = _stamp(revocations)
@@ -89,6 +94,14 @@ async def watch(gateway: Gateway, principal: Principal, *, clock: Callable[[], f
         except GatewayError:
             continue  # the backend failed (deny): no verdict; asked again next time
         seen = stamp
+
+
+def _ends(config: Config, principal: Principal) -> float | None:
+    """When a request with this principal's token stops passing: exp + its issuer's leeway (0 for an
+    issuer no longer configured)."""
+    if principal.exp is None:
+        return None
+    return principal.exp + next((i.leeway for i in config.issuers if i.name == principal.issuer), 0.0)
 
 
 def _stamp(revocations: object) -> int | None:

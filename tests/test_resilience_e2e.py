@@ -877,6 +877,18 @@ async def test_the_websocket_watcher_keeps_a_session_through_a_backend_failure()
     now[0] = 109.0
     assert await asyncio.wait_for(task, 1) == "expired"
 
+    # A reload that lowers the issuer's leeway shortens the sessions it admitted.
+    strict = SimpleNamespace(revocations=store,
+                             config=SimpleNamespace(issuers=[SimpleNamespace(name="dev", leeway=0.0)]))
+    serving: list[Any] = [gw]
+    now[0] = 105.0  # past exp, within the old leeway
+    task = asyncio.ensure_future(watch(gw, expiring, clock=lambda: now[0], every=0.01,  # type: ignore[arg-type]
+                                       current=lambda: serving[0]))
+    await asyncio.sleep(0.05)
+    assert not task.done()
+    serving[0] = strict
+    assert await asyncio.wait_for(task, 1) == "expired"
+
     # A reload that replaced the store: the session is watched by the current gateway's store.
     revoking = Store()
     revoking.answers = [InvalidToken("revoked")]
