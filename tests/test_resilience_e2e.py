@@ -856,13 +856,20 @@ async def test_the_websocket_watcher_keeps_a_session_through_a_backend_failure()
                   jti="j", iat=0, exp=None, aud=())
     gw = SimpleNamespace(revocations=store, config=SimpleNamespace(issuers=[SimpleNamespace(name="dev", leeway=5.0)]))
     task = asyncio.ensure_future(watch(gw, p, every=0.01))  # type: ignore[arg-type]
-    await asyncio.sleep(0.05)
+    async def asked(n: int) -> None:
+        """Wait (bounded) for the n-th ask, then a few more looks: no ask beyond it."""
+        for _ in range(200):
+            if store.asked >= n:
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)
+        assert not task.done() and store.asked == n
+
     # The first look asks (a revocation made while the session was set up is in the stamp already);
     # then the stamp it saw, unchanged: nothing to ask.
-    assert not task.done() and store.asked == 1
+    await asked(1)
     store.current = 2  # the view changed: asked; the backend fails; asked again next look; passes
-    await asyncio.sleep(0.05)
-    assert not task.done() and store.asked == 3
+    await asked(3)
     store.current = None  # the view is not live: asked at every look; this time it is revoked
     assert await asyncio.wait_for(task, 1) == "revoked" and store.asked == 4
 

@@ -411,14 +411,16 @@ async def test_demo_uses_redis_when_redis_url_is_set_and_its_revocation_lines_wo
            "DEMO_USERS_PORT": str(free_port()),
            "DEMO_ADMIN_LISTEN": f"127.0.0.1:{admin_port}", "GATEWAY_KEY_STORE": str(tmp_path / "keys.json"),
            "PYTHONUNBUFFERED": "1"}
-    out_path = tmp_path / "demo.out"
-    with out_path.open("wb") as out:
+    out_path, err_path = tmp_path / "demo.out", tmp_path / "demo.err"
+    with out_path.open("wb") as out, err_path.open("wb") as err:
         proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "gateway", "demo", cwd=ROOT,
-                                                    env={**os.environ, **env}, stdout=out,
-                                                    stderr=asyncio.subprocess.DEVNULL)
+                                                    env={**os.environ, **env}, stdout=out, stderr=err)
     try:
-        await eventually(lambda: asyncio.sleep(0, "# more tokens" in out_path.read_text()), timeout=20.0,
-                         interval=0.05)
+        try:
+            await eventually(lambda: asyncio.sleep(0, "# more tokens" in out_path.read_text()), timeout=20.0,
+                             interval=0.05)
+        except AssertionError:
+            raise AssertionError(f"demo not ready: {err_path.read_text()[-2000:]}") from None
         text = out_path.read_text()
         assert "revocation: redis" in text
         lines = text.splitlines()

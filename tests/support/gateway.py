@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -28,14 +27,9 @@ from gateway import accesslog
 from gateway.app import GatewayApp
 from gateway.config import load
 from gateway.devissuer import DEFAULT_AUDIENCE
+from tests.support.redis_server import free_port as free_port  # re-exported: the tests import it from here
 
 ROOT = Path(__file__).resolve().parent.parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def config_text(issuer_url: str, upstreams: dict[str, list[str]], routes: str, *, extra: str = "",

@@ -15,10 +15,21 @@ import pytest
 REDIS_SERVER = "redis-server"
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A 127.0.0.1 port the kernel just found free, never one this process was handed before: two picks
+    in a row can otherwise be the same port (the kernel chooses at random), and a test that gave it to
+    two listeners failed on `address already in use`."""
+    for _ in range(100):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
+    raise RuntimeError("no free port not handed out before")
 
 
 def _password(args: tuple[str, ...]) -> str | None:
