@@ -22,6 +22,8 @@ from gateway.devissuer import DevIssuer
 from tests.support.gateway import GatewayProcess, RunningGateway, config_text, eventually, free_port
 from tests.support.pki import make_pki
 from tests.support.upstreams import Answer, Blackhole, EchoUpstream, MakeRaw
+from tests.test_h1server import Conn
+from tests.test_revocation_e2e import ADMIN, admin_post
 
 MakeUpstream = Callable[..., Awaitable[EchoUpstream]]
 
@@ -528,10 +530,9 @@ async def test_a_websocket_session_ends_within_a_second_of_its_revocation(
                 gw.session.ws_connect(url, headers=carol) as ws_carol:
             await ws_bob.send_str("a")
             assert await ws_bob.receive_str(timeout=2) == "bob:a"
-            admin = {"Authorization": f"Bearer {issuer.token({'sub': 'ops', 'scope': 'gateway:admin'})}"}
-            async with gw.session.post(gw.admin_url + "/admin/revocations", headers=admin,
-                                       json={"type": "jti", "value": "ws-bob"}) as r:
-                assert r.status == 201, await r.text()
+            status, body = await admin_post(gw.session, gw.admin_url, issuer.token(ADMIN),
+                                            {"type": "jti", "value": "ws-bob"})
+            assert status == 201, body
             started = time.monotonic()
             msg = await ws_bob.receive(timeout=3)
             took = time.monotonic() - started
@@ -555,16 +556,15 @@ class SlowWsUpstream(WsUpstream):
         return await super().handle(request)
 
 
-async def _raw_upgrade(url: str, token: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+async def _raw_upgrade(port: int, token: str) -> Conn:
     """A WebSocket handshake by hand, then nothing: the caller decides whether it ever reads again."""
-    host, port = url.removeprefix("http://").split(":")
-    reader, writer = await asyncio.open_connection(host, int(port))
-    writer.write(b"GET /ws/chat HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                 b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-                 + f"Authorization: Bearer {token}\r\n\r\n".encode())
-    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    c = await Conn.open(port)
+    c.writer.write(b"GET /ws/chat HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                   b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                   + f"Authorization: Bearer {token}\r\n\r\n".encode())
+    head = await asyncio.wait_for(c.reader.readuntil(b"\r\n\r\n"), 5)
     assert head.startswith(b"HTTP/1.1 101"), head
-    return reader, writer
+    return c
 
 
 async def test_a_websocket_revoked_while_its_handshake_goes_on_is_closed(
@@ -581,10 +581,9 @@ async def test_a_websocket_revoked_while_its_handshake_goes_on_is_closed(
             connecting = asyncio.ensure_future(gw.session.ws_connect(
                 gw.url.replace("http://", "ws://") + "/ws/chat", headers={"Authorization": f"Bearer {token}"}))
             await asyncio.sleep(0.2)
-            admin = {"Authorization": f"Bearer {issuer.token({'sub': 'ops', 'scope': 'gateway:admin'})}"}
-            async with gw.session.post(gw.admin_url + "/admin/revocations", headers=admin,
-                                       json={"type": "jti", "value": "race-1"}) as r:
-                assert r.status == 201, await r.text()
+            status, body = await admin_post(gw.session, gw.admin_url, issuer.token(ADMIN),
+                                            {"type": "jti", "value": "race-1"})
+            assert status == 201, body
             async with await connecting as ws:
                 msg = await ws.receive(timeout=2)
             assert (msg.type, msg.data, msg.extra) == (WSMsgType.CLOSE, 1008, "token revoked")
@@ -600,17 +599,16 @@ async def test_a_client_that_never_reads_does_not_hold_the_upstream_session(
     handshake's 10 s timeout on the client's side."""
     text = gateway_yaml(issuer.url, [upstream_yaml("ws", ws_upstream.url)], WS_ROUTE)
     async with gateway_factory(text) as gw:
-        _, writer = await _raw_upgrade(gw.url, issuer.token({"sub": "mute", "jti": "mute-1"}))
+        mute = await _raw_upgrade(gw.app.public_port, issuer.token({"sub": "mute", "jti": "mute-1"}))
         try:
-            admin = {"Authorization": f"Bearer {issuer.token({'sub': 'ops', 'scope': 'gateway:admin'})}"}
             started = time.monotonic()
-            async with gw.session.post(gw.admin_url + "/admin/revocations", headers=admin,
-                                       json={"type": "jti", "value": "mute-1"}) as r:
-                assert r.status == 201, await r.text()
+            status, body = await admin_post(gw.session, gw.admin_url, issuer.token(ADMIN),
+                                            {"type": "jti", "value": "mute-1"})
+            assert status == 201, body
             assert await asyncio.wait_for(ws_upstream.ended.get(), 3) == 1008
             assert time.monotonic() - started < 1.5
         finally:
-            writer.close()
+            mute.writer.close()
 
 
 async def test_a_client_gone_without_a_close_frame_is_told_to_the_upstream_as_going_away(
@@ -620,12 +618,12 @@ async def test_a_client_gone_without_a_close_frame_is_told_to_the_upstream_as_go
     watcher behind."""
     text = gateway_yaml(issuer.url, [upstream_yaml("ws", ws_upstream.url)], WS_ROUTE)
     async with gateway_factory(text) as gw:
-        _, writer = await _raw_upgrade(gw.url, issuer.token({"sub": "gone"}))
-        writer.transport.abort()
+        gone = await _raw_upgrade(gw.app.public_port, issuer.token({"sub": "gone"}))
+        gone.writer.transport.abort()
         assert await asyncio.wait_for(ws_upstream.ended.get(), 3) == 1001
-        _, still_open = await _raw_upgrade(gw.url, issuer.token({"sub": "stays"}))
+        still_open = await _raw_upgrade(gw.app.public_port, issuer.token({"sub": "stays"}))
         await asyncio.sleep(0.1)
-    still_open.close()
+    still_open.writer.close()
     await asyncio.sleep(0.1)
     names = ("watch", "_bridge.<locals>.pump")
     left = [t for t in asyncio.all_tasks() if getattr(t.get_coro(), "__qualname__", "") in names]
