@@ -830,8 +830,8 @@ async def test_the_websocket_watcher_keeps_a_session_through_a_backend_failure()
     from types import SimpleNamespace
 
     from gateway.errors import BackendUnavailable, InvalidToken
+    from gateway.lifetime import watch
     from gateway.model import Principal
-    from gateway.websocket import watch
 
     class Store:
         def __init__(self) -> None:
