@@ -33,10 +33,12 @@ from gateway.errors import (
     ConfigError,
     GatewayError,
     HeaderTooLarge,
+    InvalidToken,
     PayloadTooLarge,
 )
 from gateway.h1server import H1Request, H1Server
 from gateway.identity import client_ip_from, relay_response_headers, request_id_from
+from gateway.lifetime import OpenRequests
 from gateway.model import RequestView
 from gateway.pipeline import ConnMemo, Exchange, Gateway
 from gateway.routes import HOST_SYNTAX
@@ -115,7 +117,8 @@ class GatewayApp:
         self._labels: dict[tuple[str, str, int], Callable[[float], None]] = {}
         self._durations: dict[str, Callable[[float], None]] = {}
         self._inflight_add = metrics.incrementer(metrics.inflight_requests)
-        self._flusher: asyncio.Task[None] | None = None
+        self._background: list[asyncio.Task[None]] = []  # the access log's flusher, the requests' sweeper
+        self._requests = OpenRequests(self._current)  # requests in flight, ended with their token
         self._stamp = accesslog.Stamp()
         self._scheme = "http"
         self._hosts: set[str] = set()  # Host values already found valid (_check_host)
@@ -146,7 +149,7 @@ class GatewayApp:
                           reuse_port=self.reuse_port or None).start()
         self._runners.append(admin)
         self.admin_port = _bound_port(admin)
-        self._flusher = asyncio.create_task(self._flush_logs())
+        self._background = [asyncio.create_task(self._flush_logs()), asyncio.create_task(self._requests.run())]
 
     async def drain_and_stop(self) -> None:
         """SIGTERM: not ready at once, stop accepting, let in-flight requests finish within shutdown_grace."""
@@ -173,10 +176,12 @@ class GatewayApp:
         for runner in self._runners:
             await runner.cleanup()
         self._runners.clear()
-        if self._flusher is not None:
-            self._flusher.cancel()
+        for task in self._background:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._flusher
+                await task
+        self._background.clear()
+        self._requests.close()
         await self.services.close()
         accesslog.flush()
         sys.stdout.flush()
@@ -247,17 +252,34 @@ class GatewayApp:
                     status = await self._websocket(gateway, aio, view, ex, out, self._current)
                     auth = "ok" if ex.authorized else "none"
                     return
+                # Open, so that it ends with its token (gateway.lifetime): a dict entry, no task or timer.
+                opened = self._requests.open
+                opened[ex] = request
                 try:
-                    up = await gateway.handle(view, body, ex)
-                except BadGateway:
-                    if ex.body_too_large:
-                        raise PayloadTooLarge() from None
-                    raise
-                auth = "ok" if ex.authorized else "none"
-                target, upstream_status = up.target, up.status
-                # A small body is read whole before anything is sent: its failure is still an honest 502/504.
-                await self._relay(request.method, out, up, ex.request_id)
-                status = up.status
+                    try:
+                        up = await gateway.handle(view, body, ex)
+                    except BadGateway:
+                        if ex.body_too_large:
+                            raise PayloadTooLarge() from None
+                        raise
+                    auth = "ok" if ex.authorized else "none"
+                    target, upstream_status = up.target, up.status
+                    # A small body is read whole before anything is sent: its failure is still an honest 502/504.
+                    await self._relay(request.method, out, up, ex.request_id)
+                    status = up.status
+                except asyncio.CancelledError:
+                    ended = OpenRequests.ended(ex, asyncio.current_task())
+                    if ended is None:
+                        raise  # not the token's end: shutdown, or the client went away
+                    issuer = ex.principal.issuer if ex.principal is not None else ""
+                    if not out.started:
+                        raise InvalidToken(ended, issuer=issuer) from None  # answered 401 below
+                    # The status line is out: as for an upstream failure mid-body, cut the connection.
+                    out.abort()
+                    status, auth = upstream_status, ended
+                    metrics.auth_failures_total.labels(issuer=issuer or "-", reason=ended).inc()
+                finally:
+                    del opened[ex]
             except GatewayError as err:
                 status = err.status
                 if isinstance(err, AuthError):
@@ -427,6 +449,8 @@ class _Req(Protocol):
     def content_length(self) -> int | None: ...
     @property
     def content(self) -> StreamReader: ...
+    @property
+    def task(self) -> asyncio.Task[Any] | None: ...  # the task answering it (cancelled when its token ends)
 
 
 class _Out(Protocol):
@@ -438,6 +462,8 @@ class _Out(Protocol):
     async def write_eof(self) -> None: ...
     def abort(self) -> None: ...
     def send_continue(self) -> None: ...
+    @property
+    def started(self) -> bool: ...  # the status line went out
 
 
 class _AioReply:
@@ -470,6 +496,10 @@ class _AioReply:
     async def write_eof(self) -> None:
         assert self._stream is not None
         await self._stream.write_eof()
+
+    @property
+    def started(self) -> bool:
+        return self._stream is not None
 
     def abort(self) -> None:
         if self.request.transport is not None:

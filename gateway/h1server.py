@@ -80,6 +80,11 @@ class H1Request:
         self._chunked = False
         self._head = self.method == "HEAD"
 
+    @property
+    def task(self) -> asyncio.Task[None] | None:
+        """The connection's task, which answers this request."""
+        return self._conn._task
+
     def send_continue(self) -> None:
         if self._expect:
             self._expect = False

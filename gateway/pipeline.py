@@ -44,7 +44,7 @@ class Sender(Protocol):
                              protocols: tuple[str, ...] = ()) -> aiohttp.ClientWebSocketResponse: ...
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)  # eq=False: hashed by identity (gateway.lifetime's registry)
 class Exchange:
     """Per-request state the access log and metrics read, filled in as the request moves on."""
 
@@ -55,6 +55,7 @@ class Exchange:
     authorized: bool = False  # revocation and rules passed
     issuer: str = ""  # issuer name once known, even when verification failed later
     body_too_large: bool = False  # the request body passed max_body_bytes while streamed upstream
+    ended: str | None = None  # "expired"/"revoked": its token ended while it was open (gateway.lifetime)
 
 
 class _Admitted:
