@@ -503,7 +503,7 @@ class _AioReply:
 
     def abort(self) -> None:
         if self.request.transport is not None:
-            self.request.transport.close()
+            self.request.transport.abort()  # as H1Request.abort: buffered bytes are dropped
 
     def send_continue(self) -> None:
         return None  # aiohttp's low-level server never sent it either; clients send the body after ~1 s

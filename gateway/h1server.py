@@ -148,10 +148,12 @@ class H1Request:
             await self._conn.write(_LAST_CHUNK)
 
     def abort(self) -> None:
-        """Cut the connection: the only honest signal once a status line is out and the body fails."""
+        """Cut the connection: the only honest signal once a status line is out and the body fails (or
+        its token ended). abort(), not close(): what is still buffered for a client that reads slowly
+        (or not at all) is dropped, not delivered, and the connection does not wait for it."""
         self.keep_alive = False
         if self._conn.transport is not None:
-            self._conn.transport.close()
+            self._conn.transport.abort()
 
 
 class _Conn(BaseProtocol):
@@ -380,6 +382,11 @@ class _Conn(BaseProtocol):
                 while not payload.is_eof():
                     if self.transport is None:
                         return False
+                    if payload._waiter is not None:
+                        # Another reader is still on it: the upstream body writer, cancelled (the answer
+                        # came first, or the request was cut) and not yet unwound. Its turn first.
+                        await asyncio.sleep(0.001)
+                        continue
                     await payload.readany()
         except (TimeoutError, RequestPayloadError, ConnectionError):
             return False

@@ -6,6 +6,7 @@ upstream, real Redis for revocation."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -16,8 +17,9 @@ import pytest
 from aiohttp import web
 
 from gateway.devissuer import DevIssuer
-from tests.support.gateway import GatewayProcess, RunningGateway, config_text, free_port
+from tests.support.gateway import GatewayProcess, RunningGateway, config_text, eventually, free_port
 from tests.support.redis_server import RedisServer
+from tests.test_h1server import Conn
 from tests.test_resilience_e2e import metric
 from tests.test_revocation_e2e import ADMIN, admin_post
 
@@ -35,7 +37,9 @@ ROUTES = """\
 
 class TickUpstream:
     """/…/stream: a chunked body of one line every TICK, for at most 20 s, until its client goes away.
-    /…/slow: answers 200 after 2 s. Each request's end is put on `ended`: (path, "whole" or "cut", when)."""
+    /…/slow: answers 200 after 2 s. Each of these two puts its end on `ended`: (path, "whole" or "cut",
+    when). /…/hello: "hi". /…/big: 64 MiB. POST /…/upload: reads the body, answers its length. POST
+    /…/early: 413 at once, without reading the body."""
 
     def __init__(self) -> None:
         self.ended: asyncio.Queue[tuple[str, str, float]] = asyncio.Queue()
@@ -46,6 +50,10 @@ class TickUpstream:
         app = web.Application()
         app.router.add_get("/{prefix}/stream", self.stream)
         app.router.add_get("/{prefix}/slow", self.slow)
+        app.router.add_get("/{prefix}/hello", self.hello)
+        app.router.add_get("/{prefix}/big", self.big)
+        app.router.add_post("/{prefix}/upload", self.upload)
+        app.router.add_post("/{prefix}/early", self.early)
         self.runner = web.AppRunner(app, handler_cancellation=True)
         await self.runner.setup()
         site = web.TCPSite(self.runner, "127.0.0.1", 0)
@@ -74,6 +82,25 @@ class TickUpstream:
         finally:
             self.ended.put_nowait((request.path, outcome, time.monotonic()))
         return web.Response(text="late")
+
+    async def big(self, request: web.Request) -> web.StreamResponse:
+        """64 MiB of Content-Length-framed body, written as fast as the client takes it."""
+        resp = web.StreamResponse()
+        resp.content_length = 64 << 20
+        await resp.prepare(request)
+        chunk = b"x" * (64 << 10)
+        for _ in range(1024):
+            await resp.write(chunk)
+        return resp
+
+    async def hello(self, request: web.Request) -> web.Response:
+        return web.Response(text="hi")
+
+    async def early(self, request: web.Request) -> web.Response:
+        return web.Response(status=413, text="too large")
+
+    async def upload(self, request: web.Request) -> web.Response:
+        return web.Response(text=str(len(await request.read())))
 
     async def stop(self) -> None:
         if self.runner is not None:
@@ -193,6 +220,63 @@ async def test_a_long_request_whose_token_stays_valid_is_not_touched(
         status, _, body = await asyncio.wait_for(polling, 4)
         assert status == 200 and body == "late"
         assert (await asyncio.wait_for(ticks.ended.get(), 1))[1] == "whole"
+
+
+async def revoke(gw: RunningGateway, issuer: DevIssuer, jti: str) -> None:
+    status, body = await admin_post(gw.session, gw.admin_url, issuer.token(ADMIN), {"type": "jti", "value": jti})
+    assert status == 201, body
+
+
+async def test_an_upload_cut_by_its_revocation_is_told_401_and_the_connection_serves_on(
+        issuer: DevIssuer, ticks: TickUpstream, redis_server: RedisServer, gateway_factory: Any) -> None:
+    """Revoked while its body is still arriving: 401, then the rest of the body is read and dropped and
+    the next request on the connection is answered (the cancelled upstream body writer used to still be
+    reading the body when the connection lingered on it: RuntimeError, connection reset)."""
+    async with gateway_factory(yaml(issuer, ticks, redis_server)) as gw:
+        token = issuer.token({"sub": "ida", "jti": "upload-1"})
+        c = await Conn.open(gw.app.public_port)
+        c.writer.write(f"POST /feed/upload HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
+                       "Content-Length: 100000\r\n\r\n".encode() + b"x" * 1000)
+        await asyncio.sleep(0.8)
+        await revoke(gw, issuer, "upload-1")
+        status, _, body = await c.response()
+        assert status == 401 and json.loads(body)["error"] == "invalid_token"
+        c.writer.write(b"x" * 99000 + b"GET /open/hello HTTP/1.1\r\nHost: x\r\n\r\n")
+        status, _, body = await c.response()
+        assert (status, body) == (200, b"hi")
+        await c.close()
+
+
+async def test_an_answer_before_the_body_was_sent_leaves_the_connection_serving(
+        issuer: DevIssuer, ticks: TickUpstream, gateway_factory: Any) -> None:
+    """The same without a cut: the upstream answers 413 before it read the body (its writer cancelled)."""
+    async with gateway_factory(yaml(issuer, ticks)) as gw:
+        c = await Conn.open(gw.app.public_port)
+        c.writer.write(b"POST /open/early HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n" + b"x" * 1000)
+        status, _, body = await c.response()
+        assert (status, body) == (413, b"too large")
+        c.writer.write(b"x" * 99000 + b"GET /open/hello HTTP/1.1\r\nHost: x\r\n\r\n")
+        status, _, body = await c.response()
+        assert (status, body) == (200, b"hi")
+        await c.close()
+
+
+async def test_a_cut_drops_what_a_client_that_does_not_read_has_not_taken(
+        issuer: DevIssuer, ticks: TickUpstream, redis_server: RedisServer, gateway_factory: Any) -> None:
+    """A 64 MiB answer its client stops reading, then revoked: the gateway lets go of the connection at
+    once (it used to close it gracefully: the buffered body still waited for a client that never read)."""
+    async with gateway_factory(yaml(issuer, ticks, redis_server)) as gw:
+        token = issuer.token({"sub": "jo", "jti": "big-1"})
+        c = await Conn.open(gw.app.public_port)
+        c.writer.write(f"GET /feed/big HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\r\n".encode())
+        head = await asyncio.wait_for(c.reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 200")
+        public = gw.app._public
+        assert public is not None and len(public.conns) == 1
+        await asyncio.sleep(0.8)  # nothing more is read: the gateway's send buffer fills
+        await revoke(gw, issuer, "big-1")
+        await eventually(lambda: asyncio.sleep(0, not public.conns), timeout=1.5)
+        await c.close()
 
 
 async def test_gateway_run_on_uvloop_cuts_a_stream_and_answers_a_long_poll_401(
