@@ -254,7 +254,7 @@ class GatewayApp:
                     return
                 # Open, so that it ends with its token (gateway.lifetime): a dict entry, no task or timer.
                 opened = self._requests.open
-                opened[ex] = request
+                opened[ex] = out
                 try:
                     try:
                         up = await gateway.handle(view, body, ex)
@@ -449,8 +449,6 @@ class _Req(Protocol):
     def content_length(self) -> int | None: ...
     @property
     def content(self) -> StreamReader: ...
-    @property
-    def task(self) -> asyncio.Task[Any] | None: ...  # the task answering it (cancelled when its token ends)
 
 
 class _Out(Protocol):
@@ -464,6 +462,8 @@ class _Out(Protocol):
     def send_continue(self) -> None: ...
     @property
     def started(self) -> bool: ...  # the status line went out
+    @property
+    def task(self) -> asyncio.Task[Any] | None: ...  # the task answering (cancelled when its token ends)
 
 
 class _AioReply:
@@ -473,10 +473,12 @@ class _AioReply:
     connection: aiohttp's server would go on serving what follows on it without h1server's checks
     (transfer codings, head and body timeouts, drain), so the client reconnects to h1server instead."""
 
-    __slots__ = ("request", "response", "_stream")
+    __slots__ = ("request", "response", "task", "_stream")
 
     def __init__(self, request: web.BaseRequest) -> None:
         self.request = request
+        # The task running the handler (aiohttp's request.task is the connection's, which awaits it).
+        self.task: asyncio.Task[Any] | None = asyncio.current_task()
         self.response: web.StreamResponse | None = None
         self._stream: web.StreamResponse | None = None
 

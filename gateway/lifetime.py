@@ -11,7 +11,6 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from gateway.config_types import Config
-from gateway.errors import GatewayError, InvalidToken
 from gateway.model import Principal
 from gateway.pipeline import Exchange, Gateway
 
@@ -60,12 +59,11 @@ async def watch(gateway: Gateway, principal: Principal, *, clock: Callable[[], f
         stamp = _stamp(revocations)
         if stamp is not None and stamp == seen:
             continue
-        try:
-            await revocations.check(principal)
-        except InvalidToken:
+        revoked = await revocations.revoked(principal)  # counted nowhere: the checks metric counts requests
+        if revoked:
             return "revoked"
-        except GatewayError:
-            continue  # the backend failed (deny): no verdict; asked again next time
+        if revoked is None:
+            continue  # the backend failed: no verdict; asked again next time
         seen = stamp
 
 
@@ -83,7 +81,7 @@ def _stamp(revocations: object) -> int | None:
 
 
 class Answering(Protocol):
-    """A request in flight: its `task` answers it (h1server's H1Request, aiohttp's BaseRequest)."""
+    """A request in flight: its `task` answers it (h1server's H1Request, app.py's _AioReply)."""
 
     @property
     def task(self) -> asyncio.Task[Any] | None: ...

@@ -29,7 +29,8 @@ class Verifier(Protocol):
 
 
 class Revocations(Protocol):
-    async def check(self, p: Principal) -> None: ...
+    async def check(self, p: Principal) -> None: ...  # raises InvalidToken (revoked), BackendUnavailable (deny)
+    async def revoked(self, p: Principal) -> bool | None: ...  # uncounted, for watchers; None: cannot tell
 
 
 class Minter(Protocol):

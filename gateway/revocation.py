@@ -57,6 +57,7 @@ class RevocationStore(Protocol):
     async def close(self) -> None: ...
     def ready(self) -> bool: ...
     async def check(self, p: Principal) -> None: ...
+    async def revoked(self, p: Principal) -> bool | None: ...
     def check_local(self, p: Principal) -> bool: ...
     def stamp(self) -> int | None: ...
     def passed_again(self, stamp: int) -> bool: ...
@@ -330,6 +331,10 @@ class MemoryRevocationStore:
     async def check(self, p: Principal) -> None:
         self.check_local(p)
 
+    async def revoked(self, p: Principal) -> bool | None:
+        """RedisRevocationStore.revoked(): uncounted, for watchers."""
+        return self._view.revoked(p, self._clock)
+
     async def revoke(
         self, kind: str, value: str, issuer: str | None, *, exp: int | None = None
     ) -> dict[str, Any]:
@@ -435,8 +440,23 @@ class RedisRevocationStore:
             revoked = direct
         self._results.verdict(p, revoked)
 
+    async def revoked(self, p: Principal) -> bool | None:
+        """For a watcher of an open session or request: is `p` revoked now? None when the backend cannot
+        tell (on_backend_error does not apply: nothing is refused). Counts nothing: the checks metric
+        counts requests."""
+        if self._live:
+            return self._view.revoked(p, self._clock)
+        return await self._lookup(p)
+
     async def _check_direct(self, p: Principal) -> bool | None:
         """The view may have missed messages: ask Redis. None = backend failed and policy is allow."""
+        revoked = await self._lookup(p)
+        if revoked is None:
+            self._backend_failed()
+        return revoked
+
+    async def _lookup(self, p: Principal) -> bool | None:
+        """Ask Redis directly; None when it failed (or failed just before: DOWN_MEMO)."""
         keys: list[str] = []
         if p.jti is not None:
             keys.append(key_for(self._prefix, "jti", p.jti, None))
@@ -449,7 +469,6 @@ class RedisRevocationStore:
             return False
         loop = asyncio.get_running_loop()
         if loop.time() < self._down_until:
-            self._backend_failed()
             return None
         try:
             async with asyncio.timeout(DIRECT_TIMEOUT):
@@ -458,7 +477,6 @@ class RedisRevocationStore:
             # Remember the failure briefly: under load, a hung Redis would otherwise collect one
             # connection per request; the background task keeps probing and goes live on recovery.
             self._down_until = loop.time() + DOWN_MEMO
-            self._backend_failed()
             return None
         if n_jti and values[0] is not None:
             return True

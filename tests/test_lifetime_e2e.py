@@ -279,6 +279,27 @@ async def test_a_cut_drops_what_a_client_that_does_not_read_has_not_taken(
         await c.close()
 
 
+async def test_a_long_poll_on_aiohttps_server_is_cut_too(
+        issuer: DevIssuer, ticks: TickUpstream, redis_server: RedisServer, gateway_factory: Any) -> None:
+    """A request that came with an Upgrade to a route without WebSockets is served by aiohttp's server
+    (_AioReply) as plain HTTP: its long poll is told 401 when its token is revoked, as on h1server."""
+    async with gateway_factory(yaml(issuer, ticks, redis_server)) as gw:
+        token = issuer.token({"sub": "kim", "jti": "aio-1"})
+        c = await Conn.open(gw.app.public_port)
+        started = time.monotonic()
+        c.writer.write(f"GET /feed/slow HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
+                       "Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+                       "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n".encode())
+        await asyncio.sleep(0.2)
+        await revoke(gw, issuer, "aio-1")
+        status, headers, body = await c.response()
+        assert status == 401 and json.loads(body)["error"] == "invalid_token"
+        assert time.monotonic() - started < 1.5 and headers.get("connection", "").lower() == "close"
+        path, outcome, _ = await asyncio.wait_for(ticks.ended.get(), 2)
+        assert (path, outcome) == ("/feed/slow", "cut")
+        await c.close()
+
+
 async def test_gateway_run_on_uvloop_cuts_a_stream_and_answers_a_long_poll_401(
         issuer: DevIssuer, ticks: TickUpstream, redis_server: RedisServer, gateway_processes: Any,
         tmp_path: Path) -> None:
@@ -314,14 +335,13 @@ async def test_open_requests_take_back_only_their_own_cancellation() -> None:
     the cut, goes on; a request not admitted (a public route) never gets a watcher."""
     from types import SimpleNamespace
 
-    from gateway.errors import InvalidToken
     from gateway.lifetime import OpenRequests
     from gateway.model import Principal
     from gateway.pipeline import Exchange
 
     class Refusing:
-        async def check(self, p: Principal) -> None:
-            raise InvalidToken("revoked")
+        async def revoked(self, p: Principal) -> bool | None:
+            return True
 
     gateway = SimpleNamespace(revocations=Refusing(), config=SimpleNamespace(issuers=[]))
     requests = OpenRequests(lambda: gateway, every=0.01)  # type: ignore[arg-type,return-value]

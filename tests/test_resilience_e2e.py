@@ -829,27 +829,26 @@ async def test_the_websocket_watcher_keeps_a_session_through_a_backend_failure()
     unchanged stamp is not asked again, a revocation ends the session; the clock ends it at exp + leeway."""
     from types import SimpleNamespace
 
-    from gateway.errors import BackendUnavailable, InvalidToken
     from gateway.lifetime import watch
     from gateway.model import Principal
 
     class Store:
+        """revoked(): True (revoked), False (passes) or None (the backend failed)."""
+
         def __init__(self) -> None:
-            self.answers: list[BaseException | None] = [BackendUnavailable(), None, InvalidToken("revoked")]
+            self.answers: list[bool | None] = [None, False, True]
             self.asked = 0
             self.current: int | None = 1
 
         def stamp(self) -> int | None:
             return self.current
 
-        async def check(self, p: Principal) -> None:
+        async def revoked(self, p: Principal) -> bool | None:
             self.asked += 1
-            answer = self.answers.pop(0)
-            if answer is not None:
-                raise answer
+            return self.answers.pop(0)
 
     store = Store()
-    store.answers.insert(0, None)
+    store.answers.insert(0, False)
     p = Principal(issuer="dev", iss="x", subject="a", scopes=frozenset(), roles=(), tenant=None, session=None,
                   jti="j", iat=0, exp=None, aud=())
     gw = SimpleNamespace(revocations=store, config=SimpleNamespace(issuers=[SimpleNamespace(name="dev", leeway=5.0)]))
@@ -874,7 +873,7 @@ async def test_the_websocket_watcher_keeps_a_session_through_a_backend_failure()
     now = [100.0]
     expiring = Principal(issuer="dev", iss="x", subject="a", scopes=frozenset(), roles=(), tenant=None,
                          session=None, jti=None, iat=0, exp=104, aud=())
-    store.answers, store.current = [None] * 100, 7
+    store.answers, store.current = [False] * 100, 7
     task = asyncio.ensure_future(watch(gw, expiring, clock=lambda: now[0], every=0.01))  # type: ignore[arg-type]
     now[0] = 108.9  # past exp, within the leeway: still valid
     await asyncio.sleep(0.05)
@@ -896,8 +895,8 @@ async def test_the_websocket_watcher_keeps_a_session_through_a_backend_failure()
 
     # A reload that replaced the store: the session is watched by the current gateway's store.
     revoking = Store()
-    revoking.answers = [InvalidToken("revoked")]
-    store.answers, store.current = [None] * 100, 7
+    revoking.answers = [True]
+    store.answers, store.current = [False] * 100, 7
     reloaded = SimpleNamespace(revocations=revoking, config=gw.config)
     now_gw: list[Any] = [gw]
     task = asyncio.ensure_future(watch(gw, p, every=0.01, current=lambda: now_gw[0]))  # type: ignore[arg-type]

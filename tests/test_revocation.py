@@ -213,6 +213,11 @@ async def test_redis_down_denies_with_deny_and_passes_with_allow(
     await allow.check(principal())
     assert counter("backend_error_denied") == denied + 1
     assert counter("backend_error_allowed") == allowed + 2
+    # A watcher's look (an open session or long request): no verdict, and not counted as a request.
+    ok = counter("ok")
+    assert await deny.revoked(principal()) is None and await allow.revoked(principal()) is None
+    assert (counter("backend_error_denied"), counter("backend_error_allowed"), counter("ok")) == (
+        denied + 1, allowed + 2, ok)
     with pytest.raises(errors.BackendUnavailable):
         await deny.revoke("jti", "x", None)
 
@@ -231,6 +236,10 @@ async def test_a_view_that_is_not_live_is_not_trusted_redis_answers_directly(
         assert not await is_revoked(store, principal(jti=None, sid="s-d", iat=t + 1))
         assert not await is_revoked(store, principal(jti="fine", sid="s-other"))
         assert "cmdstat_mget" in await rdb.info("commandstats")
+        counts = counter("ok"), counter("revoked")
+        assert await store.revoked(principal(jti="direct")) is True
+        assert await store.revoked(principal(jti=None, sid="s-d", iat=t + 1)) is False
+        assert (counter("ok"), counter("revoked")) == counts  # a watcher's looks count nothing
     finally:
         await store.close()
 
