@@ -121,6 +121,16 @@ def yaml(issuer: DevIssuer, upstream: TickUpstream, redis: RedisServer | None = 
     return config_text(issuer.url, {"feed": [upstream.url]}, ROUTES, **kw)
 
 
+async def revoke(gw: RunningGateway, issuer: DevIssuer, jti: str) -> None:
+    """Revokes `jti` through the gateway's admin API (SPEC 6), as an operator would."""
+    await revoke_at(gw.session, gw.admin_url, issuer, jti)
+
+
+async def revoke_at(session: aiohttp.ClientSession, admin_url: str, issuer: DevIssuer, jti: str) -> None:
+    status, body = await admin_post(session, admin_url, issuer.token(ADMIN), {"type": "jti", "value": jti})
+    assert status == 201, body
+
+
 async def revoked_cuts(gw: RunningGateway) -> float:
     return await metric(gw.session, gw.admin_url, "gateway_auth_failures_total", issuer="dev", reason="revoked") or 0.0
 
@@ -152,9 +162,7 @@ async def test_a_streamed_response_is_cut_within_a_second_of_its_revocation(
             assert rb.status == rc.status == 200
             await asyncio.sleep(0.8)  # both streams are old enough to be watched
             await lines(rb, 3)
-            status, body = await admin_post(gw.session, gw.admin_url, issuer.token(ADMIN),
-                                            {"type": "jti", "value": "feed-bob"})
-            assert status == 201, body
+            await revoke(gw, issuer, "feed-bob")
             revoked = time.monotonic()
             cut = await read_until_cut(rb, 3)
             assert cut - revoked < 1.0, cut - revoked
@@ -191,9 +199,7 @@ async def test_a_long_poll_revoked_before_its_answer_is_told_401(
         started = time.monotonic()
         polling = asyncio.ensure_future(gw.request("GET", "/feed/slow", token=token))
         await asyncio.sleep(0.2)
-        status, body = await admin_post(gw.session, gw.admin_url, issuer.token(ADMIN),
-                                        {"type": "jti", "value": "poll-1"})
-        assert status == 201, body
+        await revoke(gw, issuer, "poll-1")
         status, headers, answer = await asyncio.wait_for(polling, 3)
         took = time.monotonic() - started
         assert status == 401 and answer["error"] == "invalid_token", answer
@@ -214,17 +220,10 @@ async def test_a_long_request_whose_token_stays_valid_is_not_touched(
         polling = asyncio.ensure_future(gw.request("GET", "/feed/slow", token=token))
         for n in range(3):
             await asyncio.sleep(0.4)
-            status, _ = await admin_post(gw.session, gw.admin_url, issuer.token(ADMIN),
-                                         {"type": "jti", "value": f"other-{n}"})
-            assert status == 201
+            await revoke(gw, issuer, f"other-{n}")
         status, _, body = await asyncio.wait_for(polling, 4)
         assert status == 200 and body == "late"
         assert (await asyncio.wait_for(ticks.ended.get(), 1))[1] == "whole"
-
-
-async def revoke(gw: RunningGateway, issuer: DevIssuer, jti: str) -> None:
-    status, body = await admin_post(gw.session, gw.admin_url, issuer.token(ADMIN), {"type": "jti", "value": jti})
-    assert status == 201, body
 
 
 async def test_an_upload_cut_by_its_revocation_is_told_401_and_the_connection_serves_on(
@@ -320,8 +319,7 @@ async def test_gateway_run_on_uvloop_cuts_a_stream_and_answers_a_long_poll_401(
             poll = asyncio.ensure_future(s.get(proc.url + "/feed/slow", headers=polling))
             await asyncio.sleep(0.1)
             for jti in ("proc-stream", "proc-poll"):
-                status, body = await admin_post(s, proc.admin_url, issuer.token(ADMIN), {"type": "jti", "value": jti})
-                assert status == 201, body
+                await revoke_at(s, proc.admin_url, issuer, jti)
             revoked = time.monotonic()
             assert await read_until_cut(r, 3) - revoked < 1.0
         answer = await asyncio.wait_for(poll, 3)
