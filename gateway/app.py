@@ -298,6 +298,11 @@ class GatewayApp:
             # counted apart from the gateway's own 5xx (the error-rate alert).
             status = 499
             raise
+        except asyncio.CancelledError:
+            task = out.task
+            if not out.gone or task is None or task.uncancel() > 0:
+                raise  # shutdown
+            status = 499  # the client closed its connection mid-answer (h1server cancelled the work for it)
         finally:
             self._inflight -= 1
             if self._inflight == 0:
@@ -464,6 +469,8 @@ class _Out(Protocol):
     def started(self) -> bool: ...  # the status line went out
     @property
     def task(self) -> asyncio.Task[Any] | None: ...  # the task answering (cancelled when its token ends)
+    @property
+    def gone(self) -> bool: ...  # the client left mid-answer and `task` was cancelled for it
 
 
 class _AioReply:
@@ -474,6 +481,7 @@ class _AioReply:
     (transfer codings, head and body timeouts, drain), so the client reconnects to h1server instead."""
 
     __slots__ = ("request", "response", "task", "_stream")
+    gone = False  # aiohttp's server does not cancel a handler when its client leaves
 
     def __init__(self, request: web.BaseRequest) -> None:
         self.request = request

@@ -85,6 +85,11 @@ class H1Request:
         """The connection's task, which answers this request."""
         return self._conn._task
 
+    @property
+    def gone(self) -> bool:
+        """The client closed the connection while this request was answered (its task was cancelled)."""
+        return self._conn.gone
+
     def send_continue(self) -> None:
         if self._expect:
             self._expect = False
@@ -152,8 +157,10 @@ class H1Request:
         its token ended). abort(), not close(): what is still buffered for a client that reads slowly
         (or not at all) is dropped, not delivered, and the connection does not wait for it."""
         self.keep_alive = False
-        if self._conn.transport is not None:
-            self._conn.transport.abort()
+        conn = self._conn
+        conn.cut = True  # our doing: not a client gone (connection_lost)
+        if conn.transport is not None:
+            conn.transport.abort()
 
 
 class _Conn(BaseProtocol):
@@ -178,6 +185,8 @@ class _Conn(BaseProtocol):
         self._seen_at = 0.0
         self._tail = b""  # bytes after an Upgrade request, handed over with the connection
         self.state: Any = server.conn_state() if server.conn_state is not None else None
+        self.cut = False  # the gateway cut the connection itself (H1Request.abort)
+        self.gone = False  # the client left mid-answer, and the task answering was cancelled for it
 
     # -- asyncio callbacks ---------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -199,6 +208,13 @@ class _Conn(BaseProtocol):
                 self._parser.feed_eof()
         self._fail_body(RequestPayloadError("client disconnected"))  # a body reader must not hang
         self._wake()
+        task = self._task
+        if self.busy and not self.cut and not self.server.draining and task is not None and not task.done():
+            # The client left while its answer was being made: stop making it, and the upstream call with
+            # it (nginx's 499, Envoy's downstream reset), instead of holding the target's connection (and
+            # anything it holds) until a long poll or a stalled body ends or times out.
+            self.gone = True
+            task.cancel()
 
     def eof_received(self) -> bool | None:
         # A FIN is taken as the client going away, as nginx takes it while proxying (499): the transport

@@ -16,8 +16,8 @@ import pytest
 from prometheus_client import REGISTRY
 
 from gateway.devissuer import DevIssuer
-from tests.support.gateway import config_text, logged
-from tests.support.upstreams import EchoUpstream
+from tests.support.gateway import config_text, eventually, logged
+from tests.support.upstreams import Answer, EchoUpstream, MakeRaw
 from tests.test_h1server import Conn
 from tests.test_smuggling_e2e import ROUTES  # the same two routes: open (public) and staff
 
@@ -63,15 +63,34 @@ async def test_client_gone_mid_body_is_one_499_line_and_no_traceback(
     assert not [r for r in caplog.records if r.name == "gateway" and r.levelno >= logging.ERROR], caplog.records
 
 
-async def test_client_gone_before_the_answer_is_499(gw: Any, capsys: pytest.CaptureFixture[str]) -> None:
-    gw.echo.set_mode("slow", delay=0.5)
-    c = await Conn.open(gw.app.public_port)
-    c.writer.write(b"GET /open/a HTTP/1.1\r\nHost: x\r\n\r\n")
-    await asyncio.sleep(0.1)
-    await c.close()
-    await asyncio.sleep(0.8)  # the upstream answers; there is nobody left to send it to
-    lines = _lines(capsys)
-    assert [(line["status"], line["upstream_status"]) for line in lines] == [(499, 200)], lines
+async def test_client_gone_before_the_answer_is_499_and_the_upstream_call_is_given_up(
+        issuer: DevIssuer, make_raw_upstream: MakeRaw, gateway_factory: Any, capsys: pytest.CaptureFixture[str],
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The client leaves while the upstream thinks (a long poll): the gateway stops waiting for an answer
+    nobody will read and closes the upstream connection at once (nginx's 499, Envoy's downstream reset),
+    instead of holding it until the answer or the read timeout."""
+    def respond(head: bytes, index: int) -> Answer:
+        if b"/open/poll" in head:
+            return b"", "hang"  # answers nothing; waits for the gateway to close
+        return b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+    target = await make_raw_upstream(respond)
+    async with gateway_factory(config_text(issuer.url, {"echo": [target.url]}, ROUTES)) as gw:
+        for _ in range(2):
+            c = await Conn.open(gw.app.public_port)
+            c.writer.write(b"GET /open/poll HTTP/1.1\r\nHost: x\r\n\r\n")
+            await eventually(lambda: asyncio.sleep(0, target.open == 1), timeout=2)
+            errors_before = _count("500")
+            await c.close()
+            took = await eventually(lambda: asyncio.sleep(0, target.open == 0), timeout=2)
+            assert took < 0.5  # at once: not at the 5 s read timeout
+            await asyncio.sleep(0.05)
+            lines = _lines(capsys)
+            assert [(line["status"], line["upstream_status"]) for line in lines] == [(499, None)], lines
+            assert _count("500") == errors_before
+        assert (await gw.request("GET", "/open/b"))[0] == 200
+        assert target.connections == 3  # the given-up connections were not pooled again
+    assert not [r for r in caplog.records if r.name == "gateway" and r.levelno >= logging.ERROR], caplog.records
 
 
 async def test_malformed_chunk_mid_body_is_answered_400_and_closed(gw: Any,
