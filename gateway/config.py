@@ -352,7 +352,7 @@ class _Builder:
 
     def upstream(self, name: str, node: Node, key: str) -> UpstreamConfig:
         r = self.r
-        m = r.mapping(node, key, ("targets", "timeouts", "retries", "circuit_breaker", "tls"))
+        m = r.mapping(node, key, ("targets", "timeouts", "retries", "circuit_breaker", "tls", "max_requests"))
         targets: list[str] = []
         if "targets" not in m:
             r.error(node, f"{key}.targets", "required: a list of http(s)://host:port URLs")
@@ -404,6 +404,7 @@ class _Builder:
                 half_open_requests=r.field(r.positive_int, b.get("half_open_requests"),
                                            f"{bk}.half_open_requests", db.half_open_requests)),
             tls=tls,
+            max_requests=r.field(r.int_, m.get("max_requests"), f"{key}.max_requests", d.max_requests),
         )
 
     # -- routes -------------------------------------------------------------------------------------

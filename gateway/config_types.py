@@ -105,6 +105,9 @@ class UpstreamConfig:
     retries: RetryConfig = field(default_factory=RetryConfig)
     circuit_breaker: BreakerConfig = field(default_factory=BreakerConfig)
     tls: TLSFiles | None = None
+    # Requests in flight to one target at once (each holds its own HTTP/1.1 connection); past it a
+    # request is refused with 503 at once (Envoy's circuit_breakers max_requests). 0: no cap.
+    max_requests: int = 1024
 
 
 @dataclass(frozen=True, slots=True)

@@ -135,6 +135,13 @@ class UpstreamUnavailable(GatewayError):
         super().__init__(headers={"Retry-After": str(max(1, int(retry_after + 0.999)))})
 
 
+class UpstreamOverflow(UpstreamUnavailable):
+    """Every target that could take the request already has `max_requests` in flight: shed at once,
+    not queued, and no verdict on any target's breaker (the target did nothing wrong)."""
+
+    reason, description = "upstream_overflow", "too many requests in flight to the upstream"
+
+
 class BadGateway(GatewayError):
     status, code, reason, description = 502, "bad_gateway", "upstream_error", "the upstream failed to answer"
 

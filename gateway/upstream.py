@@ -11,6 +11,7 @@ aiohttp's ClientSession. `_map_error` is the one place where their exceptions be
     a transfer coding other than chunked (gzip, chunked)     -> BadGateway      (502)
     no response headers (or body bytes) within read timeout  -> UpstreamTimeout (504)
     every target's breaker open                              -> UpstreamUnavailable (503, Retry-After)
+    every target not open already has `max_requests` in flight -> UpstreamOverflow (503, Retry-After: 1)
     the target's own final 502 / 503 / 504 answer            -> BadGateway / UpstreamUnavailable /
                                                                 UpstreamTimeout (its body is dropped)
 """
@@ -20,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
+import sys
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping
 from types import TracebackType
@@ -34,7 +36,7 @@ from yarl import URL
 from gateway import metrics
 from gateway.breaker import OPEN, CircuitBreaker
 from gateway.config_types import TLSFiles, UpstreamConfig
-from gateway.errors import BadGateway, GatewayError, UpstreamTimeout, UpstreamUnavailable
+from gateway.errors import BadGateway, GatewayError, UpstreamOverflow, UpstreamTimeout, UpstreamUnavailable
 from gateway.h1client import ConnectError, H1Pool
 from gateway.identity import Identity
 
@@ -114,7 +116,7 @@ class UpstreamResponse:
     away, or its body broke off or passed the limit: the upstream call was cut because of it).
     """
 
-    __slots__ = ("status", "headers", "target", "_resp", "_breaker", "_guard")
+    __slots__ = ("status", "headers", "target", "_resp", "_breaker", "_guard", "_slot")
 
     def __init__(self, resp: _Answer, target: str, breaker: CircuitBreaker | None = None,
                  guard: _BodyGuard | None = None) -> None:
@@ -128,6 +130,7 @@ class UpstreamResponse:
         self._resp = resp
         self._breaker = breaker
         self._guard = guard
+        self._slot: _Target | None = None  # the target whose max_requests this answer counts in, until released
 
     @property
     def content_length(self) -> int | None:
@@ -143,7 +146,7 @@ class UpstreamResponse:
             body = content.read_nowait() if content.is_eof() else await content.read()
         except _CLIENT_ERRORS as exc:
             raise self._failed(exc) from exc
-        self._resp.release()
+        self.release()
         return body
 
     async def iter_chunks(self) -> AsyncIterator[bytes]:
@@ -152,7 +155,7 @@ class UpstreamResponse:
                 yield chunk
         except _CLIENT_ERRORS as exc:
             raise self._failed(exc) from exc
-        self._resp.release()  # at the end: a keep-alive connection goes back to its pool at once
+        self.release()  # at the end: a keep-alive connection goes back to its pool at once
 
     def _failed(self, exc: BaseException) -> GatewayError:
         if self._breaker is not None and (self._guard is None or self._guard.error is None):
@@ -160,7 +163,12 @@ class UpstreamResponse:
         return _map_error(exc)[0]
 
     def release(self) -> None:
+        """Done with the answer (any number of calls): its connection goes back, its target's slot is free."""
         self._resp.release()
+        slot = self._slot
+        if slot is not None:
+            self._slot = None
+            slot.busy -= 1
 
     async def __aenter__(self) -> UpstreamResponse:
         return self
@@ -168,7 +176,7 @@ class UpstreamResponse:
     async def __aexit__(
         self, et: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        self._resp.release()
+        self.release()
 
 
 def _framing_known(headers: CIMultiDictProxy[str]) -> bool:
@@ -207,14 +215,17 @@ class _Answer(Protocol):
 
 
 class _Target:
-    __slots__ = ("url", "base", "prefix", "breaker", "h1")
+    __slots__ = ("url", "base", "prefix", "breaker", "h1", "busy", "cap")
 
-    def __init__(self, url: str, breaker: CircuitBreaker, h1: H1Pool | None) -> None:
+    def __init__(self, url: str, breaker: CircuitBreaker, h1: H1Pool | None, max_requests: int = 0) -> None:
         self.url = url
         self.base = url.rstrip("/")
         self.prefix = URL(self.base).raw_path.rstrip("/")  # a target's own path goes before every path
         self.breaker = breaker
         self.h1 = h1  # plain-HTTP targets: the lean keep-alive client; TLS targets: None (ClientSession)
+        # HTTP requests in flight (sent, or their answer not yet released) and the most allowed (0: no cap).
+        self.busy = 0
+        self.cap = max_requests or sys.maxsize
 
 
 class _Pool:
@@ -255,6 +266,8 @@ class _Pool:
         fallback = None
         for i in range(n):
             t = targets[(start + i) % n]
+            if t.busy >= t.cap:
+                continue  # full: asked of no breaker (a half-open probe slot is not taken for nothing)
             if t in tried:
                 fallback = fallback or t
             elif t.breaker.allow():
@@ -264,6 +277,9 @@ class _Pool:
         return None
 
     def unavailable(self) -> UpstreamUnavailable:
+        """Why pick() found no target: some were full (shed: come back in a second), or all open."""
+        if any(t.busy >= t.cap for t in self.targets):
+            return UpstreamOverflow()
         return UpstreamUnavailable(retry_after=min(t.breaker.retry_after() for t in self.targets))
 
 
@@ -340,9 +356,12 @@ class Upstreams:
                 gauge(0)
                 gauge.breaker = CircuitBreaker(cfg.circuit_breaker, clock=self._clock, on_change=gauge)
                 self._gauges.append(gauge)
-                targets.append(_Target(url, gauge.breaker, self._h1(url, cfg)))
+                targets.append(_Target(url, gauge.breaker, self._h1(url, cfg), cfg.max_requests))
             self._pools[name] = _Pool(cfg, tuple(targets), _ssl_context(cfg.tls))
-        connector = aiohttp.TCPConnector(limit=1000, limit_per_host=0, ttl_dns_cache=10)
+        # No limit of its own: the targets' max_requests is the cap. A connector limit would queue its
+        # connections across every upstream, and a WebSocket session holds one for its life, so past
+        # 1000 sessions a request would wait out its connect timeout and count against a healthy target.
+        connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, ttl_dns_cache=10)
         self._session = aiohttp.ClientSession(
             connector=connector,
             cookie_jar=aiohttp.DummyCookieJar(),  # a proxy must not keep one client's cookies for another
@@ -440,7 +459,8 @@ class Upstreams:
         attempts = pool.attempts if resend else 1
         single = pool.single
         # One target: pick() could only return it (round robin of one, `tried` or not), so ask its breaker.
-        target = pool.pick(()) if single is None else single if single.breaker.allow() else None
+        target = (pool.pick(()) if single is None
+                  else single if single.busy < single.cap and single.breaker.allow() else None)
         if target is None:
             raise pool.unavailable()
         guard = _BodyGuard(body) if body is not None else None
@@ -452,6 +472,7 @@ class Upstreams:
             started = time.perf_counter()
             h1 = target.h1
             resp: _Answer
+            target.busy += 1  # freed below on every path but a returned answer, which frees it on release()
             try:
                 if h1 is not None:
                     resp = await h1.request(method, target.prefix + path_qs, headers,
@@ -464,6 +485,7 @@ class Upstreams:
                         allow_redirects=False, timeout=pool.timeout, ssl=pool.ssl,
                     )
             except _CLIENT_ERRORS as exc:
+                target.busy -= 1
                 if guard is not None and guard.error is not None:
                     # The client's body failed (it went away, or was over a limit): not the target's fault.
                     breaker.release()
@@ -479,6 +501,7 @@ class Upstreams:
                 target = nxt
                 continue
             except BaseException:
+                target.busy -= 1
                 breaker.release()  # cancelled (the client went away): no verdict on the target
                 raise
             pool.duration(time.perf_counter() - started)
@@ -487,9 +510,11 @@ class Upstreams:
             if answer is not None and status not in FAILURE_STATUSES and (
                     "Transfer-Encoding" not in answer.headers or _framing_known(answer.headers)):
                 breaker.record_success()
+                answer._slot = target
                 return answer
             breaker.record_failure()
             resp.release()
+            target.busy -= 1
             if status not in FAILURE_STATUSES:
                 # RFC 9110 s15: a status is 100-599, 1xx are interim (both clients skip them) and 101
                 # answers only an Upgrade, which goes through open_websocket(). Relayed, `HTTP/1.1 0` or a

@@ -45,6 +45,7 @@ def test_minimal_file_gets_documented_defaults() -> None:
     assert route.auth.required and route.auth.issuers == ("customers",)
     assert route.forward.identity == "headers"
     assert c.upstreams["orders"].retries.attempts == 2
+    assert c.upstreams["orders"].max_requests == 1024
     assert c.internal_token is None
 
 
@@ -181,3 +182,14 @@ def test_prefix_the_route_table_would_refuse_is_refused_at_load(prefix: str) -> 
     found = problems(MINIMAL.replace('match: {path: "/orders/{id}", methods: [GET]}',
                                      f'match: {{path_prefix: "{prefix}"}}'))
     assert len(found) == 1 and found[0].startswith("gw.yaml:10: routes[0].match.path_prefix: expected a plain")
+
+
+@pytest.mark.parametrize(("value", "message"), [("-1", "must be at least 0, got -1"),
+                                                ("many", "expected a whole number, got 'many'"),
+                                                ("1.5", "expected a whole number, got 1.5")])
+def test_max_requests_is_a_whole_number_of_zero_or_more(value: str, message: str) -> None:
+    text = MINIMAL.replace("targets: [http://127.0.0.1:8081]\n",
+                           f"targets: [http://127.0.0.1:8081]\n    max_requests: {value}\n")
+    assert [p for p in problems(text) if "upstreams.orders.max_requests" in p and message in p], problems(text)
+    unlimited = load_text(text.replace(f"max_requests: {value}", "max_requests: 0"), "gw.yaml")
+    assert unlimited.upstreams["orders"].max_requests == 0

@@ -37,12 +37,13 @@ PUBLIC_ROUTE = """\
 
 def upstream_yaml(name: str, *targets: str, connect: str = "1s", read: str = "5s", attempts: int = 2,
                   retry_on: str = "[connect_error, 502, 503]", failures: int = 3, window: str = "10s",
-                  open_for: str = "30s", half_open: int = 1, tls: str = "") -> str:
+                  open_for: str = "30s", half_open: int = 1, tls: str = "", max_requests: int | None = None) -> str:
     text = (f"  {name}:\n    targets: [{', '.join(targets)}]\n"
             f"    timeouts: {{connect: {connect}, read: {read}}}\n"
             f"    retries: {{attempts: {attempts}, retry_on: {retry_on}}}\n"
             f"    circuit_breaker: {{failures: {failures}, window: {window}, open_for: {open_for}, "
             f"half_open_requests: {half_open}}}\n")
+    text += f"    max_requests: {max_requests}\n" if max_requests is not None else ""
     return text + (f"    tls: {tls}\n" if tls else "")
 
 

@@ -1,0 +1,142 @@
+"""`upstreams.<name>.max_requests` end to end: requests in flight per target are capped, the excess is shed
+at once with 503 and never counted against a breaker, a slot is held until the answer is done (streamed
+bodies and clients that leave included), and aiohttp's client (TLS targets, WebSockets) has no cap of its
+own that would queue requests past 1000 sessions and blame a healthy target for the wait."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from gateway.devissuer import DevIssuer
+from tests.support.gateway import eventually
+from tests.support.pki import make_pki
+from tests.support.upstreams import Answer, MakeRaw
+from tests.test_resilience_e2e import (
+    WS_ROUTE,
+    MakeUpstream,
+    WsUpstream,
+    gateway_yaml,
+    metric,
+    public_routes,
+    timed,
+    upstream_yaml,
+    ws_upstream,
+)
+
+__all__ = ["ws_upstream"]  # the fixture, used by name
+
+
+async def _shed(gw: Any, path: str) -> None:
+    status, headers, body, elapsed = await timed(gw, "GET", path)
+    assert (status, body["error"], headers.get("Retry-After")) == (503, "upstream_unavailable", "1"), body
+    assert elapsed < 0.25  # at once: not queued behind the requests in flight
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
+async def test_past_max_requests_a_request_is_shed_at_once_and_the_breaker_stays_closed(
+        tls: bool, issuer: DevIssuer, make_upstream: MakeUpstream, tmp_path: Path, gateway_factory: Any) -> None:
+    """Plain targets go through the lean client, TLS ones through aiohttp's: the cap is the same."""
+    ctx, tls_yaml = None, ""
+    if tls:
+        pki = make_pki(tmp_path)
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.load_cert_chain(pki["server"])
+        tls_yaml = f"{{ca_file: {pki['ca']}}}"
+    target = await make_upstream(ssl_context=ctx)
+    target.set_mode("slow", delay=0.6)
+    # failures: 1 -- a single verdict against the target would open its breaker.
+    text = gateway_yaml(issuer.url, [upstream_yaml("up", target.url, attempts=1, failures=1, tls=tls_yaml,
+                                                   max_requests=2)], public_routes("up"))
+    async with gateway_factory(text) as gw:
+        async def answered_503() -> float:
+            return await metric(gw.session, gw.admin_url, "gateway_requests_total",
+                                route="up", method="GET", status="503") or 0.0
+
+        before = await answered_503()  # the registry is the process's: other tests count in it too
+        held = [asyncio.ensure_future(gw.request("GET", f"/up/{i}")) for i in range(2)]
+        await eventually(lambda: asyncio.sleep(0, target.hits == 2), timeout=3)
+        for _ in range(3):
+            await _shed(gw, "/up/x")
+        assert target.hits == 2  # the shed requests never reached it
+        assert [r[0] for r in await asyncio.gather(*held)] == [200, 200]
+        assert await metric(gw.session, gw.admin_url, "gateway_circuit_state", upstream="up", target=target.url) == 0
+        assert await answered_503() - before == 3
+        target.set_mode("echo")
+        statuses = await asyncio.gather(*(gw.request("GET", f"/up/again{i}") for i in range(2)))
+        assert [s[0] for s in statuses] == [200, 200]  # both slots were given back
+
+
+async def test_a_full_target_is_passed_over_for_one_with_room(
+        issuer: DevIssuer, make_upstream: MakeUpstream, gateway_factory: Any) -> None:
+    slow, fast = await make_upstream(), await make_upstream()
+    slow.set_mode("slow", delay=0.6)
+    text = gateway_yaml(issuer.url, [upstream_yaml("up", slow.url, fast.url, attempts=1, max_requests=1)],
+                        public_routes("up"))
+    async with gateway_factory(text) as gw:
+        first = asyncio.ensure_future(gw.request("GET", "/up/1"))  # round robin: the slow target
+        await eventually(lambda: asyncio.sleep(0, slow.hits == 1), timeout=3)
+        assert (await gw.request("GET", "/up/2"))[0] == 200  # round robin: the fast one
+        status, _, _, elapsed = await timed(gw, "GET", "/up/3")  # the slow one's turn, but it is full
+        assert status == 200 and elapsed < 0.3
+        assert (slow.hits, fast.hits) == (1, 2)
+        assert (await first)[0] == 200
+
+
+async def test_a_streamed_answer_holds_its_slot_until_the_client_leaves(
+        issuer: DevIssuer, make_raw_upstream: MakeRaw, gateway_factory: Any) -> None:
+    """The slot is the target's connection: held while the body streams, given back when the client goes
+    away mid-body (a slot lost there would shut the target out for good once `max_requests` leaked)."""
+    def respond(head: bytes, index: int) -> Answer:
+        if b"/up/stream" in head:
+            return b"HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\n" + b"x" * 10, "hang"
+        return b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+    target = await make_raw_upstream(respond)
+    text = gateway_yaml(issuer.url, [upstream_yaml("up", target.url, attempts=1, failures=1, max_requests=1)],
+                        public_routes("up"))
+    async with gateway_factory(text) as gw:
+        for _ in range(3):
+            reader, writer = await asyncio.open_connection("127.0.0.1", gw.app.public_port)
+            writer.write(b"GET /up/stream HTTP/1.1\r\nHost: a\r\n\r\n")
+            assert (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)).startswith(b"HTTP/1.1 200")
+            await _shed(gw, "/up/ok")  # the head is out, the body goes on: the slot is still held
+            writer.close()
+            await writer.wait_closed()
+
+            async def given_back() -> bool:
+                return (await gw.request("GET", "/up/ok"))[0] == 200
+
+            await eventually(given_back, timeout=3)
+        assert await metric(gw.session, gw.admin_url, "gateway_circuit_state", upstream="up", target=target.url) == 0
+
+
+async def test_more_than_a_thousand_websocket_sessions_open(
+        issuer: DevIssuer, ws_upstream: WsUpstream, gateway_factory: Any) -> None:
+    """aiohttp's connector held at most 1000 connections across every TLS target and WebSocket, and a
+    session holds one for its life: the 1001st handshake waited out its timeout, was answered 504 and
+    counted against the target's breaker. The cap is the targets' max_requests now, which sessions are
+    not counted in (they are bounded by the clients' own connections)."""
+    sessions = 1010
+    text = gateway_yaml(issuer.url, [upstream_yaml("ws", ws_upstream.url, connect="1s", read="1s", failures=1)],
+                        WS_ROUTE.replace("    upstream: ws\n", "    upstream: ws\n    auth: {required: false}\n"))
+    async with gateway_factory(text) as gw, aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0)) as client:
+        url = gw.url.replace("http://", "ws://") + "/ws/chat"
+        opened: list[aiohttp.ClientWebSocketResponse] = []
+        try:
+            for start in range(0, sessions, 100):
+                opened += await asyncio.gather(*(client.ws_connect(url) for _ in range(min(100, sessions - start))))
+            last = opened[-1]
+            await last.send_str("hi")
+            assert (await asyncio.wait_for(last.receive(), 5)).data == "?:hi"
+            assert ws_upstream.upgrades == sessions
+        finally:
+            await asyncio.gather(*(ws.close() for ws in opened))
+        state = await metric(gw.session, gw.admin_url, "gateway_circuit_state", upstream="ws", target=ws_upstream.url)
+        assert state == 0
