@@ -86,6 +86,7 @@ class _Conn(ResponseHandler):
         if not data:  # resume_reading() asking the parser to go on with what it holds
             super().data_received(data)
             return
+        first = not self.got_bytes  # the answer's first bytes: `data` begins at a message boundary
         self.got_bytes = True
         if self.pooled:  # an answer to nothing: the connection is out of step, never reuse it
             self._should_close = True
@@ -99,6 +100,8 @@ class _Conn(ResponseHandler):
         try:
             messages, upgraded, tail = parser.feed_data(data)
         except BaseException as underlying:
+            if first and isinstance(underlying, HttpProcessingError) and self._bodiless(data):
+                return
             # As aiohttp does: the connection is cut, the reader gets an HttpProcessingError.
             if self.transport is not None:
                 self.transport.close()
@@ -125,6 +128,37 @@ class _Conn(ResponseHandler):
                 self._drop_timeout()
         if upgraded and tail:
             self.data_received(tail)
+
+    def _bodiless(self, data: bytes) -> bool:
+        """An answer without a body (to HEAD, or 204/304) whose server sent a body anyway, in the same read:
+        the parser ended the answer at its head, then refused the body as the next answer's status line,
+        and the answer went down with it. Parsed again up to the end of its head by a fresh parser, it is
+        handed over alone; the surplus stays unread and the connection is never reused (nginx relays
+        such an answer too). False when the head alone is not such a whole answer."""
+        end = data.find(b"\r\n\r\n")
+        if end < 0:
+            return False
+        self.set_response_params(
+            skip_payload=self._skip_payload, read_until_eof=True, auto_decompress=False,
+            read_timeout=self._read_timeout, max_line_size=_MAX_LINE, max_field_size=_MAX_FIELD,
+        )
+        self.parser_head = None  # this parser is spent: the next request builds its own
+        parser = self._parser
+        assert parser is not None
+        try:
+            messages, _, _ = parser.feed_data(data[:end + 4])
+        except Exception:
+            return False
+        if len(messages) != 1:
+            return False
+        message, _ = messages[0]
+        if message.code < 200 or not (self._skip_payload or message.code in EMPTY_BODY_STATUS_CODES):
+            return False
+        self._should_close = True
+        self._payload = EMPTY_PAYLOAD
+        self.feed_data((message, EMPTY_PAYLOAD), 0)
+        self._drop_timeout()
+        return True
 
     def pause_reading(self) -> None:
         self._held = True  # the parser stops mid-payload and keeps the rest (its tail) until resumed

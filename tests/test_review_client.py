@@ -126,6 +126,30 @@ async def test_bytes_after_the_response_never_become_the_next_answer(
     assert target.connections == 2  # the connection holding the surplus was closed, not reused
 
 
+@pytest.mark.parametrize(("method", "status"), [("HEAD", b"200 OK"), ("GET", b"204 No Content"),
+                                                ("GET", b"304 Not Modified")])
+async def test_a_body_sent_with_a_bodiless_answer_does_not_cost_the_answer(
+    make_raw_upstream: MakeRaw, make_upstreams: Callable[..., Awaitable[Upstreams]], method: str, status: bytes
+) -> None:
+    """Some servers send a body with a HEAD (or 204/304) answer, in the same write as its head. The parser
+    ends the answer at its head and takes the body for the next answer's status line, which it refuses:
+    the answer it had completed was lost with it, and the client got 502 (nginx relays the answer). The
+    answer is relayed now, bodiless, and the connection holding the surplus is never reused."""
+    def respond(head: bytes, i: int) -> Answer:
+        if b" /first " in head:
+            return b"HTTP/1.1 " + status + b"\r\nContent-Length: 2\r\nX-Seen: 1\r\n\r\nok"
+        return ok(b"second")
+
+    target = await make_raw_upstream(respond)
+    ups = await make_upstreams(cfg("bodiless", target.url))
+    resp = await ups.send("bodiless", method, "/first", CIMultiDict(), None)
+    assert (resp.status, resp.headers.get("X-Seen")) == (int(status[:3]), "1")
+    assert await body_of(resp) == b""
+    resp = await ups.send("bodiless", "GET", "/second", CIMultiDict(), None)
+    assert (resp.status, await body_of(resp)) == (200, b"second")
+    assert target.connections == 2  # the connection holding the surplus was closed, not reused
+
+
 async def test_bytes_arriving_on_an_idle_connection_poison_it(
     late_bytes: Callable[[bytes, bytes, float], Awaitable[LateBytes]],
     make_upstreams: Callable[..., Awaitable[Upstreams]],
