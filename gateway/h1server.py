@@ -35,6 +35,7 @@ log = logging.getLogger("gateway")
 KEEPALIVE_TIMEOUT = 75.0  # an idle keep-alive connection is closed after this (nginx's default)
 HEAD_TIMEOUT = 30.0  # a request head must arrive whole within this once it started (slowloris)
 BODY_TIMEOUT = 60.0  # a request body no byte of which arrives for this long fails (nginx client_body_timeout)
+SEND_TIMEOUT = 60.0  # a client that takes no byte of its answer for this long is cut (nginx send_timeout)
 LINGER_TIMEOUT = 10.0  # the unread rest of a refused request's body is read and dropped for this long
 LINGER_CLOSE = 2.0  # after a refusal that closes, what the client still sends is read and dropped this long
 _READ_LIMIT = 2**16  # the payload StreamReader pauses the socket above twice this
@@ -185,7 +186,8 @@ class _Conn(BaseProtocol):
         self._seen_at = 0.0
         self._tail = b""  # bytes after an Upgrade request, handed over with the connection
         self.state: Any = server.conn_state() if server.conn_state is not None else None
-        self.cut = False  # the gateway cut the connection itself (H1Request.abort)
+        self.cut = False  # the gateway cut the connection itself (H1Request.abort, H1Server.close)
+        self.stalled_at = 0.0  # loop time writing was paused (the client stopped taking its answer)
         self.gone = False  # the client left mid-answer, and the task answering was cancelled for it
 
     # -- asyncio callbacks ---------------------------------------------------------------------------
@@ -209,12 +211,16 @@ class _Conn(BaseProtocol):
         self._fail_body(RequestPayloadError("client disconnected"))  # a body reader must not hang
         self._wake()
         task = self._task
-        if self.busy and not self.cut and not self.server.draining and task is not None and not task.done():
+        if self.busy and not self.cut and task is not None and not task.done():
             # The client left while its answer was being made: stop making it, and the upstream call with
             # it (nginx's 499, Envoy's downstream reset), instead of holding the target's connection (and
             # anything it holds) until a long poll or a stalled body ends or times out.
             self.gone = True
             task.cancel()
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        self.stalled_at = self._loop.time()
 
     def eof_received(self) -> bool | None:
         # A FIN is taken as the client going away, as nginx takes it while proxying (499): the transport
@@ -462,6 +468,7 @@ class H1Server:
         self.max_head = 2 * max_line  # a whole request head: a longest request line plus a longest field
         self.keepalive_timeout, self.head_timeout = keepalive_timeout, head_timeout
         self.body_timeout = BODY_TIMEOUT  # read here, so a test may set the module's constant first
+        self.send_timeout = SEND_TIMEOUT
         self.conns: set[_Conn] = set()
         self.tasks: set[asyncio.Task[None]] = set()
         self.draining = False
@@ -490,6 +497,13 @@ class H1Server:
             if conn.transport is None:
                 continue
             if conn.busy or conn._queue:
+                if conn._paused and now - conn.stalled_at > self.send_timeout:
+                    # The client has taken no byte of its answer for that long (it stopped reading, or
+                    # reads slower than a byte per send_timeout): cut, or it holds the answer's upstream
+                    # connection and its target's max_requests slot for as long as it likes. The request
+                    # is cancelled as for a client gone (499).
+                    conn.transport.abort()
+                    continue
                 body = conn._body
                 if body is None or body.is_eof() or conn._reading_paused or conn._buffer_paused:
                     conn._seen = -1  # no body awaited, or we are the slow side (flow control holds the socket)
@@ -527,6 +541,7 @@ class H1Server:
             self._server.close()
         for conn in list(self.conns):
             if conn.transport is not None:
+                conn.cut = True  # the shutdown's cut: its tasks are cancelled below, not as clients gone
                 conn.transport.abort()
         self.conns.clear()
         for task in list(self.tasks):

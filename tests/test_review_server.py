@@ -93,6 +93,30 @@ async def test_client_gone_before_the_answer_is_499_and_the_upstream_call_is_giv
     assert not [r for r in caplog.records if r.name == "gateway" and r.levelno >= logging.ERROR], caplog.records
 
 
+async def test_a_client_gone_during_a_drain_is_499(
+        issuer: DevIssuer, make_raw_upstream: MakeRaw, gateway_factory: Any,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """SIGTERM's drain waits for requests in flight; one whose client leaves meanwhile is the client's
+    doing (499), not the gateway's own error (it was logged 500 when the drain cut it at the end)."""
+    def respond(head: bytes, index: int) -> Answer:
+        return b"", "hang"
+
+    target = await make_raw_upstream(respond)
+    async with gateway_factory(config_text(issuer.url, {"echo": [target.url]}, ROUTES)) as gw:
+        c = await Conn.open(gw.app.public_port)
+        c.writer.write(b"GET /open/poll HTTP/1.1\r\nHost: x\r\n\r\n")
+        await eventually(lambda: asyncio.sleep(0, target.open == 1), timeout=2)
+        errors_before = _count("500")
+        draining = asyncio.ensure_future(gw.app.drain_and_stop())
+        await asyncio.sleep(0.2)
+        await c.close()
+        await asyncio.wait_for(draining, 5)
+        await eventually(lambda: asyncio.sleep(0, target.open == 0), timeout=2)
+        lines = _lines(capsys)
+        assert [(line["path"], line["status"]) for line in lines] == [("/open/poll", 499)], lines
+        assert _count("500") == errors_before
+
+
 async def test_malformed_chunk_mid_body_is_answered_400_and_closed(gw: Any,
                                                                    capsys: pytest.CaptureFixture[str]) -> None:
     """A chunked body that turns malformed after it started streaming upstream: the request fails at

@@ -6,6 +6,7 @@ own that would queue requests past 1000 sessions and blame a healthy target for 
 from __future__ import annotations
 
 import asyncio
+import json
 import ssl
 from pathlib import Path
 from typing import Any
@@ -114,6 +115,40 @@ async def test_a_streamed_answer_holds_its_slot_until_the_client_leaves(
 
             await eventually(given_back, timeout=3)
         assert await metric(gw.session, gw.admin_url, "gateway_circuit_state", upstream="up", target=target.url) == 0
+
+
+async def test_a_client_that_stops_reading_is_cut_after_send_timeout_and_frees_its_slot(
+        issuer: DevIssuer, make_upstream: MakeUpstream, gateway_factory: Any, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A client that reads the head of a large answer and then nothing more, without closing, held the
+    target's slot (and the upstream connection) for as long as it stayed: with max_requests of them, the
+    target answered every other client 503. After send_timeout with no byte taken it is cut (499)."""
+    from gateway import h1server
+    monkeypatch.setattr(h1server, "SEND_TIMEOUT", 1.0)
+    target = await make_upstream()
+    routes = public_routes("up") + "    rewrite: {strip_prefix: /up}\n"  # /up/_bytes/N -> /_bytes/N
+    text = gateway_yaml(issuer.url, [upstream_yaml("up", target.url, attempts=1, failures=1, max_requests=1)],
+                        routes)
+    async with gateway_factory(text) as gw:
+        capsys.readouterr()
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.app.public_port)
+        try:
+            writer.write(b"GET /up/_bytes/268435456 HTTP/1.1\r\nHost: a\r\n\r\n")  # 256 MiB; read no body
+            assert (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)).startswith(b"HTTP/1.1 200")
+            await _shed(gw, "/up/ok")  # the slot is held while the answer is stuck in the buffers
+
+            async def given_back() -> bool:
+                return (await gw.request("GET", "/up/ok"))[0] == 200
+
+            took = await eventually(given_back, timeout=6)
+            assert took < 4.5  # the buffers fill, then 1 s without progress, then the next sweep (1 s)
+        finally:
+            writer.close()
+        await asyncio.sleep(0.1)
+        lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+        assert ("/up/_bytes/268435456", 499) in [(line["path"], line["status"]) for line in lines], lines
+        state = await metric(gw.session, gw.admin_url, "gateway_circuit_state", upstream="up", target=target.url)
+        assert state == 0
 
 
 async def test_more_than_a_thousand_websocket_sessions_open(
