@@ -237,6 +237,11 @@ class H1Response:
         self._pool = pool
         self._conn: _Conn | None = conn
         self._keep = not message.should_close
+        if (conn.parser_head or message.code == 204 or message.code == 304) and _declares_body(message.headers):
+            # An answer without a body whose head declares one (HEAD answered like GET): the server may
+            # still write that body, after the head and maybe later. Taken at once by the next request,
+            # the connection would hand those bytes to it as its answer; the idle check cannot see them.
+            self._keep = False
         self._writer = writer
 
     def release(self) -> None:
@@ -256,6 +261,12 @@ class H1Response:
             self._pool.put(conn)
         else:
             conn.close()
+
+
+def _declares_body(headers: CIMultiDictProxy[str]) -> bool:
+    """A length other than 0, or a transfer coding: the framing of a body (RFC 9112 s6.3)."""
+    length = headers.get("Content-Length")
+    return "Transfer-Encoding" in headers or (length is not None and length.strip(" \t") != "0")
 
 
 def _at_rest(conn: _Conn) -> bool:

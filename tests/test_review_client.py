@@ -150,6 +150,31 @@ async def test_a_body_sent_with_a_bodiless_answer_does_not_cost_the_answer(
     assert target.connections == 2  # the connection holding the surplus was closed, not reused
 
 
+@pytest.mark.parametrize(("method", "first"), [
+    ("HEAD", b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n"),
+    ("HEAD", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"),
+    ("GET", b"HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\n"),
+    ("GET", b"HTTP/1.1 304 Not Modified\r\nContent-Length: 100\r\n\r\n"),
+], ids=["head-length", "head-chunked", "204", "304"])
+async def test_an_answer_that_declares_a_body_it_does_not_carry_is_never_reused(
+    late_bytes: Callable[[bytes, bytes, float], Awaitable[LateBytes]],
+    make_upstreams: Callable[..., Awaitable[Upstreams]], method: str, first: bytes,
+) -> None:
+    """A server that answers HEAD like GET writes the body after the head, maybe in a later write. The
+    answer ends at its head, so the connection went straight back to the pool; the next request taking
+    it at once got that late body parsed as its own answer (here a redirect setting a cookie), which
+    the idle-connection check cannot see. An answer without a body whose head declares one (a length,
+    chunked) now closes its connection."""
+    target = await late_bytes(first, POISON + b"x\r\nContent-Length: 0\r\n\r\n", 0.1)
+    ups = await make_upstreams(cfg("late", target.url))
+    resp = await ups.send("late", method, "/", CIMultiDict(), None)
+    assert await body_of(resp) == b""
+    resp = await ups.send("late", "GET", "/", CIMultiDict(), None)  # at once: before the late bytes
+    assert (resp.status, "Set-Cookie" in resp.headers) == (200, False)
+    assert await body_of(resp) == b"clean"
+    assert target.connections == 2
+
+
 async def test_bytes_arriving_on_an_idle_connection_poison_it(
     late_bytes: Callable[[bytes, bytes, float], Awaitable[LateBytes]],
     make_upstreams: Callable[..., Awaitable[Upstreams]],

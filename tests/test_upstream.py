@@ -620,7 +620,9 @@ async def test_response_framings(
             resp = await get(ups, "frame", f"/{status}")
             assert resp.status == status and await body_of(resp) == b""
         assert await body_of(await get(ups, "frame", "/")) == b"ok"
-    assert target.connections == 1
+    # The HEAD, 204 and 304 answers each declare a body they do not carry: their connections are closed,
+    # not reused (a server might still send that body: test_review_client); the others are reused.
+    assert target.connections == 1 + 2 * 3
 
 
 async def test_response_without_length_is_read_until_the_target_closes(
