@@ -21,7 +21,7 @@ from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from gateway import accesslog, metrics
+from gateway import accesslog, h1server, metrics
 from gateway.config import load, warnings
 from gateway.config_types import Config
 from gateway.errors import (
@@ -417,9 +417,11 @@ class GatewayApp:
             async for chunk in up.iter_chunks():
                 await out.write(chunk)
             await out.write_eof()
-        except (aiohttp.ClientError, TimeoutError, ConnectionError, GatewayError):
+        except (aiohttp.ClientError, TimeoutError, ConnectionError, GatewayError) as exc:
             # The status line is already sent: the only honest signal left is to cut the connection.
             out.abort()
+            if isinstance(exc, ConnectionError):
+                raise  # the client's side failed (gone, or cut for taking nothing): 499, not the upstream's status
         finally:
             up.release()
 
@@ -501,7 +503,15 @@ class _AioReply:
 
     async def write(self, chunk: bytes) -> None:
         assert self._stream is not None
-        await self._stream.write(chunk)
+        # h1server's sweeper does not see this connection (handed to aiohttp's server): a client that
+        # stopped reading would hold the answer's upstream connection and max_requests slot for ever.
+        # Cruder than the sweeper's measure: one write may wait for the buffer to drain that long.
+        try:
+            async with asyncio.timeout(h1server.SEND_TIMEOUT):
+                await self._stream.write(chunk)
+        except TimeoutError:
+            self.abort()
+            raise ConnectionResetError("the client took nothing of its answer for send_timeout") from None
 
     async def write_eof(self) -> None:
         assert self._stream is not None

@@ -14,7 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
+import struct
+import sys
+import termios
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -164,6 +168,20 @@ class H1Request:
             conn.transport.abort()
 
 
+def _unsent(conn: BaseProtocol) -> int | None:
+    """Bytes written to the client and not yet acknowledged by it: the transport's buffer plus the
+    socket's send queue (Linux SIOCOUTQ, the same number as TIOCOUTQ); None where that cannot be read."""
+    transport = conn.transport
+    if transport is None:
+        return None
+    sock = transport.get_extra_info("socket")
+    try:
+        queued = struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+    except (AttributeError, OSError, ValueError):
+        return None
+    return int(transport.get_write_buffer_size()) + int(queued)
+
+
 class _Conn(BaseProtocol):
     """One client connection: parse, queue, answer in order, keep alive or close."""
 
@@ -187,7 +205,8 @@ class _Conn(BaseProtocol):
         self._tail = b""  # bytes after an Upgrade request, handed over with the connection
         self.state: Any = server.conn_state() if server.conn_state is not None else None
         self.cut = False  # the gateway cut the connection itself (H1Request.abort, H1Server.close)
-        self.stalled_at = 0.0  # loop time writing was paused (the client stopped taking its answer)
+        self.stalled_at = 0.0  # loop time the client last took a byte of its answer while writing was paused
+        self.unsent = sys.maxsize  # bytes of the answer not yet taken by the client, at the last sweep
         self.gone = False  # the client left mid-answer, and the task answering was cancelled for it
 
     # -- asyncio callbacks ---------------------------------------------------------------------------
@@ -221,6 +240,7 @@ class _Conn(BaseProtocol):
     def pause_writing(self) -> None:
         super().pause_writing()
         self.stalled_at = self._loop.time()
+        self.unsent = sys.maxsize
 
     def eof_received(self) -> bool | None:
         # A FIN is taken as the client going away, as nginx takes it while proxying (499): the transport
@@ -497,14 +517,14 @@ class H1Server:
             if conn.transport is None:
                 continue
             if conn.busy or conn._queue:
-                if conn._paused and now - conn.stalled_at > self.send_timeout:
-                    # The client has taken no byte of its answer for that long (it stopped reading, or
-                    # reads slower than a byte per send_timeout): cut, or it holds the answer's upstream
-                    # connection and its target's max_requests slot for as long as it likes. The request
-                    # is cancelled as for a client gone (499).
+                body = conn._body
+                if conn._paused and (body is None or body.is_eof()) and self._stalled(conn, now):
+                    # The client has taken no byte of its answer for send_timeout (and is not sending its
+                    # body either, which it may finish before it reads): cut, or it holds the answer's
+                    # upstream connection and its target's max_requests slot for as long as it likes.
+                    # The request is cancelled as for a client gone (499).
                     conn.transport.abort()
                     continue
-                body = conn._body
                 if body is None or body.is_eof() or conn._reading_paused or conn._buffer_paused:
                     conn._seen = -1  # no body awaited, or we are the slow side (flow control holds the socket)
                 elif conn.received != conn._seen:
@@ -518,6 +538,16 @@ class H1Server:
             if now - conn.since > limit:
                 conn.transport.close()
         self._sweeper = self.loop.call_later(1.0, self._sweep)
+
+    def _stalled(self, conn: _Conn, now: float) -> bool:
+        """Has the client taken no byte of its answer for send_timeout? Progress is what is still unsent
+        shrinking (our buffer plus the kernel's send queue): the buffer alone moves only when the kernel
+        frees a third of its own (megabytes), which a slow reader can take minutes to read."""
+        unsent = _unsent(conn)
+        if unsent is None or unsent < conn.unsent:
+            conn.stalled_at = now  # progress (or no way to tell: never cut on a guess)
+        conn.unsent = unsent if unsent is not None else sys.maxsize
+        return now - conn.stalled_at > self.send_timeout
 
     async def drain(self, deadline: float) -> None:
         """Stop accepting; close idle connections now; in-flight answers say Connection: close; at

@@ -8,12 +8,15 @@ from __future__ import annotations
 import asyncio
 import json
 import ssl
+import time
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 
+from gateway import accesslog
 from gateway.devissuer import DevIssuer
 from tests.support.gateway import eventually
 from tests.support.pki import make_pki
@@ -117,9 +120,11 @@ async def test_a_streamed_answer_holds_its_slot_until_the_client_leaves(
         assert await metric(gw.session, gw.admin_url, "gateway_circuit_state", upstream="up", target=target.url) == 0
 
 
+@pytest.mark.parametrize("upgrade", [b"", b"Connection: Upgrade\r\nUpgrade: websocket\r\n"],
+                         ids=["plain", "upgrade-on-a-plain-route"])  # the latter: on aiohttp's server
 async def test_a_client_that_stops_reading_is_cut_after_send_timeout_and_frees_its_slot(
-        issuer: DevIssuer, make_upstream: MakeUpstream, gateway_factory: Any, monkeypatch: pytest.MonkeyPatch,
-        capsys: pytest.CaptureFixture[str]) -> None:
+        upgrade: bytes, issuer: DevIssuer, make_upstream: MakeUpstream, gateway_factory: Any,
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     """A client that reads the head of a large answer and then nothing more, without closing, held the
     target's slot (and the upstream connection) for as long as it stayed: with max_requests of them, the
     target answered every other client 503. After send_timeout with no byte taken it is cut (499)."""
@@ -133,7 +138,7 @@ async def test_a_client_that_stops_reading_is_cut_after_send_timeout_and_frees_i
         capsys.readouterr()
         reader, writer = await asyncio.open_connection("127.0.0.1", gw.app.public_port)
         try:
-            writer.write(b"GET /up/_bytes/268435456 HTTP/1.1\r\nHost: a\r\n\r\n")  # 256 MiB; read no body
+            writer.write(b"GET /up/_bytes/268435456 HTTP/1.1\r\nHost: a\r\n%b\r\n" % upgrade)  # 256 MiB; read no body
             assert (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)).startswith(b"HTTP/1.1 200")
             await _shed(gw, "/up/ok")  # the slot is held while the answer is stuck in the buffers
 
@@ -145,10 +150,79 @@ async def test_a_client_that_stops_reading_is_cut_after_send_timeout_and_frees_i
         finally:
             writer.close()
         await asyncio.sleep(0.1)
+        accesslog.flush()  # lines go out in batches (every 0.5 s)
         lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
         assert ("/up/_bytes/268435456", 499) in [(line["path"], line["status"]) for line in lines], lines
         state = await metric(gw.session, gw.admin_url, "gateway_circuit_state", upstream="up", target=target.url)
         assert state == 0
+
+
+async def test_a_slow_reader_and_a_client_still_uploading_are_not_cut(
+        issuer: DevIssuer, make_upstream: MakeUpstream, gateway_factory: Any,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """send_timeout measures progress, not one pause: a client taking ~160 KB/s of a large answer keeps
+    it (the transport's buffer only shrinks when the kernel frees a third of its own, seconds apart at
+    that rate), and so does a client still sending its body while its answer waits (it reads after)."""
+    from gateway import h1server
+    monkeypatch.setattr(h1server, "SEND_TIMEOUT", 1.0)
+
+    async def echo_as_it_reads(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse()
+        await resp.prepare(request)
+        async for chunk in request.content.iter_any():
+            await resp.write(chunk * 4)  # the answer grows as the body arrives, before it has ended
+        await resp.write_eof()
+        return resp
+
+    app = web.Application()
+    app.router.add_post("/{tail:.*}", echo_as_it_reads)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    streamer = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    target = await make_upstream()
+    routes = (public_routes("up") + "    rewrite: {strip_prefix: /up}\n"
+              + public_routes("echo") + "    rewrite: {strip_prefix: /echo}\n")
+    text = gateway_yaml(issuer.url, [upstream_yaml("up", target.url, attempts=1),
+                                     upstream_yaml("echo", streamer, attempts=1, read="10s")], routes)
+    try:
+        async with gateway_factory(text) as gw:
+            reader, writer = await asyncio.open_connection("127.0.0.1", gw.app.public_port)
+            try:
+                writer.write(b"GET /up/_bytes/268435456 HTTP/1.1\r\nHost: a\r\n\r\n")
+                await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+                taken, started = 0, time.monotonic()
+                while time.monotonic() - started < 5:
+                    taken += len(await asyncio.wait_for(reader.read(16384), 5))  # raises once cut
+                    await asyncio.sleep(0.1)
+                assert taken > 200_000
+            finally:
+                writer.close()
+
+            reader, writer = await asyncio.open_connection("127.0.0.1", gw.app.public_port)
+            try:
+                size = 30 * 2**17  # 3.75 MiB, sent in 30 equal parts
+                writer.write(b"POST /echo/x HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\n\r\n" % size)
+                for _ in range(30):  # over 3 s, reading nothing meanwhile
+                    writer.write(b"x" * (size // 30))
+                    await writer.drain()
+                    await asyncio.sleep(0.1)
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+                assert head.startswith(b"HTTP/1.1 200")
+                body = b""
+                while not body.endswith(b"0\r\n\r\n"):
+                    try:
+                        chunk = await asyncio.wait_for(reader.read(2**20), 5)
+                    except TimeoutError:
+                        raise AssertionError(f"stalled after {len(body)} bytes: {body[-60:]!r}") from None
+                    assert chunk, "cut"
+                    body += chunk
+                assert body.count(b"x") == 4 * size
+            finally:
+                writer.close()
+    finally:
+        await runner.cleanup()
 
 
 async def test_more_than_a_thousand_websocket_sessions_open(
