@@ -226,7 +226,14 @@ class GatewayApp:
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         """Requests that came with an Upgrade (handed to aiohttp's server with their connection)."""
         out = _AioReply(request)
-        await self._serve(request, out, request)
+        try:
+            await self._serve(request, out, request)
+        except ConnectionError:
+            # The client is gone (or was cut), and _serve logged and counted it (499). Raised on, aiohttp's
+            # handle_error would log and count a second line, a 500 with no route.
+            if out.response is None:
+                out.response = web.Response(status=499)
+            out.response.force_close()
         assert out.response is not None
         return out.response
 

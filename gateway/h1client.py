@@ -202,6 +202,14 @@ class _Conn(ResponseHandler):
         self._deadline = None
         self._on_read_timeout()
 
+    def close(self) -> None:
+        transport = self.transport
+        if transport is not None and transport.get_write_buffer_size():
+            # Request bytes still unsent (a body the target stopped reading): close() would wait for them
+            # to go out, and the socket would stay open for as long as the target does not read.
+            transport.abort()
+        super().close()
+
     def connection_lost(self, exc: BaseException | None) -> None:
         super().connection_lost(exc)
         self._deadline = None

@@ -207,6 +207,7 @@ class _Conn(BaseProtocol):
         self.cut = False  # the gateway cut the connection itself (H1Request.abort, H1Server.close)
         self.stalled_at = 0.0  # loop time the client last took a byte of its answer while writing was paused
         self.unsent = sys.maxsize  # bytes of the answer not yet taken by the client, at the last sweep
+        self.heard, self.heard_at = 0, 0.0  # `received` at the sweep that last saw it grow, and when
         self.gone = False  # the client left mid-answer, and the task answering was cancelled for it
 
     # -- asyncio callbacks ---------------------------------------------------------------------------
@@ -518,11 +519,14 @@ class H1Server:
                 continue
             if conn.busy or conn._queue:
                 body = conn._body
-                if conn._paused and (body is None or body.is_eof()) and self._stalled(conn, now):
-                    # The client has taken no byte of its answer for send_timeout (and is not sending its
-                    # body either, which it may finish before it reads): cut, or it holds the answer's
-                    # upstream connection and its target's max_requests slot for as long as it likes.
-                    # The request is cancelled as for a client gone (499).
+                if conn.received != conn.heard:
+                    conn.heard, conn.heard_at = conn.received, now
+                if conn._paused and self._stalled(conn, now) and (
+                        body is None or body.is_eof() or now - conn.heard_at > self.send_timeout):
+                    # The client has taken no byte of its answer for send_timeout, nor sent a byte of its
+                    # body (which it may finish before it reads): cut, or it holds the answer's upstream
+                    # connection and its target's max_requests slot for as long as it likes. The request
+                    # is cancelled as for a client gone (499).
                     conn.transport.abort()
                     continue
                 if body is None or body.is_eof() or conn._reading_paused or conn._buffer_paused:

@@ -6,6 +6,7 @@ own that would queue requests past 1000 sessions and blame a healthy target for 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import ssl
 import time
@@ -153,8 +154,40 @@ async def test_a_client_that_stops_reading_is_cut_after_send_timeout_and_frees_i
         accesslog.flush()  # lines go out in batches (every 0.5 s)
         lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
         assert ("/up/_bytes/268435456", 499) in [(line["path"], line["status"]) for line in lines], lines
+        assert not [line for line in lines if line["status"] == 500], lines  # one line for the cut, not two
         state = await metric(gw.session, gw.admin_url, "gateway_circuit_state", upstream="up", target=target.url)
         assert state == 0
+
+
+async def test_a_client_that_stops_both_sending_its_body_and_reading_is_cut(
+        issuer: DevIssuer, make_upstream: MakeUpstream, gateway_factory: Any,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sparing a client still sending its body must not spare one that stalls both ways: with the buffers
+    full on both sides, the body timeout does not run (we are the ones not reading), so only the send
+    timeout can end it, once no body byte came either."""
+    from gateway import h1server
+    monkeypatch.setattr(h1server, "SEND_TIMEOUT", 1.0)
+    target = await make_upstream()
+    routes = public_routes("up") + "    rewrite: {strip_prefix: /up}\n"
+    text = gateway_yaml(issuer.url, [upstream_yaml("up", target.url, attempts=1, max_requests=1)], routes)
+    async with gateway_factory(text) as gw:
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.app.public_port)
+        try:
+            # The target answers at once and never reads the body: our reading of it stops soon.
+            writer.write(b"GET /up/_bytes/268435456 HTTP/1.1\r\nHost: a\r\nContent-Length: 1000000000\r\n\r\n")
+            with pytest.raises(TimeoutError):
+                for _ in range(200):
+                    writer.write(b"x" * 2**20)
+                    await asyncio.wait_for(writer.drain(), 0.5)
+
+            async def given_back() -> bool:
+                return (await gw.request("GET", "/up/ok"))[0] == 200
+
+            await eventually(given_back, timeout=6)
+            with contextlib.suppress(ConnectionResetError):  # cut by the gateway: a reset, or EOF
+                assert await asyncio.wait_for(reader.read(), 5) == b"" or True
+        finally:
+            writer.close()
 
 
 async def test_a_slow_reader_and_a_client_still_uploading_are_not_cut(
