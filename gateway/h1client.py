@@ -138,10 +138,7 @@ class _Conn(ResponseHandler):
         end = data.find(b"\r\n\r\n")
         if end < 0:
             return False
-        self.set_response_params(
-            skip_payload=self._skip_payload, read_until_eof=True, auto_decompress=False,
-            read_timeout=self._read_timeout, max_line_size=_MAX_LINE, max_field_size=_MAX_FIELD,
-        )
+        self.new_parser(self._skip_payload, self._read_timeout)
         self.parser_head = None  # this parser is spent: the next request builds its own
         parser = self._parser
         assert parser is not None
@@ -159,6 +156,16 @@ class _Conn(ResponseHandler):
         self.feed_data((message, EMPTY_PAYLOAD), 0)
         self._drop_timeout()
         return True
+
+    def new_parser(self, skip: bool, read_timeout: float | None) -> None:
+        """A response parser for answers to HEAD (`skip`: they carry no body, RFC 9110 s9.3.2) or not.
+        read_until_eof: a response without Content-Length or chunked ends when the connection does
+        (RFC 9112 s6.3 item 8)."""
+        self.set_response_params(
+            skip_payload=skip, read_until_eof=True, auto_decompress=False,
+            read_timeout=read_timeout, max_line_size=_MAX_LINE, max_field_size=_MAX_FIELD,
+        )
+        self.parser_head = skip
 
     def pause_reading(self) -> None:
         self._held = True  # the parser stops mid-payload and keeps the rest (its tail) until resumed
@@ -431,14 +438,7 @@ class H1Pool:
         """Write the head (and start the body's writer); the response is then awaited by the caller."""
         conn.got_bytes = False
         if conn.parser_head is not skip:
-            # A new parser when the framing changes: HEAD answers carry no body (RFC 9110 s9.3.2).
-            # read_until_eof: a response without Content-Length or chunked ends when the connection
-            # does (RFC 9112 s6.3 item 8).
-            conn.set_response_params(
-                skip_payload=skip, read_until_eof=True, auto_decompress=False,
-                read_timeout=self.read_timeout, max_line_size=_MAX_LINE, max_field_size=_MAX_FIELD,
-            )
-            conn.parser_head = skip
+            conn.new_parser(skip, self.read_timeout)  # the framing changed (HEAD or not)
         transport = conn.transport
         if transport is None:
             raise aiohttp.ServerDisconnectedError()
