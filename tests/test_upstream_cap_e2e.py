@@ -37,6 +37,20 @@ from tests.test_resilience_e2e import (
 __all__ = ["ws_upstream"]  # the fixture, used by name
 
 
+def _stripped(*names: str) -> str:
+    """Public routes /NAME/... to upstream NAME, the prefix removed (/up/_bytes/N -> /_bytes/N)."""
+    return "".join(public_routes(n) + f"    rewrite: {{strip_prefix: /{n}}}\n" for n in names)
+
+
+async def _served(gw: Any) -> bool:
+    """Does a request to the `up` upstream get through (a slot free)?"""
+    return (await gw.request("GET", "/up/ok"))[0] == 200
+
+
+async def _breaker(gw: Any, upstream: str, target: str) -> float | None:
+    return await metric(gw.session, gw.admin_url, "gateway_circuit_state", upstream=upstream, target=target)
+
+
 async def _shed(gw: Any, path: str) -> None:
     status, headers, body, elapsed = await timed(gw, "GET", path)
     assert (status, body["error"], headers.get("Retry-After")) == (503, "upstream_unavailable", "1"), body
@@ -70,7 +84,7 @@ async def test_past_max_requests_a_request_is_shed_at_once_and_the_breaker_stays
             await _shed(gw, "/up/x")
         assert target.hits == 2  # the shed requests never reached it
         assert [r[0] for r in await asyncio.gather(*held)] == [200, 200]
-        assert await metric(gw.session, gw.admin_url, "gateway_circuit_state", upstream="up", target=target.url) == 0
+        assert await _breaker(gw, "up", target.url) == 0
         assert await answered_503() - before == 3
         target.set_mode("echo")
         statuses = await asyncio.gather(*(gw.request("GET", f"/up/again{i}") for i in range(2)))
@@ -114,11 +128,8 @@ async def test_a_streamed_answer_holds_its_slot_until_the_client_leaves(
             writer.close()
             await writer.wait_closed()
 
-            async def given_back() -> bool:
-                return (await gw.request("GET", "/up/ok"))[0] == 200
-
-            await eventually(given_back, timeout=3)
-        assert await metric(gw.session, gw.admin_url, "gateway_circuit_state", upstream="up", target=target.url) == 0
+            await eventually(lambda: _served(gw), timeout=3)
+        assert await _breaker(gw, "up", target.url) == 0
 
 
 @pytest.mark.parametrize("upgrade", [b"", b"Connection: Upgrade\r\nUpgrade: websocket\r\n"],
@@ -132,7 +143,7 @@ async def test_a_client_that_stops_reading_is_cut_after_send_timeout_and_frees_i
     from gateway import h1server
     monkeypatch.setattr(h1server, "SEND_TIMEOUT", 1.0)
     target = await make_upstream()
-    routes = public_routes("up") + "    rewrite: {strip_prefix: /up}\n"  # /up/_bytes/N -> /_bytes/N
+    routes = _stripped("up")
     text = gateway_yaml(issuer.url, [upstream_yaml("up", target.url, attempts=1, failures=1, max_requests=1)],
                         routes)
     async with gateway_factory(text) as gw:
@@ -143,10 +154,7 @@ async def test_a_client_that_stops_reading_is_cut_after_send_timeout_and_frees_i
             assert (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)).startswith(b"HTTP/1.1 200")
             await _shed(gw, "/up/ok")  # the slot is held while the answer is stuck in the buffers
 
-            async def given_back() -> bool:
-                return (await gw.request("GET", "/up/ok"))[0] == 200
-
-            took = await eventually(given_back, timeout=6)
+            took = await eventually(lambda: _served(gw), timeout=6)
             assert took < 4.5  # the buffers fill, then 1 s without progress, then the next sweep (1 s)
         finally:
             writer.close()
@@ -155,8 +163,7 @@ async def test_a_client_that_stops_reading_is_cut_after_send_timeout_and_frees_i
         lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
         assert ("/up/_bytes/268435456", 499) in [(line["path"], line["status"]) for line in lines], lines
         assert not [line for line in lines if line["status"] == 500], lines  # one line for the cut, not two
-        state = await metric(gw.session, gw.admin_url, "gateway_circuit_state", upstream="up", target=target.url)
-        assert state == 0
+        assert await _breaker(gw, "up", target.url) == 0
 
 
 async def test_a_client_that_stops_both_sending_its_body_and_reading_is_cut(
@@ -168,7 +175,7 @@ async def test_a_client_that_stops_both_sending_its_body_and_reading_is_cut(
     from gateway import h1server
     monkeypatch.setattr(h1server, "SEND_TIMEOUT", 1.0)
     target = await make_upstream()
-    routes = public_routes("up") + "    rewrite: {strip_prefix: /up}\n"
+    routes = _stripped("up")
     text = gateway_yaml(issuer.url, [upstream_yaml("up", target.url, attempts=1, max_requests=1)], routes)
     async with gateway_factory(text) as gw:
         reader, writer = await asyncio.open_connection("127.0.0.1", gw.app.public_port)
@@ -180,10 +187,7 @@ async def test_a_client_that_stops_both_sending_its_body_and_reading_is_cut(
                     writer.write(b"x" * 2**20)
                     await asyncio.wait_for(writer.drain(), 0.5)
 
-            async def given_back() -> bool:
-                return (await gw.request("GET", "/up/ok"))[0] == 200
-
-            await eventually(given_back, timeout=6)
+            await eventually(lambda: _served(gw), timeout=6)
             with contextlib.suppress(ConnectionResetError):  # cut by the gateway: a reset, or EOF
                 assert await asyncio.wait_for(reader.read(), 5) == b"" or True
         finally:
@@ -215,8 +219,7 @@ async def test_a_slow_reader_and_a_client_still_uploading_are_not_cut(
     await site.start()
     streamer = f"http://127.0.0.1:{runner.addresses[0][1]}"
     target = await make_upstream()
-    routes = (public_routes("up") + "    rewrite: {strip_prefix: /up}\n"
-              + public_routes("echo") + "    rewrite: {strip_prefix: /echo}\n")
+    routes = _stripped("up", "echo")
     text = gateway_yaml(issuer.url, [upstream_yaml("up", target.url, attempts=1),
                                      upstream_yaml("echo", streamer, attempts=1, read="10s")], routes)
     try:
@@ -280,5 +283,4 @@ async def test_more_than_a_thousand_websocket_sessions_open(
             assert ws_upstream.upgrades == sessions
         finally:
             await asyncio.gather(*(ws.close() for ws in opened))
-        state = await metric(gw.session, gw.admin_url, "gateway_circuit_state", upstream="ws", target=ws_upstream.url)
-        assert state == 0
+        assert await _breaker(gw, "ws", ws_upstream.url) == 0
