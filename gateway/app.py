@@ -11,7 +11,7 @@ import ssl
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, Protocol
 
 import aiohttp
@@ -23,7 +23,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway import accesslog, h1server, metrics
 from gateway.config import load, warnings
-from gateway.config_types import Config
+from gateway.config_types import Config, UpstreamConfig
 from gateway.errors import (
     AuthError,
     BadGateway,
@@ -254,7 +254,7 @@ class GatewayApp:
                     raise HeaderTooLarge()
                 view = self._view(request, cfg.trusted_proxies)
                 client_ip = view.client_ip
-                body = self._body(request, cfg.max_body_bytes, ex, out)
+                body = self._body(request, cfg.max_body_bytes, ex, out, gateway.config.upstreams)
                 if request.headers.get("Upgrade", "").lower() == "websocket" and self._websocket_route(gateway, view):
                     status = await self._websocket(gateway, aio, view, ex, out, self._current)
                     auth = "ok" if ex.authorized else "none"
@@ -374,7 +374,8 @@ class GatewayApp:
         self._hosts.add(host)
 
     @staticmethod
-    def _body(request: _Req, limit: int, ex: Exchange, out: _Out) -> AsyncIterator[bytes] | None:
+    def _body(request: _Req, limit: int, ex: Exchange, out: _Out,
+              upstreams: Mapping[str, UpstreamConfig]) -> AsyncIterator[bytes] | None:
         if not request.body_exists:
             return None
         if limit and request.content_length is not None and request.content_length > limit:
@@ -383,6 +384,10 @@ class GatewayApp:
 
         async def stream() -> AsyncIterator[bytes]:
             out.send_continue()  # admitted: RFC 9110 s10.1.1, the client may now send the body
+            # A live consumer takes each next chunk within its upstream's read timeout (the upload's own
+            # stall limit, nginx's proxy_send_timeout): while it may, the client is not blamed for waiting.
+            up = upstreams.get(ex.upstream)
+            grace = (up.read_timeout if up is not None else 0.0) + 1.0
             seen = 0
             try:
                 async for chunk in content.iter_chunked(_CHUNK):
@@ -390,6 +395,7 @@ class GatewayApp:
                     if limit and seen > limit:
                         ex.body_too_large = True  # the upstream call fails; the client is told 413
                         raise PayloadTooLarge()
+                    out.body_pulled(grace)
                     yield chunk
             except RequestPayloadError:
                 # The body broke off (malformed chunk, or the client went away): the client's fault, told
@@ -474,6 +480,7 @@ class _Out(Protocol):
     async def write_eof(self) -> None: ...
     def abort(self) -> None: ...
     def send_continue(self) -> None: ...
+    def body_pulled(self, grace: float) -> None: ...
     @property
     def started(self) -> bool: ...  # the status line went out
     @property
@@ -534,6 +541,9 @@ class _AioReply:
 
     def send_continue(self) -> None:
         return None  # aiohttp's low-level server never sent it either; clients send the body after ~1 s
+
+    def body_pulled(self, grace: float) -> None:
+        return None  # no sweeper here: each write is bounded by SEND_TIMEOUT instead
 
 
 def _header_bytes(request: _Req) -> int:

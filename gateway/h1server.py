@@ -95,6 +95,12 @@ class H1Request:
         """The client closed the connection while this request was answered (its task was cancelled)."""
         return self._conn.gone
 
+    def body_pulled(self, grace: float) -> None:
+        """The body's consumer took a chunk and, if alive, takes the next within `grace` seconds: until
+        then, a client whose upload waits on it is not cut for not reading its answer meanwhile."""
+        conn = self._conn
+        conn.pulled_until = conn._loop.time() + grace
+
     def send_continue(self) -> None:
         if self._expect:
             self._expect = False
@@ -209,6 +215,7 @@ class _Conn(BaseProtocol):
         self.unsent = sys.maxsize  # bytes of the answer not yet taken by the client, at the last sweep
         self.heard, self.heard_at = 0, 0.0  # `received` at the sweep that last saw it grow, and when
         self.gone = False  # the client left mid-answer, and the task answering was cancelled for it
+        self.pulled_until = 0.0  # loop time until which the body's consumer may take its next chunk
 
     # -- asyncio callbacks ---------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -519,7 +526,9 @@ class H1Server:
                 continue
             if conn.busy or conn._queue:
                 body = conn._body
-                if conn.received != conn.heard:
+                if conn.received != conn.heard or (conn._reading_paused and now < conn.pulled_until):
+                    # Reading paused while the body's consumer is alive: the body waits on us (on a target
+                    # taking it slowly), not on the client, which may not read before it has sent it all.
                     conn.heard, conn.heard_at = conn.received, now
                 if conn._paused and self._stalled(conn, now) and (
                         body is None or body.is_eof() or now - conn.heard_at > self.send_timeout):

@@ -10,6 +10,7 @@ import contextlib
 import json
 import ssl
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -166,32 +167,137 @@ async def test_a_client_that_stops_reading_is_cut_after_send_timeout_and_frees_i
         assert await _breaker(gw, "up", target.url) == 0
 
 
-async def test_a_client_that_stops_both_sending_its_body_and_reading_is_cut(
-        issuer: DevIssuer, make_upstream: MakeUpstream, gateway_factory: Any,
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    """Sparing a client still sending its body must not spare one that stalls both ways: with the buffers
-    full on both sides, the body timeout does not run (we are the ones not reading), so only the send
-    timeout can end it, once no body byte came either."""
-    from gateway import h1server
-    monkeypatch.setattr(h1server, "SEND_TIMEOUT", 1.0)
-    target = await make_upstream()
-    routes = _stripped("up")
-    text = gateway_yaml(issuer.url, [upstream_yaml("up", target.url, attempts=1, max_requests=1)], routes)
-    async with gateway_factory(text) as gw:
-        reader, writer = await asyncio.open_connection("127.0.0.1", gw.app.public_port)
-        try:
-            # The target answers at once and never reads the body: our reading of it stops soon.
-            writer.write(b"GET /up/_bytes/268435456 HTTP/1.1\r\nHost: a\r\nContent-Length: 1000000000\r\n\r\n")
-            with pytest.raises(TimeoutError):
-                for _ in range(200):
-                    writer.write(b"x" * 2**20)
-                    await asyncio.wait_for(writer.drain(), 0.5)
+class _SlowBodyTarget:
+    """A target that answers at once with `answer` bytes, then takes no byte of the request body for
+    `pause` seconds (None: never), then reads it all; `.taken` counts the body bytes it read."""
 
-            await eventually(lambda: _served(gw), timeout=6)
-            with contextlib.suppress(ConnectionResetError):  # cut by the gateway: a reset, or EOF
-                assert await asyncio.wait_for(reader.read(), 5) == b"" or True
+    def __init__(self, answer: int, pause: float | None) -> None:
+        self.answer, self.pause, self.taken = answer, pause, 0
+        self.server: asyncio.Server | None = None
+        self.writers: set[asyncio.StreamWriter] = set()
+        self.tasks: set[asyncio.Task[Any]] = set()
+        self.stopped = asyncio.Event()
+
+    async def start(self) -> str:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.writers.add(writer)
+        self.tasks.add(asyncio.current_task())  # type: ignore[arg-type]
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % self.answer)
+            writer.write(b"y" * self.answer)  # buffered here: the gateway takes it as its client reads
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopped.wait(), self.pause)  # None: until stopped
+            while chunk := await reader.read(2**20):
+                self.taken += len(chunk)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
         finally:
             writer.close()
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            self.stopped.set()
+            for writer in self.writers:
+                writer.transport.abort()
+            await asyncio.gather(*self.tasks)
+            await self.server.wait_closed()
+
+
+@contextlib.asynccontextmanager
+async def _upload_to(issuer: DevIssuer, gateway_factory: Any, answer: int, pause: float | None,
+                     **upstream: Any) -> AsyncIterator[tuple[_SlowBodyTarget, Any, asyncio.StreamReader,
+                                                          asyncio.StreamWriter]]:
+    """A _SlowBodyTarget behind the gateway's public route /up/, and a raw connection to the gateway."""
+    target = _SlowBodyTarget(answer, pause)
+    try:
+        url = await target.start()
+        text = gateway_yaml(issuer.url, [upstream_yaml("up", url, attempts=1, **upstream)], _stripped("up"))
+        async with gateway_factory(text) as gw:
+            reader, writer = await asyncio.open_connection("127.0.0.1", gw.app.public_port)
+            try:
+                yield target, gw, reader, writer
+            finally:
+                writer.close()
+    finally:
+        await target.stop()
+
+
+async def test_a_client_that_stops_both_sending_its_body_and_reading_is_cut(
+        issuer: DevIssuer, gateway_factory: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sparing a client still sending its body must not spare one that stalls both ways: the target has
+    taken every byte sent so far, the client sends no more and reads nothing of its large answer. Only
+    the send timeout (1 s here, before the 60 s body timeout) ends it, and frees the slot."""
+    from gateway import h1server
+    monkeypatch.setattr(h1server, "SEND_TIMEOUT", 1.0)
+    async with _upload_to(issuer, gateway_factory, 64 * 2**20, 0, read="30s", max_requests=1) as (
+            target, gw, _, writer):
+        writer.write(b"POST /up/x HTTP/1.1\r\nHost: a\r\nContent-Length: 1000000000\r\n\r\n")
+        writer.write(b"x" * 100_000)
+        await writer.drain()
+        await eventually(lambda: _true(target.taken == 100_000), timeout=5)
+        started = time.monotonic()
+        await eventually(lambda: _shed_now(gw), timeout=5)  # the slot is held meanwhile
+        await eventually(lambda: _served(gw), timeout=6)
+        assert time.monotonic() - started < 5  # not the 30 s read timeout, nor the 60 s body timeout
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+async def _shed_now(gw: Any) -> bool:
+    return (await gw.request("GET", "/up/ok"))[0] == 503
+
+
+async def test_an_upload_held_up_by_a_target_not_reading_is_spared_and_ended_by_its_read_timeout(
+        issuer: DevIssuer, gateway_factory: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client uploading without reading its answer, stuck because the target takes no byte of the body:
+    it is the target that stalls, so its read timeout (nginx's proxy_send_timeout) ends the request, not
+    the client's send timeout; and it does end, freeing the slot."""
+    from gateway import h1server
+    monkeypatch.setattr(h1server, "SEND_TIMEOUT", 1.0)
+    async with _upload_to(issuer, gateway_factory, 64 * 2**20, None, read="4s", max_requests=1) as (
+            _, gw, _, writer):
+        writer.write(b"POST /up/x HTTP/1.1\r\nHost: a\r\nContent-Length: 1000000000\r\n\r\n")
+        with pytest.raises(TimeoutError):
+            for _ in range(200):
+                writer.write(b"x" * 2**20)
+                await asyncio.wait_for(writer.drain(), 0.5)
+        stuck = time.monotonic()
+        await asyncio.sleep(2.5)  # past the 1 s send timeout and its sweep
+        assert await _shed_now(gw)  # still held: the client was not cut for the target's stall
+        # The upload gives up after the 4 s read timeout; the client, still not reading, is then cut by
+        # the send timeout once the consumer's grace (read timeout + 1 s) has passed too.
+        await eventually(lambda: _served(gw), timeout=10)
+        assert time.monotonic() - stuck > 3
+
+
+async def test_an_upload_held_up_for_a_while_by_a_target_is_not_cut(
+        issuer: DevIssuer, gateway_factory: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client that sends its whole body before reading its answer, to a target that answers at once and
+    takes the body only after a pause longer than the send timeout: the gateway's reads of the body stop
+    for that pause (its buffers are full), and the client must not be cut for it (it was, before)."""
+    from gateway import h1server
+    monkeypatch.setattr(h1server, "SEND_TIMEOUT", 1.0)
+    size, answer = 16 * 2**20, 32 * 2**20
+    async with _upload_to(issuer, gateway_factory, answer, 3.0, read="10s") as (target, _, reader, writer):
+        writer.write(b"POST /up/x HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\n\r\n" % size)
+        for _ in range(16):
+            writer.write(b"x" * (size // 16))
+            await asyncio.wait_for(writer.drain(), 10)
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 200"), head
+        got = 0
+        while got < answer:
+            chunk = await asyncio.wait_for(reader.read(2**20), 5)
+            assert chunk, f"cut after {got} bytes of the answer"
+            got += len(chunk)
+        await eventually(lambda: _true(target.taken == size), timeout=5)
 
 
 async def test_a_slow_reader_and_a_client_still_uploading_are_not_cut(
