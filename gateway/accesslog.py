@@ -39,8 +39,9 @@ def request_line(ts: str, method: str, raw_path: str, ex: Exchange, status: int,
         if cached is not None:
             who = cached
         else:
-            who = (f',"iss":{_esc(p.iss)},"sub":{_opt(p.subject)},"aud":[{",".join(map(_esc, p.aud))}]'
-                   f',"jti":{_opt(p.jti)}')
+            aud = p.claims.get("aud")  # as the token has it: one string, or a list
+            auds = _esc(aud) if isinstance(aud, str) else f'[{",".join(map(_esc, p.aud))}]'
+            who = f',"iss":{_esc(p.iss)},"sub":{_opt(p.subject)},"aud":{auds},"jti":{_opt(p.jti)}'
             if key:
                 if len(_WHO) >= _WHO_MAX:
                     _WHO.clear()

@@ -9,7 +9,16 @@ from aiohttp import web
 
 from gateway import metrics
 from gateway.config_types import InternalTokenConfig
-from gateway.errors import AuthError, GatewayError, InsufficientScope, InvalidToken
+from gateway.errors import (
+    AuthError,
+    BadRequest,
+    GatewayError,
+    InsufficientScope,
+    InvalidToken,
+    MethodNotAllowed,
+    NotFound,
+    PayloadTooLarge,
+)
 from gateway.identity import request_id_from
 from gateway.keys import discovery_document
 from gateway.matrix import access_matrix
@@ -39,6 +48,27 @@ def _refusal(request: web.Request, code: str, description: str, status: int,
     rid = request_id_from(request.headers)
     return _json({"error": code, "error_description": description, "request_id": rid}, status,
                  {**(headers or {}), "X-Request-Id": rid})
+
+
+@web.middleware
+async def _spec_errors(request: web.Request, handler: Any) -> web.StreamResponse:
+    """aiohttp's own refusals (no such path, a wrong method, an oversized body) in SPEC 5's JSON too,
+    not its plain-text `404: Not Found`."""
+    try:
+        return await handler(request)  # type: ignore[no-any-return]
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        err: GatewayError
+        if exc.status == 404:
+            err = NotFound()
+        elif exc.status == 405:
+            err = MethodNotAllowed(tuple(m.strip() for m in exc.headers.get("Allow", "").split(",") if m.strip()))
+        elif exc.status == 413:
+            err = PayloadTooLarge()
+        else:
+            return _refusal(request, BadRequest.code, exc.reason.lower(), exc.status)
+        return _error(err, request)
 
 
 def admin_app(gw: GatewayApp) -> web.Application:
@@ -118,7 +148,7 @@ def admin_app(gw: GatewayApp) -> web.Application:
         # `gateway routes` says from the file, on the listener that is internal by default.
         return _json(access_matrix(gw.config))
 
-    app = web.Application()
+    app = web.Application(middlewares=[_spec_errors])
     app.router.add_get("/metrics", metrics_view)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

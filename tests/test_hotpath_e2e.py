@@ -219,6 +219,7 @@ async def test_claims_with_quotes_backslashes_unicode_and_controls_log_exactly(
     assert status == 200 and headers["X-Request-Id"] == "client.id:1-2_3"
     line = _lines(logged(capsys))[-1]
     assert line["sub"] == fine and line["auth"] == "ok" and line["request_id"] == "client.id:1-2_3"
+    assert line["aud"] == DEFAULT_AUDIENCE  # one string in the token: one string in the log, not a list
     assert line["jti"] is None or isinstance(line["jti"], str)
 
 

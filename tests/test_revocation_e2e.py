@@ -250,6 +250,18 @@ async def test_admin_refusals_carry_a_request_id(gw: RunningGateway, issuer: Dev
             assert set(body) == {"error", "error_description", "request_id"}
     async with s.post(url, data=b"{}", headers={"X-Request-Id": "trace-42"}) as r:
         assert r.status == 401 and (await r.json())["request_id"] == "trace-42" == r.headers["X-Request-Id"]
+    # aiohttp's own refusals too (they were plain text: `404: Not Found`).
+    admin = gw.admin_url
+    for method, path, want, code in [("GET", "/admin/nothing", 404, "not_found"),
+                                     ("GET", "/admin/revocations", 405, "method_not_allowed"),
+                                     ("DELETE", "/metrics", 405, "method_not_allowed")]:
+        async with s.request(method, admin + path) as r:
+            body = await r.json()
+            assert (r.status, body["error"]) == (want, code), (method, path, body)
+            assert set(body) == {"error", "error_description", "request_id"}
+            assert body["request_id"] == r.headers["X-Request-Id"]
+            if want == 405:
+                assert r.headers["Allow"] in ("POST", "GET", "GET, HEAD", "HEAD, GET"), r.headers["Allow"]
 
 
 # -- Redis down, back, and the on_backend_error policy ---------------------------------------------------------
