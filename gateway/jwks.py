@@ -55,6 +55,9 @@ def parse_jwks(doc: Any, allowed: frozenset[str]) -> list[jwt.PyJWK]:
     for member in doc["keys"]:
         if not isinstance(member, dict) or member.get("use", "sig") != "sig":
             continue
+        ops = member.get("key_ops")  # RFC 7517 s4.3: when given, what the key may be used for
+        if ops is not None and (not isinstance(ops, list) or "verify" not in ops):
+            continue
         if member.get("kty") not in ("RSA", "EC", "OKP"):
             continue
         alg = member.get("alg")

@@ -208,11 +208,16 @@ async def test_unusable_members_are_skipped(issuer: DevIssuer, make_cache: Cache
         {"kty": "EC", "crv": "P-999", "x": "AA", "y": "AA", "kid": "bad-curve"},
         {**public_jwk(generate_key("ES256"), kid="enc", alg="ES256"), "use": "enc"},
         {"kty": "RSA", "kid": "no-modulus", "e": "AQAB"},
+        {**public_jwk(generate_key("ES256"), kid="wrap", alg="ES256"), "key_ops": ["encrypt", "wrapKey"]},
+        {**public_jwk(generate_key("ES256"), kid="ops-text", alg="ES256"), "key_ops": "verify"},
+        {**public_jwk(generate_key("ES256"), kid="verify", alg="ES256"), "key_ops": ["verify"]},
         "not-an-object",
     ]}).encode()
     cache = await make_cache(config(issuer))
-    assert cache.ready and cache.key_count == 1
+    assert cache.ready and cache.key_count == 2  # RFC 7517 s4.3: key_ops, when given, must allow "verify"
     assert await cache.key_for(good["kid"]) is not None
+    assert await cache.key_for("verify") is not None
+    assert await cache.key_for("wrap") is None
 
 
 async def test_rotation_at_issuer_is_picked_up(issuer: DevIssuer, make_cache: CacheFactory) -> None:
