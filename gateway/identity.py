@@ -380,8 +380,7 @@ class TokenMinter:
         }
         if p.subject is not None:
             claims["sub"] = p.subject
-        if scopes:
-            claims["scope"] = " ".join(scopes)
+        claims["scope"] = " ".join(scopes)  # SPEC 4 lists it: present, if empty, when nothing is left
         if p.jti is not None:
             claims["orig_jti"] = p.jti
         if p.tenant is not None:

@@ -54,6 +54,10 @@ class Services:
             keys = KeyStore(itc)
             keys.load()
             minter = TokenMinter(keys, itc)
+        elif self._jwks_cfg != {i.name: i for i in config.issuers}:
+            # A minted token carries claims read through the issuer's `claims` map (tenant, roles, sub):
+            # cached under the same original token, it would keep the old reading. A fresh cache.
+            minter = TokenMinter(keys, itc)
         if self.session is None:
             self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
         try:

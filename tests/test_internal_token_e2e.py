@@ -142,7 +142,7 @@ async def test_upstream_gets_only_a_down_scoped_internal_token(
             "tenant": "acme", "sid": "sess-1", "roles": ["admin", "user"],
         }
 
-        # A user holding none of the route's scopes gets a token with no scope at all, never more.
+        # A user holding none of the route's scopes gets a token with an empty scope, never more.
         status, _, _ = await gw.request("GET", "/orders/7", token=issuer.token({"scope": "profile"}))
         assert status == 200
         internal = echo_upstream.requests[-1][2]["Authorization"].removeprefix("Bearer ")

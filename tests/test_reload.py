@@ -72,3 +72,33 @@ async def test_a_reload_logs_what_gateway_check_would_warn_of(issuer: DevIssuer,
             assert await gw.app.reload(str(path)) is True
         assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == [
             f"{path}: warning: admin.issuer: 'staff' is not a configured issuer; the admin API refuses every token"]
+
+
+async def test_a_reload_that_changes_an_issuers_claims_map_is_seen_in_minted_tokens(
+        issuer: DevIssuer, echo_upstream: EchoUpstream, gateway_factory: Any, tmp_path: Path) -> None:
+    """The minted-token cache is keyed by the original token: after a reload that reads the tenant from
+    another claim, the same token must not keep getting the internal token minted with the old reading."""
+    import jwt
+
+    routes = """\
+  - name: orders
+    match: {path_prefix: /orders/}
+    upstream: svc
+    forward: {identity: token, audience: orders-service}
+"""
+    internal = f"internal_token: {{key_store: {tmp_path / 'keys.json'}}}\n"
+    token = issuer.token({"tenant_id": "acme", "org": "globex"})
+
+    async def tenant_seen() -> str:
+        assert (await gw.request("GET", "/orders/1", token=token))[0] == 200
+        headers = {k.lower(): v for k, v in echo_upstream.requests[-1][2].items()}
+        minted = headers["authorization"].removeprefix("Bearer ")
+        return str(jwt.decode(minted, options={"verify_signature": False})["tenant"])
+
+    async with gateway_factory(config_text(issuer.url, {"svc": [echo_upstream.url]}, routes, extra=internal)) as gw:
+        assert await tenant_seen() == "acme"
+        path = tmp_path / "next.yaml"
+        path.write_text(config_text(issuer.url, {"svc": [echo_upstream.url]}, routes, extra=internal,
+                                    issuer_extra="    claims: {tenant: org}"))
+        assert await gw.app.reload(str(path)) is True
+        assert await tenant_seen() == "globex"
