@@ -147,7 +147,7 @@ async def test_upstream_gets_only_a_down_scoped_internal_token(
         assert status == 200
         internal = echo_upstream.requests[-1][2]["Authorization"].removeprefix("Bearer ")
         _, claims = jose_verify(internal, jwks)
-        assert "scope" not in claims
+        assert claims["scope"] == ""
 
 
 async def test_exp_is_capped_by_the_original_token(issuer: DevIssuer, echo_upstream: EchoUpstream,
@@ -193,6 +193,21 @@ def start_process(gateway_processes: Any, tmp_path: Path, name: str, issuer: Dev
 def rotate_cli(config_path: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "gateway", "keys", "rotate", "-c", str(config_path)],  # noqa: S603
                           capture_output=True, text=True, timeout=30, cwd=ROOT, check=False)
+
+
+def test_cli_rotation_without_an_internal_token_section_uses_the_default_store(
+        issuer: DevIssuer, tmp_path: Path) -> None:
+    """SPEC 3 gives internal_token defaults (key_store var/signing-keys.json): rotating needs no section."""
+    path = tmp_path / "gw.yaml"
+    path.write_text(config_text(issuer.url, {"svc": ["http://127.0.0.1:9"]},
+                                "  - name: p\n    match: {path: /p}\n    upstream: svc\n    auth: {required: false}\n"))
+    done = subprocess.run([sys.executable, "-m", "gateway", "keys", "rotate", "-c", str(path)],  # noqa: S603
+                          capture_output=True, text=True, timeout=30, cwd=tmp_path, check=False,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr
+    store = tmp_path / "var" / "signing-keys.json"
+    keys = json.loads(store.read_text())["keys"]
+    assert len(keys) == 2 and keys[-1]["kid"] in done.stdout and stat.S_IMODE(store.stat().st_mode) == 0o600
 
 
 async def test_cli_rotation_is_picked_up_and_old_tokens_stay_verifiable(
