@@ -196,16 +196,16 @@ class GatewayApp:
             config = await asyncio.get_running_loop().run_in_executor(None, load, path)
             gateway = await self.services.build(config)
         except ConfigError as exc:
-            metrics.config_reloads_total.labels(result="error").inc()
+            _count_reload("error")
             for problem in exc.problems:
                 log.error("reload refused: %s", problem)
             return False
         except Exception as exc:  # noqa: BLE001 - any failure keeps the running config
-            metrics.config_reloads_total.labels(result="error").inc()
+            _count_reload("error")
             log.error("reload refused: %s", exc)
             return False
         self.config, self.gateway = config, gateway  # in-flight requests keep the Gateway they started with
-        metrics.config_reloads_total.labels(result="ok").inc()
+        _count_reload("ok")
         log.info("configuration reloaded from %s", path)
         for line in warnings(config):
             log.warning("%s", line)
@@ -254,7 +254,14 @@ class GatewayApp:
                     raise HeaderTooLarge()
                 view = self._view(request, cfg.trusted_proxies)
                 client_ip = view.client_ip
-                body = self._body(request, cfg.max_body_bytes, ex, out, gateway.config.upstreams)
+                try:
+                    body = self._body(request, cfg.max_body_bytes, ex, out, gateway.config.upstreams)
+                except PayloadTooLarge:
+                    # Logged and counted under its route, as nginx's client_max_body_size is a location's:
+                    # a bad path, no route or a method not allowed is answered first (match raises it).
+                    route = gateway.match(view).route
+                    ex.route, ex.upstream = route.name, route.upstream
+                    raise
                 if request.headers.get("Upgrade", "").lower() == "websocket" and self._websocket_route(gateway, view):
                     status = await self._websocket(gateway, aio, view, ex, out, self._current)
                     auth = "ok" if ex.authorized else "none"
@@ -544,6 +551,11 @@ class _AioReply:
 
     def body_pulled(self, grace: float) -> None:
         return None  # no sweeper here: each write is bounded by SEND_TIMEOUT instead
+
+
+def _count_reload(result: str) -> None:
+    if metrics.COUNTS_RELOADS:
+        metrics.config_reloads_total.labels(result=result).inc()
 
 
 def _header_bytes(request: _Req) -> int:

@@ -83,8 +83,9 @@ def supervise(config_path: str, workers: int) -> int:
         # once, it would miss the workers not yet started, and the group would wait for them for ever.
         signal.pthread_sigmask(signal.SIG_BLOCK, _HELD)
         try:
-            for _ in range(workers):
-                procs.append(subprocess.Popen(cmd, env=env, preexec_fn=_worker_preexec))  # noqa: S603 - our argv
+            for index in range(workers):
+                procs.append(subprocess.Popen(cmd, env={**env, metrics.INDEX_ENV: str(index)},  # noqa: S603 - our argv
+                                              preexec_fn=_worker_preexec))
         finally:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, _HELD)
         while procs:

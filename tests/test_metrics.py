@@ -329,6 +329,15 @@ async def test_two_workers_total_exactly_what_was_sent_and_restart_starts_from_z
             assert all("pid" not in s.labels for s in fam.samples), fam.name
         for family in SPEC_METRICS:
             assert family in m.families, family
+    # One SIGHUP reloads both workers and is counted once (it was counted once per worker).
+    os.kill(two.proc.pid, signal.SIGHUP)
+
+    async def both_reloaded() -> bool:
+        return two.err.read_text().count("configuration reloaded") == 2
+    await eventually(both_reloaded, 10.0)
+    m = await scrape(two.admin_url)
+    assert (m.get("gateway_config_reloads_total", result="ok"), m.get("gateway_config_reloads_total",
+                                                                      result="error")) == (1, 0)
     # Both workers' access logs, still running: every line whole JSON within the 0.5 s flush interval.
     async def all_logged() -> bool:
         return len(two.out.read_text().splitlines()) >= 40

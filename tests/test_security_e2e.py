@@ -318,6 +318,13 @@ async def test_body_over_limit_is_413(issuer: DevIssuer, echo_upstream: EchoUpst
         gw: RunningGateway = running
         status, _, body = await gw.request("POST", "/upload", token=issuer.token(GOOD), data=b"x" * 200000)
         assert status == 413 and body["error"] == "payload_too_large"
+        # Refused by its Content-Length before admission, and still logged and counted under its route
+        # (it was "-"); a path with no route is 404 first, a wrong method 405.
+        from tests.test_resilience_e2e import metric
+        assert await metric(gw.session, gw.admin_url, "gateway_requests_total",
+                            route="upload", method="POST", status="413") == 1
+        assert (await gw.request("POST", "/nothing", data=b"x" * 200000))[0] == 404
+        assert (await gw.request("DELETE", "/upload", data=b"x" * 200000))[0] == 405
 
         async def chunked() -> AsyncIterator[bytes]:
             for _ in range(10):
