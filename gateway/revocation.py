@@ -14,7 +14,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -143,6 +143,15 @@ class _View:
         entry = (self.sub if kind == "subject" else self.sid).get(issuer or "", {}).get(value)
         return entry is not None and entry[0] >= at
 
+    def entries(self) -> Iterator[tuple[str, str, str, float, float]]:
+        """Every entry held, as (kind, issuer, value, T, expires_at); a jti's issuer is "" and its T 0."""
+        for value, expires_at in self.jti.items():
+            yield "jti", "", value, 0.0, expires_at
+        for kind, table in (("subject", self.sub), ("session", self.sid)):
+            for issuer, per_issuer in table.items():
+                for value, (at, expires_at) in per_issuer.items():
+                    yield kind, issuer, value, at, expires_at
+
     def purge(self, now: float) -> None:
         """Drop entries whose key has expired in Redis too (bounded memory)."""
         heap = self._heap
@@ -265,6 +274,25 @@ def _parse_key(key: str, prefix: str) -> tuple[str, str | None, str] | None:
         return kind, None, rest
     issuer, _, value = rest.partition(":")
     return (kind, issuer, value) if issuer and value else None
+
+
+# Writes a revocation back unless its key revokes as much already: absent, or holding a lower T (a
+# subject/session's UNIX time: the later one wins). A jti's "1" is never lower than "1", so for a jti this
+# is SET NX. A value that is not a number revokes everything (_parse_time): left as it is. PX 0: no expiry.
+_RESTORE = """
+local held = redis.call('GET', KEYS[1])
+if held and not (tonumber(held) and tonumber(held) < tonumber(ARGV[1])) then return 0 end
+if ARGV[2] == '0' then redis.call('SET', KEYS[1], ARGV[1]) else redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) end
+return 1
+"""
+
+
+def _stored_form(kind: str, at: float) -> str:
+    """What a key holds for an entry of the view: "1", or T in whole seconds (iat is whole seconds, so
+    iat <= T exactly when iat <= floor(T)); a T that is not finite revokes every token, as MAX_EXP does."""
+    if kind == "jti":
+        return "1"
+    return str(math.floor(at)) if math.isfinite(at) else str(MAX_EXP)
 
 
 def _glob_escape(text: str) -> str:
@@ -431,9 +459,10 @@ class RedisRevocationStore:
         return self._live and _passed_again(self._view, self._results, stamp)
 
     async def check(self, p: Principal) -> None:
-        if self._live:
-            revoked = self._view.revoked(p, self._clock)
-        else:
+        # The view only ever misses revocations, so what it holds is refused even while it is not live
+        # (Redis may be down, or back without the keys: see _restore); what it lacks is asked of Redis.
+        revoked = self._view.revoked(p, self._clock)
+        if not (revoked or self._live):
             direct = await self._check_direct(p)
             if direct is None:
                 return
@@ -444,8 +473,9 @@ class RedisRevocationStore:
         """For a watcher of an open session or request: is `p` revoked now? None when the backend cannot
         tell (on_backend_error does not apply: nothing is refused). Counts nothing: the checks metric
         counts requests."""
-        if self._live:
-            return self._view.revoked(p, self._clock)
+        known = self._view.revoked(p, self._clock)
+        if known or self._live:
+            return known
         return await self._lookup(p)
 
     async def _check_direct(self, p: Principal) -> bool | None:
@@ -565,9 +595,7 @@ class RedisRevocationStore:
                 next_ping = now + PING_EVERY
             self._view.purge(self._clock())
             if now >= next_resync:
-                # Merged into the live view, never swapped: an entry applied meanwhile (this replica's
-                # own write, a message's hint) is kept, and a later T is never lowered by an older read.
-                await self._resync(merge=True)
+                await self._resync()
                 # Messages and PONGs queued meanwhile are read next: the wait was ours, not Redis' silence.
                 last_heard = next_ping = loop.time()
                 next_resync = last_heard + RESYNC_EVERY
@@ -598,11 +626,17 @@ class RedisRevocationStore:
         at = 0.0 if kind == "jti" else _parse_time(stored)
         view.apply(kind, issuer, value, at, expires_at, replace=replace)
 
-    async def _resync(self, *, merge: bool = False) -> None:
-        """Rebuild the view from every key under the prefix (SCAN, then GET + PTTL in batches);
-        merge=True adds what the keys hold to the live view instead of replacing it."""
-        view = self._view if merge else _View()
+    async def _resync(self) -> None:
+        """Add every key under the prefix to the view (SCAN, then GET + PTTL in batches), then write back
+        what the view holds and the keys lack (_restore).
+
+        Merged, never rebuilt: an entry leaves the view only when it expires. Redis can lose keys (a
+        restart without persistence, a failover to a lagging replica, FLUSHDB, eviction) and a replica
+        that knew a revocation must not let the token through again; an entry applied meanwhile (this
+        replica's own write, a message's hint) is kept, and a later T is never lowered by an older read."""
+        view = self._view
         now = self._clock()
+        seen: dict[tuple[str, str, str], float] = {}  # each key found -> the T it holds (a jti's: 0)
         pattern = _glob_escape(self._prefix) + "*"
         cursor = 0
         while True:
@@ -625,14 +659,37 @@ class RedisRevocationStore:
                     stored, pttl = res[2 * i], res[2 * i + 1]
                     if not isinstance(stored, bytes) or not isinstance(pttl, int) or pttl == -2:
                         continue
-                    # A merge adds only what the view lacks: re-applying what it holds would push a
-                    # heap entry per key on every periodic pass.
-                    if merge and view.covers(kind, issuer, value, 0.0 if kind == "jti" else _parse_time(stored)):
+                    at = seen[(kind, issuer or "", value)] = 0.0 if kind == "jti" else _parse_time(stored)
+                    # Only what the view lacks: re-applying what it holds would push a heap entry per
+                    # key on every periodic pass.
+                    if view.covers(kind, issuer, value, at):
                         continue
-                    self._apply_key(kind, issuer, value, stored, pttl, view, now, replace=not merge)
+                    self._apply_key(kind, issuer, value, stored, pttl, view, now, replace=False)
             if cursor == 0:
                 break
-        self._view = view
+        await self._restore(seen)
+
+    async def _restore(self, seen: dict[tuple[str, str, str], float]) -> None:
+        """Write back each live entry of the view whose key the scan did not find (or found with an
+        earlier T), with the life it has left, so that replicas starting later refuse it too.
+        Not published: every replica that knew it holds it still, and a live one lacking it reads it
+        within RESYNC_EVERY. A deliberately deleted key comes back too, while an entry for it lives."""
+        now = self._clock()
+        lost = [
+            (key_for(self._prefix, kind, value, issuer or None), _stored_form(kind, at),
+             0 if expires_at == math.inf else math.ceil((expires_at - now) * 1000))
+            for kind, issuer, value, at, expires_at in self._view.entries()
+            if expires_at > now and not seen.get((kind, issuer, value), -math.inf) >= at  # NaN: write
+        ]
+        if not lost:
+            return
+        pipe = self._redis.pipeline(transaction=False)
+        for key, stored, px in lost:
+            pipe.eval(_RESTORE, 1, key, stored, str(px))
+        written = sum(1 for r in await pipe.execute(raise_on_error=False) if r == 1)
+        if written:
+            log.warning("revocation backend lacked %d live revocation(s) this replica holds; wrote them back",
+                        written)
 
 
 def create_store(cfg: RevocationConfig, *, clock: Clock = time.time) -> RevocationStore:

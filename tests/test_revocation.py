@@ -389,3 +389,62 @@ async def test_memory_check_local_always_answers() -> None:
     assert local_answer(store, principal(jti="m-9")) == "ok"
     await store.revoke("jti", "m-9", None)
     assert local_answer(store, principal(jti="m-9")) == "revoked"
+
+
+# -- Redis losing keys: what a replica knew stays, and is written back -----------------------------------------
+
+async def test_what_the_view_knows_is_refused_while_redis_is_down_whatever_the_policy(
+    make_store: MakeStore, redis_server: RedisServer
+) -> None:
+    deny, allow = await make_store("deny"), await make_store("allow")
+    for store in (deny, allow):
+        await store.revoke("jti", "known", None)
+    redis_server.stop()
+    await until(lambda: asyncio.sleep(0, not deny.ready() and not allow.ready()), within=1.5)
+    denied, allowed = counter("backend_error_denied"), counter("backend_error_allowed")
+    for store in (deny, allow):
+        assert await is_revoked(store, principal(jti="known"))  # 401, not 503 nor a pass
+        assert await store.revoked(principal(jti="known")) is True  # a watcher's look too
+    assert (counter("backend_error_denied"), counter("backend_error_allowed")) == (denied, allowed)
+    with pytest.raises(errors.BackendUnavailable):
+        await deny.check(principal(jti="unknown"))
+
+
+async def test_a_later_t_is_written_over_an_earlier_one_and_an_equal_or_later_one_is_left(
+    make_store: MakeStore, rdb: aioredis.Redis
+) -> None:
+    store = await make_store()
+    t = (await store.revoke("session", "s-lag", "customers"))["at"]
+    await store.revoke("session", "s-later", "customers")
+    lag, later = f"{PREFIX}sid:customers:s-lag", f"{PREFIX}sid:customers:s-later"
+    # A failover to a replica that lags: the key holds an older revocation of the same session.
+    await rdb.set(lag, str(t - 100), ex=60)
+    await rdb.set(later, str(t + 100), ex=60)
+    await rdb.publish(f"{PREFIX}events", b"not json")  # makes the store resync now
+    await until(lambda: _holds(rdb, lag, str(t)), within=1.0)
+    assert LIFETIME - 5 <= await rdb.ttl(lag) <= LIFETIME
+    assert await rdb.get(later) == str(t + 100) and await rdb.ttl(later) <= 60
+    assert await is_revoked(store, principal(jti=None, sid="s-later", iat=t + 100))
+
+
+async def _holds(rdb: aioredis.Redis, key: str, value: str) -> bool:
+    return bool(await rdb.get(key) == value)
+
+
+async def test_keys_lost_without_a_reconnect_are_written_back_by_the_periodic_resync(
+    make_store: MakeStore, rdb: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """FLUSHDB, eviction, or a DEL: the subscription stays up, so only the periodic resync can notice. A
+    deliberate DEL comes back too while the revocation lives (README: a revocation cannot be withdrawn)."""
+    monkeypatch.setattr("gateway.revocation.RESYNC_EVERY", 0.2)
+    store = await make_store()
+    exp = int(time.time()) + 300
+    await store.revoke("jti", "flushed", None, exp=exp)
+    t = (await store.revoke("subject", "alice", "customers"))["at"]
+    await rdb.flushdb()
+    await until(lambda: _holds(rdb, f"{PREFIX}sub:customers:alice", str(t)), within=2.0)
+    await until(lambda: _holds(rdb, f"{PREFIX}jti:flushed", "1"), within=2.0)
+    assert 290 <= await rdb.ttl(f"{PREFIX}jti:flushed") <= 300  # the life it had left
+    later = await make_store()  # a replica started afterwards learns them from Redis
+    assert await is_revoked(later, principal(jti="flushed", sub="bob"))
+    assert await is_revoked(later, principal(jti=None, iat=t))

@@ -309,6 +309,48 @@ async def test_redis_down_deny_answers_503_and_recovers_by_itself(
     await eventually(lambda: _is(gw, fresh, 401), timeout=1.0, interval=0.005)
 
 
+async def test_a_revocation_stays_when_redis_comes_back_empty_and_is_written_back(
+    issuer: DevIssuer, echo_upstream: EchoUpstream, redis_server: RedisServer, rdb: aioredis.Redis,
+    gateway_factory: Any,
+) -> None:
+    """Redis restarted with no data (no persistence, a pod rescheduled with an emptyDir, a failover to a
+    lagging replica): the replica that knew the revocations keeps refusing, and writes them back, so a
+    replica started afterwards refuses too. The rebuilt view used to replace the old one: 200 again."""
+    text = gateway_yaml(issuer, echo_upstream, redis_server.url)
+    async with gateway_factory(text) as gw:
+        victim, in_session = issuer.token({**USER, "jti": "victim-2"}), issuer.token({**USER, "sid": "s-gone"})
+        fine = issuer.token({**USER, "jti": "fine-2"})
+        admin = issuer.token(ADMIN)
+        for body in ({"type": "jti", "value": "victim-2"}, {"type": "session", "value": "s-gone", "issuer": "dev"}):
+            status, answer = await admin_post(gw.session, gw.admin_url, admin, body)
+            assert status == 201, answer
+        at = int(answer["revoked"]["at"])
+        assert [(await gw.request("GET", PATH, token=t))[0] for t in (victim, in_session, fine)] == [401, 401, 200]
+
+        redis_server.stop()
+        await eventually(lambda: _is(gw, fine, 503), timeout=2.0)
+        # While it is down, what the replica knows is refused as revoked; the rest cannot be checked.
+        assert [(await gw.request("GET", PATH, token=t))[0] for t in (victim, in_session, fine)] == [401, 401, 503]
+        redis_server.start()  # same port, empty
+        assert await rdb.dbsize() == 0
+        # Not one 200 for a revoked token on the way back: not while the view is down, not once it is live.
+        seen: set[int] = set()
+        while not await _ready(gw):
+            seen.update([(await gw.request("GET", PATH, token=t))[0] for t in (victim, in_session)])
+            await asyncio.sleep(0.01)
+        assert seen <= {401}, seen
+        assert [(await gw.request("GET", PATH, token=t))[0] for t in (victim, in_session, fine)] == [401, 401, 200]
+        # Written back with the life they had left, the session's T unchanged.
+        assert await rdb.get(f"{PREFIX}jti:victim-2") == "1"
+        assert await rdb.get(f"{PREFIX}sid:dev:s-gone") == str(at)
+        assert 7100 <= await rdb.ttl(f"{PREFIX}jti:victim-2") <= 7230
+        assert 7100 <= await rdb.ttl(f"{PREFIX}sid:dev:s-gone") <= 7230
+
+    # A replica started after the loss learns them from Redis.
+    async with gateway_factory(text) as fresh:
+        assert [(await fresh.request("GET", PATH, token=t))[0] for t in (victim, in_session, fine)] == [401, 401, 200]
+
+
 async def test_redis_down_allow_passes_traffic_through(
     issuer: DevIssuer, echo_upstream: EchoUpstream, redis_server: RedisServer, gateway_factory: Any
 ) -> None:
