@@ -22,7 +22,7 @@ from gateway.errors import (
 from gateway.identity import request_id_from
 from gateway.keys import discovery_document
 from gateway.matrix import access_matrix
-from gateway.routes import HOST_SYNTAX
+from gateway.routes import valid_host
 from gateway.tokens import bearer_token
 
 if TYPE_CHECKING:
@@ -100,7 +100,7 @@ def admin_app(gw: GatewayApp) -> web.Application:
     async def openid_configuration(request: web.Request) -> web.Response:
         # jwks_uri names this listener as the client reached it, so the Host must be a host (a list or a
         # path in it would make the URI point elsewhere), and caches keep one copy per Host (Vary).
-        if HOST_SYNTAX.fullmatch(request.host) is None:
+        if not valid_host(request.host):
             return _refusal(request, "invalid_request", "the Host header is not a valid host", 400)
         jwks_uri = f"{request.scheme}://{request.host}/.well-known/jwks.json"
         # Without an internal_token section SPEC 3's defaults name the issuer; the JWKS is then empty.

@@ -41,7 +41,7 @@ from gateway.identity import client_ip_from, relay_response_headers, request_id_
 from gateway.lifetime import OpenRequests
 from gateway.model import RequestView
 from gateway.pipeline import ConnMemo, Exchange, Gateway
-from gateway.routes import HOST_SYNTAX
+from gateway.routes import valid_host
 from gateway.services import Services
 from gateway.upstream import UpstreamResponse
 
@@ -370,11 +370,12 @@ class GatewayApp:
         )
 
     def _check_host(self, host: str) -> None:
-        """RFC 9110 s7.2 / RFC 3986 s3.2.2: a Host is a host name, IPv4 address or [IP literal], and an
+        """RFC 9110 s7.2 / RFC 3986 s3.2.2: a Host is a host name, IPv4 address or [IPv6 address], and an
         optional port; anything else (a space, `user@`, a path, non-ASCII, `,` `;` and the other
-        sub-delims, percent-encoding) is refused with 400: it would otherwise reach routing and the
-        upstream (X-Forwarded-Host) as given. Valid values are remembered (bounded: a client chooses them)."""
-        if HOST_SYNTAX.fullmatch(host) is None:
+        sub-delims, percent-encoding, an empty label as in `a..b`, a name in brackets) is refused with 400:
+        it would otherwise reach routing and the upstream (X-Forwarded-Host) as given. Valid values are
+        remembered (bounded: a client chooses them)."""
+        if not valid_host(host):
             raise BadHost()
         if len(self._hosts) >= _HOSTS_KEPT:
             self._hosts.clear()

@@ -8,9 +8,9 @@ import aiohttp
 
 from gateway.authz import evaluate
 from gateway.config_types import Config
-from gateway.errors import GatewayError
+from gateway.errors import BadHost, GatewayError
 from gateway.jwks import JwksCache
-from gateway.routes import RouteTable
+from gateway.routes import RouteTable, valid_host
 from gateway.tokens import TokenVerifier
 
 
@@ -31,6 +31,10 @@ async def explain(config: Config, method: str, path: str, host: str, token: str 
     names the host such a route needs, instead of answering 404 for a request no Host was given for."""
     path, host = _target(path, host)
     raw_path, _, _ = path.partition("?")
+    if not valid_host(host):  # the server refuses such a Host before routing (app._check_host)
+        err: GatewayError = BadHost()
+        print(f"{method} {path}: Host {host!r} -> {err.status} {err.code}: {err.description}")
+        return 1
     routes = config.routes if host else tuple(dataclasses.replace(r, host=None) for r in config.routes)
     try:
         match = RouteTable(routes).match(method, raw_path, host.lower())

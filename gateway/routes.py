@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -133,12 +134,34 @@ def check_prefix(prefix: str) -> str | None:
     return check_template(prefix)
 
 
-# A Host's syntax: a host name's characters only, or an [IP literal]; and an optional port. RFC 3986's
+# A Host's syntax: a host name's characters only, or an [IPv6 address]; and an optional port. RFC 3986's
 # reg-name also admits sub-delims (`,` `;` `=` ...) and percent-encoding, which no DNS name holds: relayed
 # in X-Forwarded-Host (or a discovery document's jwks_uri), `x,admin.example.com` reads as a list that
-# names a host the request was not routed as, and `%2E` as a dot once an upstream decodes it. Empty is
-# allowed (RFC 9112 s3.2: an HTTP/1.0 request, or a Host with no value).
-HOST_SYNTAX = re.compile(r"[A-Za-z0-9._~-]*(?::[0-9]{0,5})?|\[[0-9A-Za-z:.%_~-]+\](?::[0-9]{0,5})?")
+# names a host the request was not routed as, and `%2E` as a dot once an upstream decodes it. A name has
+# no empty label (`a..b`, `.a`; RFC 1034 s3.1) and at most the one trailing dot of a fully qualified
+# name: `internal.example.com..` is not `internal.example.com.` to a resolver, and must not skip a
+# host-bound route for a broader one. Empty is allowed (RFC 9112 s3.2: an HTTP/1.0 request, or a Host
+# with no value). Between brackets only an IPv6 address (RFC 3986 s3.2.2), with an RFC 6874 zone of
+# unreserved characters; checked by valid_host, which also parses the address.
+_HOST_SYNTAX = re.compile(
+    r"(?:[A-Za-z0-9_~-]+(?:\.[A-Za-z0-9_~-]+)*\.?)?(?::[0-9]{0,5})?"
+    r"|\[(?P<ip>[0-9A-Fa-f:.]+)(?:%25[A-Za-z0-9._~-]+)?\](?::[0-9]{0,5})?"
+)
+
+
+def valid_host(host: str) -> bool:
+    """Is `host` (a Host header's value) a host name, IPv4 address or [IPv6 address], with an optional port?"""
+    m = _HOST_SYNTAX.fullmatch(host)
+    if m is None:
+        return False
+    ip = m.group("ip")
+    if ip is None:
+        return True
+    try:
+        ipaddress.IPv6Address(ip)  # `[::1:]`, `[1.2.3.4]`, `[:::]` have the characters but are no address
+    except ValueError:
+        return False
+    return True
 
 
 def _norm_host(host: str) -> str:
@@ -172,6 +195,7 @@ class _Compiled:
     route: RouteConfig
     kind: int
     key: str  # exact path, or prefix base
+    slashed: str  # a path route's form with one trailing slash (the path itself if it ends in "/"); prefix: key
     regex: re.Pattern[str] | None
     names: tuple[str, ...]
     host: str | None
@@ -180,7 +204,7 @@ class _Compiled:
 
     def params(self, path: str) -> Mapping[str, str] | None:
         if self.kind == _EXACT:
-            return _NO_PARAMS if path == self.key else None
+            return _NO_PARAMS if path == self.key or path == self.slashed else None
         if self.kind == _PREFIX:
             base = self.key  # "" for the prefix "/", which matches every path
             if path.startswith(base) and (len(path) == len(base) or path[len(base)] == "/"):
@@ -226,18 +250,27 @@ def _compile(index: int, route: RouteConfig) -> _Compiled:
         problem = check_prefix(route.path_prefix)
         if problem:
             raise ValueError(f"route {route.name!r}: {problem}")
-        return _Compiled(index, route, _PREFIX, _prefix_base(route.path_prefix), None, (), host, methods, strip)
+        base = _prefix_base(route.path_prefix)
+        return _Compiled(index, route, _PREFIX, base, base, None, (), host, methods, strip)
     assert route.path is not None
     problem = check_template(route.path)
     if problem:
         raise ValueError(f"route {route.name!r}: {problem}")
-    names = template_params(route.path)
+    # A path also matches with one trailing slash (`/a/{id}` takes `/a/1/`, and so `/a/1//` and `/a/1/.`,
+    # which normalise to it): Express, Spring 5 and others serve `/a/1/` as `/a/1`, so a later, broader
+    # route must not catch that spelling without this route's rules. A path written with its trailing
+    # slash (`/s/`) matches only that form, as before.
+    path = route.path
+    slashed = path if path.endswith("/") else path + "/"
+    names = template_params(path)
     if not names:
-        return _Compiled(index, route, _EXACT, route.path, None, (), host, methods, strip)
+        return _Compiled(index, route, _EXACT, path, slashed, None, (), host, methods, strip)
     pattern = "/" + "/".join(
-        "([^/]+)" if _PARAM.fullmatch(seg) else re.escape(seg) for seg in _split_template(route.path)
+        "([^/]+)" if _PARAM.fullmatch(seg) else re.escape(seg) for seg in _split_template(path)
     )
-    return _Compiled(index, route, _TEMPLATE, route.path, re.compile(pattern), names, host, methods, strip)
+    if slashed != path:
+        pattern += "/?"
+    return _Compiled(index, route, _TEMPLATE, path, slashed, re.compile(pattern), names, host, methods, strip)
 
 
 class RouteTable:
@@ -261,6 +294,8 @@ class RouteTable:
         for c in compiled:
             if c.kind == _EXACT:
                 exact.setdefault(c.key, []).append(c)
+                if c.slashed != c.key:
+                    exact.setdefault(c.slashed, []).append(c)  # the same route, one dict lookup too
         self._exact = {key: merged(_first_segment(key), cs) for key, cs in exact.items()}
         self._any_host = any(c.host is not None for c in compiled)
         self._seen: OrderedDict[tuple[str, str, str], RouteMatch] = OrderedDict()
@@ -352,8 +387,13 @@ def _covers(earlier: _Compiled, later: _Compiled) -> bool:
         return len(have) >= len(want) and all(w == h for w, h in zip(want, have, strict=False))
     if later.kind == _PREFIX:
         return False  # an exact template never matches every depth under a prefix
-    mine = _split_template(earlier.route.path or "")
-    theirs = _split_template(later.route.path or "")
+    mine = _split_template(earlier.key)
+    theirs = _split_template(later.key)
+    if later.slashed == later.key and earlier.slashed != earlier.key:
+        # `later` is written with its trailing slash (`/a/b/`), and `earlier` (`/a/{x}`) takes its paths
+        # with one trailing slash added: compare them without it. (The reverse never covers: `/a/{x}/`
+        # does not match `/a/b`.) When both or neither end in "/", segment by segment is exact.
+        theirs = theirs[:-1]
     if len(mine) != len(theirs):
         return False
     for m, t in zip(mine, theirs, strict=True):

@@ -23,6 +23,7 @@ from gateway.routes import (
     find_shadowed,
     normalize_path,
     template_params,
+    valid_host,
 )
 
 
@@ -173,12 +174,13 @@ def test_exact_template_binds_decoded_params() -> None:
 
 
 def test_param_matches_exactly_one_nonempty_segment() -> None:
-    for path in ("/api/tenants/t/orders", "/api/tenants/t/orders/1/2", "/api/tenants/t/orders/1/"):
+    for path in ("/api/tenants/t/orders", "/api/tenants/t/orders/1/2", "/api/tenants/t/orders/1//2"):
         with pytest.raises(NotFound):
             TABLE.match("GET", path, "x")
     t = RouteTable([route("one", "/a/{x}")])
-    with pytest.raises(NotFound):
-        t.match("GET", "/a/", "h")  # the trailing slash is not an empty parameter
+    for path in ("/a/", "/a//", "/a/."):
+        with pytest.raises(NotFound):
+            t.match("GET", path, "h")  # the trailing slash is not an empty parameter
     # `//` collapses, so an empty tenant is not possible: this is /api/tenants/orders/1 (no match)
     with pytest.raises(NotFound):
         TABLE.match("GET", "/api/tenants//orders/1", "x")
@@ -200,7 +202,7 @@ def test_exact_path_and_method_rules() -> None:
     assert info.value.allow == ("GET",) and info.value.headers["Allow"] == "GET"
     assert info.value.status == 405
     with pytest.raises(NotFound):
-        TABLE.match("GET", "/health/", "h")
+        TABLE.match("GET", "/health/x", "h")
     with pytest.raises(NotFound):
         TABLE.match("GET", "/Health", "h")
 
@@ -244,6 +246,25 @@ def test_host_is_case_insensitive_and_ignores_port() -> None:
     assert t.match("GET", "/a", "[::1]").route.name == "v6"
 
 
+@pytest.mark.parametrize("host", ["", "a.example", "A.Example:8080", "a.example.", "a.example.:80", "a.example:",
+                                  "127.0.0.1:80", "xn--caf-dma.example", "a_b.example", "localhost", "[::1]",
+                                  "[::1]:8080", "[fe80::1%25eth0]", "[::ffff:1.2.3.4]", "[2001:DB8::1]"])
+def test_valid_hosts(host: str) -> None:
+    assert valid_host(host)
+
+
+@pytest.mark.parametrize("host", [
+    "a.example..", "a.example..:80", "a..example", ".a.example", ".", "..",  # empty labels (RFC 1034 s3.1)
+    "[evil.com]", "[evil.com]:80", "[1.2.3.4]", "[::1:]", "[:::]", "[]", "[v1.x]", "[::1", "::1]", "[::1]x",
+    "[fe80::1%eth0]", "[fe80::1%25]", "[fe80::1%25a%2Eb]",  # a zone is `%25` and unreserved characters (RFC 6874)
+    "x,admin.example", "a b", "a.example:80x", "a.example:123456",
+])
+def test_invalid_hosts(host: str) -> None:
+    """Bracketed hosts are IPv6 addresses only (RFC 3986 IP-literal; IPvFuture is refused, as it admits
+    sub-delims); a name has no empty label, and no more than the one trailing dot of an absolute name."""
+    assert not valid_host(host)
+
+
 def test_first_match_in_file_order_wins() -> None:
     assert TABLE.match("GET", "/dup/a", "x").route.name == "first"
     t = RouteTable([route("exact-first", "/dup/a"), route("tmpl", "/dup/{x}")])
@@ -251,6 +272,52 @@ def test_first_match_in_file_order_wins() -> None:
     assert t.match("GET", "/dup/b", "x").route.name == "tmpl"
     t = RouteTable([route("pre", prefix="/dup"), route("exact", "/dup/a")])
     assert t.match("GET", "/dup/a", "x").route.name == "pre"
+
+
+TRAILING = ["/api/tenants/beta/orders/1/", "/api/tenants/beta/orders/1//", "/api/tenants/beta/orders/1/.",
+            "/api/tenants/beta/orders/1/./", "/api/tenants/beta/orders/1/%2e", "/api/tenants/beta/orders/1/x/..",
+            "//api//tenants/beta/orders/1///"]
+
+
+@pytest.mark.parametrize("raw", TRAILING)
+def test_a_path_also_matches_with_one_trailing_slash(raw: str) -> None:
+    """Express (non-strict), Spring 5 and others serve `/x/` as `/x`: every spelling that normalises to a
+    route's path plus one slash takes that route and its rules, instead of falling through to a broader
+    route behind it. The path goes on as it was normalised, slash kept; the parameters are the same."""
+    table = RouteTable([*TABLE_ROUTES, route("api-any", prefix="/api/")])
+    m = table.match("GET", raw, "x")
+    assert (m.route.name, dict(m.params)) == ("orders-read", {"tenant": "beta", "id": "1"})
+    assert (m.path, m.upstream_path) == ("/api/tenants/beta/orders/1/", "/tenants/beta/orders/1/")
+    assert table.match("PATCH", raw, "x").route.name == "api-any"  # as for the path without the slash
+    with pytest.raises(MethodNotAllowed) as info:  # 405 is decided on the same paths
+        TABLE.match("PATCH", raw, "x")
+    assert info.value.allow == ("DELETE", "GET", "HEAD", "PUT")
+    assert table.match("GET", "/api/tenants/beta/orders/1/2/", "x").route.name == "api-any"  # one level only
+
+
+def test_an_exact_path_also_matches_with_one_trailing_slash() -> None:
+    for raw in ("/health/", "/health//", "/health/.", "/health/%2E"):
+        m = TABLE.match("GET", raw, "h")
+        assert (m.route.name, m.path, m.upstream_path) == ("health", "/health/", "/health/")
+        with pytest.raises(MethodNotAllowed) as info:
+            TABLE.match("HEAD", raw, "h")
+        assert info.value.allow == ("GET",)
+    # First match in file order still: the exact path's slash form is in the same bucket as the rest.
+    t = RouteTable([route("a", "/a"), route("pre", prefix="/"), route("a-slash", "/a/")])
+    assert [t.match("GET", p, "h").route.name for p in ("/a", "/a/", "/a/b")] == ["a", "a", "pre"]
+    t = RouteTable([route("a-slash", "/a/"), route("a", "/a")])
+    assert [t.match("GET", p, "h").route.name for p in ("/a", "/a/")] == ["a", "a-slash"]
+    assert RouteTable([route("root", "/")]).match("GET", "//", "h").route.name == "root"
+
+
+def test_a_prefix_ending_in_a_slash_matches_its_bare_path() -> None:
+    """`path_prefix: /api/admin/` takes `/api/admin` too (Envoy's path_separated_prefix), so the bare path
+    never falls through to a catch-all behind it."""
+    t = RouteTable([route("admin", prefix="/api/admin/", strip_prefix="/api"), route("any", prefix="/api/")])
+    for raw in ("/api/admin", "/api/admin/", "/api/admin//", "/api/admin/.", "/api/admin/x/.."):
+        m = t.match("GET", raw, "h")
+        assert (m.route.name, m.upstream_path) == ("admin", m.path[len("/api"):]), raw
+    assert t.match("GET", "/api/adminx", "h").route.name == "any"
 
 
 def test_trailing_slash_and_unreserved_literals() -> None:
@@ -303,6 +370,8 @@ def _reference_find(routes: Sequence[RouteConfig], method: str, path: str, host:
         else:
             assert r.path is not None
             want, have = r.path.split("/"), path.split("/")
+            if want[-1] != "" and have[-1] == "" and len(have) == len(want) + 1:
+                have = have[:-1]  # the path with one trailing slash is the same resource
             if len(want) != len(have):
                 continue
             ok = True
@@ -437,6 +506,15 @@ def shadowed(routes: Sequence[RouteConfig]) -> list[tuple[int, int]]:
         (route("a", "/a/b"), route("b", "/a/b"), True),
         (route("a", "/a/b"), route("b", "/a/{x}"), False),
         (route("a", "/a/{x}"), route("b", "/a/"), False),  # a parameter never matches an empty segment
+        (route("a", "/a"), route("b", "/a/"), True),  # `/a` takes `/a/` as well
+        (route("a", "/a/{x}"), route("b", "/a/b/"), True),
+        (route("a", "/a/{x}"), route("b", "/a/{y}/"), True),
+        (route("a", "/a/{x}/"), route("b", "/a/b"), False),  # the reverse: `/a/{x}/` never takes `/a/b`
+        (route("a", "/a/"), route("b", "/a"), False),
+        (route("a", "/a/b/"), route("b", "/a/b/"), True),
+        (route("a", "/{x}"), route("b", "/"), False),
+        (route("p", prefix="/api/"), route("t", "/api/"), True),
+        (route("p", prefix="/api/x/"), route("t", "/api/x"), True),
         (route("a", "/a/{x}"), route("b", "/a/b/c"), False),
         (route("a", "/a/{x}"), route("b", prefix="/a"), False),
         (route("a", "/a", methods=("GET",)), route("b", "/a", methods=("GET",)), True),
@@ -463,12 +541,28 @@ def test_find_shadowed_reports_first_earlier_route_once() -> None:
 
 def test_find_shadowed_agrees_with_matching() -> None:
     # Whenever find_shadowed says hidden, the table never picks the later route for sample paths.
-    routes = [route("p", prefix="/api/"), route("t", "/api/x/{id}"), route("u", "/b/{x}"), route("v", "/b/c")]
+    routes = [route("p", prefix="/api/"), route("t", "/api/x/{id}"), route("u", "/b/{x}"), route("v", "/b/c"),
+              route("w", "/b/c/"), route("e", "/e"), route("f", "/e/")]
     pairs = shadowed(routes)
-    assert pairs == [(1, 0), (3, 2)]
+    assert pairs == [(1, 0), (3, 2), (4, 2), (6, 5)]
     t = RouteTable(routes)
-    for path in ("/api/x/1", "/b/c"):
-        assert t.match("GET", path, "h").route.name in ("p", "u")
+    for path in ("/api/x/1", "/api/x/1/", "/b/c", "/b/c/", "/e/"):
+        assert t.match("GET", path, "h").route.name in ("p", "u", "e")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(ROUTE_POOL, min_size=2, max_size=5),
+       st.lists(st.lists(st.sampled_from(["a", "b", "c", "", "d"]), max_size=4), min_size=1, max_size=8))
+def test_a_shadowed_route_is_never_chosen(routes: list[RouteConfig], paths: list[list[str]]) -> None:
+    """find_shadowed is sound against the matcher, trailing-slash forms included: a route it calls hidden
+    is never the one chosen, whatever the method."""
+    routes = [dataclasses.replace(r, name=f"{i}:{r.name}") for i, r in enumerate(routes)]
+    hidden = {routes[j].name for j, _ in shadowed(routes)}
+    table = RouteTable(routes)
+    for segs in paths:
+        for method in ("GET", "POST", "DELETE"):
+            got = _outcome(table.match, method, "/" + "/".join(segs), "h")
+            assert not (isinstance(got, RouteMatch) and got.route.name in hidden)
 
 
 # -- templates --------------------------------------------------------------------------------------
