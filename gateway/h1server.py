@@ -201,10 +201,14 @@ class _Conn(BaseProtocol):
         self._closing = False  # no more requests are read on this connection
         self.busy = False  # a request is being answered
         self.since = 0.0  # loop time the connection went idle, or the pending request head began
-        self.partial = False  # bytes of a request head arrived and its end did not yet
+        self.partial = False  # bytes of a request head arrived and its end did not yet (or may have: _end -1)
         self._body: StreamReader | None = None  # the body of the request being answered
         self._last: StreamReader = EMPTY_PAYLOAD  # the body of the request parsed last (the parser's)
+        self._last_chunked = False  # that body is chunked: where it ends is not known from its length
         self._head = 0  # bytes of the request head being received (counted while no body is)
+        # Those bytes, from where that head began: a parse error re-parses them (_salvage). None when
+        # where it began is not known (see _end): a parse error then re-parses nothing.
+        self._pending: bytearray | None = bytearray()
         self.received = 0  # bytes received so far; the sweeper tells a stalled body by it
         self._seen = -1  # `received` when the sweeper last saw it change, and when that was
         self._seen_at = 0.0
@@ -265,11 +269,11 @@ class _Conn(BaseProtocol):
 
         aiohttp's parser raises from feed_data and drops the messages it had completed in that same call,
         so requests pipelined in one segment with a malformed one went unanswered: whether they were
-        served depended on how the client's bytes were cut into segments. Only called when the segment
-        began at a message boundary. A fresh parser, configured as the connection's, is fed the segment
-        up to each blank line in turn until it raises: the messages it returns are those the connection's
-        parser had completed before the error, less the last one if the error is in its body: nothing of
-        that request is forwarded, as when the whole segment was refused."""
+        served depended on how the client's bytes were cut into segments. `data` begins at a message
+        boundary (_since_boundary). A fresh parser, configured as the connection's, is fed it up to each
+        blank line in turn until it raises: the messages it returns are those the connection's parser had
+        completed before the error, less the last one if the error is in its body: nothing of that
+        request is forwarded, as when the whole segment was refused."""
         parser = self._new_parser(self.server)
         out: list[tuple[Any, StreamReader]] = []
         start = 0
@@ -286,6 +290,65 @@ class _Conn(BaseProtocol):
             out.pop()  # the malformed bytes are in its body: refused with them, never handed over in part
         return out
 
+    def _since_boundary(self, data: bytes, in_body: bool, resume: int) -> bytes | None:
+        """The bytes from the message boundary last passed before the end of segment `data` on, or None
+        when where that is cannot be told: parsed again from there, no byte inside a message (a header
+        value that reads as a request) is ever taken for the start of one. `in_body`, `resume`: the
+        segment began in a request's body, which ended at `resume` in it (-1: not known)."""
+        if in_body:
+            return data[resume:] if resume >= 0 else None
+        pending = self._pending
+        if pending is None:
+            return None
+        return bytes(pending) + data if pending else data
+
+    def _end(self, data: bytes, messages: list[tuple[Any, StreamReader]], in_body: bool, resume: int) -> int:
+        """Where in `data` the last request ending in it ends (the parser does not say): what follows is
+        the next request's head. -1 when that cannot be told.
+
+        A head, and a chunked body, ends at a blank line, and the next head has none before its own
+        end: the last blank line in the segment (past the CR/LF the parser skips before a request line;
+        none: the end straddled the segment's start, and only CR/LF of it are in this one). A
+        Content-Length body ends its length after its head's end: counted from where the segment's
+        first request began (its start, the head pending before it, or the end of the body it began
+        in), head to blank line and body by length; a chunked body on the way is not counted. The
+        first head's end is also found when where it began is not known (_pending None), if no CR/LF
+        of its blank line can be in an earlier segment."""
+        if messages:
+            msg, body = messages[-1]
+            if body is not EMPTY_PAYLOAD and not msg.chunked:
+                return self._walk(data, messages, in_body, resume)
+        elif in_body and resume >= 0:
+            return resume  # the Content-Length body the segment began in
+        blank = data.rfind(b"\r\n\r\n")
+        return blank + 4 if blank >= 0 else 0
+
+    def _walk(self, data: bytes, messages: list[tuple[Any, StreamReader]], in_body: bool, resume: int) -> int:
+        """_end for a segment whose last request has a Content-Length body."""
+        buf, pos = data, 0
+        if in_body:
+            if resume < 0:
+                return -1
+            pos = resume
+        elif self._pending is None and data[0] in b"\r\n":
+            return -1  # a head of unknown start was pending: CR/LF here may be of its blank line, or skipped
+        elif self._pending:
+            buf = bytes(self._pending) + data  # the first request's head began in an earlier segment
+        size = len(buf)
+        for msg, body in messages:
+            while pos < size and buf[pos] in b"\r\n":
+                pos += 1
+            pos = buf.find(b"\r\n\r\n", pos)
+            if pos < 0:
+                return -1
+            pos += 4
+            if body is not EMPTY_PAYLOAD:
+                if msg.chunked:
+                    return -1
+                pos += body.total_bytes
+        pos -= size - len(data)
+        return pos if 0 <= pos <= len(data) else -1
+
     def _fail_body(self, exc: BaseException) -> None:
         """Fail the body the parser is in the middle of (its reader would wait for bytes that never come)."""
         body = self._last
@@ -301,41 +364,89 @@ class _Conn(BaseProtocol):
         self.received += len(data)
         parser = self._parser
         assert parser is not None
-        last = self._last
-        in_head = last is EMPTY_PAYLOAD or last.is_eof()  # no body is being received: a head is (or none)
+        last, chunked = self._last, self._last_chunked
+        in_body = last is not EMPTY_PAYLOAD and not last.is_eof()  # the segment begins in a request's body
+        before = last.total_bytes if in_body else 0
         refused = None
         try:
             messages, upgraded, tail = parser.feed_data(data)
         except HttpProcessingError as exc:
+            messages, upgraded, tail, refused = [], False, b"", exc
+        resume = 0  # where in `data` the body the segment began in ended (-1: not known, a chunked one)
+        if in_body:
+            resume = -1 if chunked or not last.is_eof() else last.total_bytes - before
+        if refused is not None:
             # A malformed chunk mid-body: the request streaming that body fails now, instead of waiting
             # for bytes the parser will never deliver.
             self._fail_body(RequestPayloadError("malformed request body"))
-            refused, upgraded, tail = exc, False, b""
-            # The segment began a message: the requests before the malformed bytes are whole, answered first.
-            messages = self._salvage(data) if in_head and self._head == 0 else []
+            # The requests before the malformed bytes are whole, answered first: parsed again from the
+            # start of the message the segment began in, when that is known.
+            since = self._since_boundary(data, in_body, resume)
+            messages = self._salvage(since) if since is not None else []
         if messages:
             self._queue.extend(messages)
             self._last = messages[-1][1]
-            self._head = 0
-            self.partial = False
+            self._last_chunked = messages[-1][0].chunked
             self._wake()
             if len(self._queue) >= _MAX_QUEUE and not self._buffer_paused:
                 self._pause_reading_for_buffer()  # a client pipelining faster than we answer waits
-        elif data and in_head and refused is None:
-            # The parser bounds each line and the number of fields, not their sum (1000 fields of 64 KiB):
-            # a head is refused once it passes max_head, not buffered whole first.
-            self._head += len(data)
-            if self._head > self.server.max_head:
-                self._refuse_input(LineTooLong(b"request head", self.server.max_head))
-                return
-            if not self.partial and not self.busy and not self._queue:
-                self.partial, self.since = True, self._loop.time()
+        if refused is not None:
+            self._refuse_input(refused)
+            return
         if upgraded:
             self._upgraded = True
             self._tail = tail
             self._pause_transport_reading()
-        if refused is not None:
-            self._refuse_input(refused)
+            return
+        body = self._last
+        if body is EMPTY_PAYLOAD:
+            if messages and data.endswith(b"\r\n\r\n"):  # the common case: whole requests without a body
+                if self._head or self.partial or self._pending is None:
+                    self._no_head()
+                return
+        elif not body.is_eof():
+            if messages and (self._head or self.partial or self._pending is None):
+                self._no_head()  # a request's body is being received, not a head
+            return
+        if messages or in_body:
+            # A request ended in this segment: what follows it is the next one's head, however the bytes
+            # were cut into segments (counted toward max_head, under the head timeout, re-parsed on error).
+            end = self._end(data, messages, in_body, resume)
+            if end < 0:
+                # Where the next head begins is not known: none is re-parsed, and the connection waits
+                # under the head timeout, in case one began.
+                self._head, self._pending = 0, None
+                self._head_began()
+                return
+            if self._head or self.partial or self._pending is None:
+                self._no_head()
+            if end == len(data):
+                return
+            data = data[end:]
+        if self._head == 0:
+            data = data.lstrip(b"\r\n")  # CR/LF before a request line (RFC 9112 s2.2): the parser skips them
+            if not data:
+                return
+        # The parser bounds each line and the number of fields, not their sum (1000 fields of 64 KiB):
+        # a head is refused once it passes max_head, not buffered whole first.
+        self._head += len(data)
+        if self._head > self.server.max_head:
+            self._refuse_input(LineTooLong(b"request head", self.server.max_head))
+            return
+        if self._pending is not None:
+            self._pending += data
+        self._head_began()
+
+    def _no_head(self) -> None:
+        """The parser is at a message boundary, or in a body."""
+        self._head, self._pending, self.partial = 0, bytearray(), False
+
+    def _head_began(self) -> None:
+        """A request head is pending: the head timeout applies from when the connection is idle."""
+        if not self.partial:
+            self.partial = True
+            if not self.busy and not self._queue:
+                self.since = self._loop.time()
 
     def _refuse_input(self, exc: HttpProcessingError) -> None:
         """Read no more: the requests parsed before `exc` are answered, then `exc` is (and the socket closes)."""

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from aiohttp.http_exceptions import LineTooLong
 from multidict import CIMultiDict
 
 from gateway.devissuer import DevIssuer
@@ -58,6 +60,15 @@ class Conn:
         n = int(headers.get("content-length", "0"))
         body = await asyncio.wait_for(self.reader.readexactly(n), 5) if n else b""
         return status, headers, body
+
+    async def segments(self, *parts: bytes, gap: float = 0.3) -> None:
+        """Each part in a TCP segment of its own (Nagle off), `gap` seconds apart: the server reads it alone."""
+        self.writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for i, part in enumerate(parts):
+            if i:
+                await asyncio.sleep(gap)
+            self.writer.write(part)
+            await self.writer.drain()
 
     async def closed(self, within: float = 5) -> bool:
         return await asyncio.wait_for(self.reader.read(), within) == b""
@@ -178,6 +189,37 @@ async def test_a_body_malformed_in_the_same_segment_refuses_its_own_request_only
     assert [path for _, path, _ in echo_upstream.requests] == ["/open/a", "/open/b"]
 
 
+PIPELINED = (b"GET /open/a HTTP/1.1\r\nHost: x\r\n\r\n"
+             b"POST /open/b HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nhelloworld"
+             b"GET /open/c HTTP/1.1\r\nHost: x\r\n\r\n"
+             b"GET /open/d HTTP/1.1\r\nHost: x\r\nBad Name: y\r\n\r\n")
+
+
+@pytest.mark.parametrize("cut", [
+    PIPELINED.index(b"HTTP/1.1"),  # in the first request line
+    PIPELINED.index(b"POST"),  # between two requests
+    PIPELINED.index(b"Content-Length"),  # in a head
+    PIPELINED.index(b"Content-Length") + 20,  # between a head's last field and its blank line
+    PIPELINED.index(b"hello"),  # where a body begins
+    PIPELINED.index(b"world"),  # in a body
+    PIPELINED.index(b"GET /open/c"),  # where a body ends
+    PIPELINED.index(b"/open/c"),  # in the last good request's head
+    PIPELINED.index(b"Bad"),  # in the malformed head
+])
+async def test_requests_pipelined_before_a_malformed_one_are_answered_however_the_bytes_are_cut(
+        gw: Any, echo_upstream: EchoUpstream, cut: int) -> None:
+    """The same bytes in two segments: the requests before the malformed one are answered whichever
+    segment the parser raises in and wherever the segment before it ended, as when all came in one."""
+    c = await Conn.open(gw.app.public_port)
+    await c.segments(PIPELINED[:cut], PIPELINED[cut:], gap=0.15)
+    answers = [await c.response() for _ in range(4)]
+    assert [status for status, _, _ in answers] == [200, 200, 200, 400], cut
+    assert [json.loads(body)["path"] for _, _, body in answers[:3]] == ["/open/a", "/open/b", "/open/c"]
+    assert json.loads(answers[1][2])["body_length"] == 10 and await c.closed()
+    await c.close()
+    assert [path for _, path, _ in echo_upstream.requests] == ["/open/a", "/open/b", "/open/c"]
+
+
 async def test_head_has_no_body(gw: Any) -> None:
     c = await Conn.open(gw.app.public_port)
     c.writer.write(b"HEAD /open/a HTTP/1.1\r\nHost: x\r\n\r\nGET /open/b HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -225,6 +267,81 @@ async def test_idle_keep_alive_and_slow_heads_are_closed() -> None:
         assert time.monotonic() - started < 3.5
         await idle.close()
         await slow.close()
+    finally:
+        await server.close()
+
+
+def _head_cap(exc: BaseException | None, status: int, remote: str | None) -> tuple[int, CIMultiDict[str], bytes]:
+    return (431 if isinstance(exc, LineTooLong) else status), CIMultiDict(), b"refused"
+
+
+_FIELD = b"X-Pad: " + b"p" * 60 + b"\r\n"  # 69 bytes: far below max_line (100) on its own
+
+
+@pytest.mark.parametrize("parts", [
+    # The next request's head follows a whole one in the segment; with the next segment it passes
+    # max_head (200), though neither segment alone holds 200 bytes of it.
+    [b"GET / HTTP/1.1\r\nHost: x\r\n\r\nGET / HTTP/1.1\r\n" + _FIELD * 2, _FIELD],
+    # It passes max_head within the segment that completed the request before it.
+    [b"GET / HTTP/1.1\r\nHost: x\r\n\r\nGET / HTTP/1.1\r\n" + _FIELD * 3],
+    # It follows the end of a body that began in the segment before.
+    [b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhe", b"lloGET / HTTP/1.1\r\n" + _FIELD * 2, _FIELD],
+])
+async def test_the_head_cap_counts_a_head_begun_after_a_whole_request_in_its_segment(parts: list[bytes]) -> None:
+    server = H1Server(_ok, _head_cap, asyncio.Protocol, max_line=100)
+    port = await server.listen("127.0.0.1", 0)
+    try:
+        c = await Conn.open(port)
+        await c.segments(*parts, gap=0.1)
+        assert (await c.response())[0] == 200
+        status, headers, _ = await c.response()
+        assert (status, headers["connection"]) == (431, "close") and await c.closed()
+        await c.close()
+    finally:
+        await server.close()
+
+
+@pytest.mark.parametrize("parts", [
+    [b"GET / HTTP/1.1\r\nHost: x\r\n\r\nGET / HTTP/1.1\r\nHost:"],
+    [b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello" b"GET / HTTP/1.1\r\nHost:"],
+    [b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\nGET / HTTP/1.1\r\nHost:"],
+    [b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhe", b"lloGET / HTTP/1.1\r\nHost:"],
+])
+async def test_the_head_timeout_applies_to_a_head_begun_after_a_whole_request_in_its_segment(
+        parts: list[bytes]) -> None:
+    """Not the keep-alive timeout (30 s here): the connection waits on a request head (slowloris)."""
+    server = H1Server(_ok, _never, asyncio.Protocol, max_line=8190, keepalive_timeout=30, head_timeout=0.5)
+    port = await server.listen("127.0.0.1", 0)
+    try:
+        c = await Conn.open(port)
+        await c.segments(*parts, gap=0.1)
+        started = time.monotonic()
+        assert (await c.response())[0] == 200
+        assert await c.closed(4) and time.monotonic() - started < 3.5
+        await c.close()
+    finally:
+        await server.close()
+
+
+async def test_a_whole_request_leaves_the_keep_alive_timeout() -> None:
+    """What ends a segment at a request's end (its blank line, body or last chunk; a stray CRLF after a
+    body, RFC 9112 s2.2) starts no head: the idle connection gets the keep-alive timeout, not the head's."""
+    server = H1Server(_ok, _never, asyncio.Protocol, max_line=8190, keepalive_timeout=30, head_timeout=0.5)
+    port = await server.listen("127.0.0.1", 0)
+    requests = [b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+                b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 9\r\n\r\nab\r\n\r\ncd\r",
+                b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n4\r\n\r\n\r\n\r\n0\r\n\r\n",
+                b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello\r\n"]
+    try:
+        conns = [await Conn.open(port) for _ in requests]
+        for c, request in zip(conns, requests, strict=True):
+            await c.segments(request * 2)
+            assert [(await c.response())[0] for _ in range(2)] == [200, 200]
+        await asyncio.sleep(2.5)
+        for c, request in zip(conns, requests, strict=True):
+            c.writer.write(request)
+            assert (await c.response())[0] == 200
+            await c.close()
     finally:
         await server.close()
 

@@ -73,6 +73,41 @@ async def test_ambiguous_framing_is_refused_and_nothing_smuggled(gw: Any, case: 
         assert gw.echo.hits == 0, case
 
 
+_SMUGGLED = b"GET /open/smuggled HTTP/1.1\r\nHost: a\r\n\r\n\x01BAD\r\n\r\n"
+
+
+@pytest.mark.parametrize(("parts", "answered"), [
+    # The review's reproduction: the second request's head is cut in its X-Foo value.
+    ([b"GET /open/first HTTP/1.1\r\nHost: a\r\n\r\nGET /open/second HTTP/1.1\r\nX-Foo: ", _SMUGGLED],
+     ["/open/first", "/open/second"]),
+    # The head follows the end of a chunked body that began in the segment before.
+    ([b"POST /open/first HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n",
+      b"0\r\n\r\nGET /open/second HTTP/1.1\r\nX-Foo: ", _SMUGGLED],
+     ["/open/first", "/open/second"]),
+    # A chunked request, then one with a Content-Length body, then the cut head, in one segment: where the
+    # second request's body ends cannot be told without parsing the first one's chunks, so nothing of the
+    # segment with the malformed bytes is answered but its 400.
+    ([b"POST /open/first HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+      b"POST /open/first2 HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nabc"
+      b"GET /open/second HTTP/1.1\r\nX-Foo: ", _SMUGGLED],
+     ["/open/first", "/open/first2"]),
+])
+async def test_a_head_cut_between_segments_is_never_parsed_again_as_a_request(
+        gw: Any, parts: list[bytes], answered: list[str]) -> None:
+    """A parse error in a segment that began inside a request head: the bytes of that head (here an
+    X-Foo value that reads as a request line) are never served as a request of their own."""
+    conn = await Conn.open(gw.app.public_port)
+    await conn.segments(*parts)
+    answers = [await conn.response() for _ in range(len(answered) + 1)]
+    assert [status for status, _, _ in answers] == [200] * len(answered) + [400]
+    assert [json.loads(body)["path"] for _, _, body in answers[:-1]] == answered
+    if "/open/second" in answered:
+        assert json.loads(answers[-2][2])["headers"]["X-Foo"] == "GET /open/smuggled HTTP/1.1"
+    assert answers[-1][1]["connection"] == "close" and await conn.closed()
+    await conn.close()
+    assert [path for _, path, _ in gw.echo.requests] == answered  # never /open/smuggled
+
+
 UPGRADE = (b"GET /open/up HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
 
