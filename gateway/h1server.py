@@ -364,54 +364,49 @@ class _Conn(BaseProtocol):
         self.received += len(data)
         parser = self._parser
         assert parser is not None
-        last, chunked = self._last, self._last_chunked
-        in_body = last is not EMPTY_PAYLOAD and not last.is_eof()  # the segment begins in a request's body
-        before = last.total_bytes if in_body else 0
-        refused = None
+        last = self._last
+        # The segment begins in a request's body: how much of it the body had, to tell where it ends.
+        in_body = last is not EMPTY_PAYLOAD and not last.is_eof()
+        before, chunked = (last.total_bytes, self._last_chunked) if in_body else (0, False)
         try:
             messages, upgraded, tail = parser.feed_data(data)
         except HttpProcessingError as exc:
-            messages, upgraded, tail, refused = [], False, b"", exc
-        resume = 0  # where in `data` the body the segment began in ended (-1: not known, a chunked one)
-        if in_body:
-            resume = -1 if chunked or not last.is_eof() else last.total_bytes - before
-        if refused is not None:
-            # A malformed chunk mid-body: the request streaming that body fails now, instead of waiting
-            # for bytes the parser will never deliver.
-            self._fail_body(RequestPayloadError("malformed request body"))
-            # The requests before the malformed bytes are whole, answered first: parsed again from the
-            # start of the message the segment began in, when that is known.
-            since = self._since_boundary(data, in_body, resume)
-            messages = self._salvage(since) if since is not None else []
+            self._malformed(data, exc, self._resume(last, in_body, before, chunked), in_body)
+            return
         if messages:
             self._queue.extend(messages)
-            self._last = messages[-1][1]
-            self._last_chunked = messages[-1][0].chunked
+            msg, body = messages[-1]
+            self._last = body
             self._wake()
             if len(self._queue) >= _MAX_QUEUE and not self._buffer_paused:
                 self._pause_reading_for_buffer()  # a client pipelining faster than we answer waits
-        if refused is not None:
-            self._refuse_input(refused)
-            return
-        if upgraded:
+            if upgraded:
+                self._upgraded = True
+                self._tail = tail
+                self._pause_transport_reading()
+                return
+            if body is EMPTY_PAYLOAD:
+                if data.endswith(b"\r\n\r\n"):  # the common case: whole requests without a body
+                    if self._head or self.partial or self._pending is None:
+                        self._no_head()
+                    return
+            else:
+                self._last_chunked = msg.chunked
+                if not body.is_eof():
+                    if self._head or self.partial or self._pending is None:
+                        self._no_head()  # a request's body is being received, not a head
+                    return
+        elif upgraded:
             self._upgraded = True
             self._tail = tail
             self._pause_transport_reading()
             return
-        body = self._last
-        if body is EMPTY_PAYLOAD:
-            if messages and data.endswith(b"\r\n\r\n"):  # the common case: whole requests without a body
-                if self._head or self.partial or self._pending is None:
-                    self._no_head()
-                return
-        elif not body.is_eof():
-            if messages and (self._head or self.partial or self._pending is None):
-                self._no_head()  # a request's body is being received, not a head
-            return
+        elif in_body and not last.is_eof():
+            return  # still in that body
         if messages or in_body:
             # A request ended in this segment: what follows it is the next one's head, however the bytes
             # were cut into segments (counted toward max_head, under the head timeout, re-parsed on error).
-            end = self._end(data, messages, in_body, resume)
+            end = self._end(data, messages, in_body, self._resume(last, in_body, before, chunked))
             if end < 0:
                 # Where the next head begins is not known: none is re-parsed, and the connection waits
                 # under the head timeout, in case one began.
@@ -436,6 +431,28 @@ class _Conn(BaseProtocol):
         if self._pending is not None:
             self._pending += data
         self._head_began()
+
+    @staticmethod
+    def _resume(last: StreamReader, in_body: bool, before: int, chunked: bool) -> int:
+        """Where in the segment the body it began in (`last`, holding `before` bytes then) ended: 0 when it
+        began in none, -1 when that is not known (a chunked body, or one not ended yet)."""
+        if not in_body:
+            return 0
+        return -1 if chunked or not last.is_eof() else last.total_bytes - before
+
+    def _malformed(self, data: bytes, exc: HttpProcessingError, resume: int, in_body: bool) -> None:
+        """feed_data raised: fail a body it was in, answer the requests before the malformed bytes (parsed
+        again from the start of the message the segment began in, when that is known), then refuse."""
+        # A malformed chunk mid-body: the request streaming that body fails now, instead of waiting for
+        # bytes the parser will never deliver.
+        self._fail_body(RequestPayloadError("malformed request body"))
+        since = self._since_boundary(data, in_body, resume)
+        messages = self._salvage(since) if since is not None else []
+        if messages:
+            self._queue.extend(messages)
+            self._last = messages[-1][1]
+            self._wake()
+        self._refuse_input(exc)
 
     def _no_head(self) -> None:
         """The parser is at a message boundary, or in a body."""
