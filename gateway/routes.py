@@ -195,7 +195,6 @@ class _Compiled:
     route: RouteConfig
     kind: int
     key: str  # exact path, or prefix base
-    slashed: str  # a path route's form with one trailing slash (the path itself if it ends in "/"); prefix: key
     regex: re.Pattern[str] | None
     names: tuple[str, ...]
     host: str | None
@@ -204,7 +203,7 @@ class _Compiled:
 
     def params(self, path: str) -> Mapping[str, str] | None:
         if self.kind == _EXACT:
-            return _NO_PARAMS if path == self.key or path == self.slashed else None
+            return _NO_PARAMS if path == self.key else None
         if self.kind == _PREFIX:
             base = self.key  # "" for the prefix "/", which matches every path
             if path.startswith(base) and (len(path) == len(base) or path[len(base)] == "/"):
@@ -250,27 +249,18 @@ def _compile(index: int, route: RouteConfig) -> _Compiled:
         problem = check_prefix(route.path_prefix)
         if problem:
             raise ValueError(f"route {route.name!r}: {problem}")
-        base = _prefix_base(route.path_prefix)
-        return _Compiled(index, route, _PREFIX, base, base, None, (), host, methods, strip)
+        return _Compiled(index, route, _PREFIX, _prefix_base(route.path_prefix), None, (), host, methods, strip)
     assert route.path is not None
     problem = check_template(route.path)
     if problem:
         raise ValueError(f"route {route.name!r}: {problem}")
-    # A path also matches with one trailing slash (`/a/{id}` takes `/a/1/`, and so `/a/1//` and `/a/1/.`,
-    # which normalise to it): Express, Spring 5 and others serve `/a/1/` as `/a/1`, so a later, broader
-    # route must not catch that spelling without this route's rules. A path written with its trailing
-    # slash (`/s/`) matches only that form, as before.
-    path = route.path
-    slashed = path if path.endswith("/") else path + "/"
-    names = template_params(path)
+    names = template_params(route.path)
     if not names:
-        return _Compiled(index, route, _EXACT, path, slashed, None, (), host, methods, strip)
+        return _Compiled(index, route, _EXACT, route.path, None, (), host, methods, strip)
     pattern = "/" + "/".join(
-        "([^/]+)" if _PARAM.fullmatch(seg) else re.escape(seg) for seg in _split_template(path)
+        "([^/]+)" if _PARAM.fullmatch(seg) else re.escape(seg) for seg in _split_template(route.path)
     )
-    if slashed != path:
-        pattern += "/?"
-    return _Compiled(index, route, _TEMPLATE, path, slashed, re.compile(pattern), names, host, methods, strip)
+    return _Compiled(index, route, _TEMPLATE, route.path, re.compile(pattern), names, host, methods, strip)
 
 
 class RouteTable:
@@ -294,8 +284,6 @@ class RouteTable:
         for c in compiled:
             if c.kind == _EXACT:
                 exact.setdefault(c.key, []).append(c)
-                if c.slashed != c.key:
-                    exact.setdefault(c.slashed, []).append(c)  # the same route, one dict lookup too
         self._exact = {key: merged(_first_segment(key), cs) for key, cs in exact.items()}
         self._any_host = any(c.host is not None for c in compiled)
         self._seen: OrderedDict[tuple[str, str, str], RouteMatch] = OrderedDict()
@@ -324,7 +312,29 @@ class RouteTable:
         found = self._find(method, path, host)
         if ";" in path or "%3B" in path:  # normalize_path wrote escapes in upper case
             self._refuse_if_params_reroute(method, path, host, found.route)
+        if path[-1] == "/" and len(path) > 1:
+            self._refuse_if_slash_reroute(method, path, host, found.route)
         return found
+
+    def _refuse_if_slash_reroute(self, method: str, path: str, host: str, route: RouteConfig) -> None:
+        """BadPath when the path without its trailing slash belongs to a route with other auth rules.
+
+        Express (non-strict), Spring 5 and others serve `/a/1/` as `/a/1`: matched as it came, that path
+        misses a tenant-bound `/a/{id}` route and can fall through to a broader one whose upstream then
+        serves `/a/1` without the template's rules. Choosing the slash-less route instead is no answer
+        either: with `/orders` public before a protected `/orders/` prefix, `/orders/` would leave the
+        protected route for the public one. So, as for `;params`, the request is refused where the two
+        forms would be judged by different rules; where they land on the same route, on routes with equal
+        `auth`, or the slash-less form on none, nothing changes (`/docs` beside `/docs/` still works).
+        """
+        try:
+            other = self._find(method, path[:-1], host).route
+        except NotFound:
+            return  # no route claims the slash-less form: only this route's rules apply
+        except MethodNotAllowed:
+            raise BadPath() from None  # another route claims the slash-less form (for other methods)
+        if other is not route and other.auth != route.auth:
+            raise BadPath()
 
     def _refuse_if_params_reroute(self, method: str, path: str, host: str, route: RouteConfig) -> None:
         """BadPath when the path without its `;params` belongs to another route.
@@ -387,13 +397,8 @@ def _covers(earlier: _Compiled, later: _Compiled) -> bool:
         return len(have) >= len(want) and all(w == h for w, h in zip(want, have, strict=False))
     if later.kind == _PREFIX:
         return False  # an exact template never matches every depth under a prefix
-    mine = _split_template(earlier.key)
-    theirs = _split_template(later.key)
-    if later.slashed == later.key and earlier.slashed != earlier.key:
-        # `later` is written with its trailing slash (`/a/b/`), and `earlier` (`/a/{x}`) takes its paths
-        # with one trailing slash added: compare them without it. (The reverse never covers: `/a/{x}/`
-        # does not match `/a/b`.) When both or neither end in "/", segment by segment is exact.
-        theirs = theirs[:-1]
+    mine = _split_template(earlier.route.path or "")
+    theirs = _split_template(later.route.path or "")
     if len(mine) != len(theirs):
         return False
     for m, t in zip(mine, theirs, strict=True):

@@ -152,11 +152,10 @@ def test_explain_without_a_host_matches_host_bound_routes_and_names_their_host()
 
 
 def test_explain_agrees_with_the_server_on_a_trailing_slash_and_a_bad_host() -> None:
-    """The route that takes `/x/` is the one that takes `/x` (the path sent keeps its slash); a Host the
-    server refuses before routing is explained as that 400, not as a route or a 404."""
+    """`/x/` is not the route of `/x` (here no route claims it, as on the server: 404); a Host the server
+    refuses before routing is explained as that 400, not as a route or a 404."""
     slash = gateway("explain", "-c", EXAMPLE, "GET", "https://api.example.com/api/tenants/acme/orders/9//")
-    assert slash.returncode == 1 and "route: orders-read" in slash.stdout, slash.stdout
-    assert "params: tenant=acme, id=9" in slash.stdout and "path sent: /tenants/acme/orders/9/\n" in slash.stdout
+    assert slash.returncode == 1 and "404 not_found" in slash.stdout and "route:" not in slash.stdout, slash.stdout
     for host in ("api.example.com..", "[api.example.com]"):
         bad = gateway("explain", "-c", EXAMPLE, "GET", "/api/tenants/acme/orders/9", "--host", host)
         assert bad.returncode == 1 and "400 invalid_request" in bad.stdout and "route:" not in bad.stdout, bad.stdout
