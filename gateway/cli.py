@@ -278,8 +278,11 @@ def cmd_revoke(args: Any) -> int:
 def cmd_keys(args: Any) -> int:
     config = load(args.config)
     from gateway.keys import KeyStore
-    # Without the section SPEC 3's defaults hold (key_store var/signing-keys.json), as for the gateway.
-    store = KeyStore(config.internal_token or InternalTokenConfig())
+    # Without the section SPEC 3's defaults hold, as they would for the gateway once the section is
+    # added: the store GATEWAY_KEY_STORE names, else var/signing-keys.json (config.py's internal_token).
+    itc = config.internal_token or InternalTokenConfig(
+        key_store=os.environ.get("GATEWAY_KEY_STORE") or InternalTokenConfig().key_store)
+    store = KeyStore(itc)
     store.load()
     previous = store.current().kid
     key = store.rotate()

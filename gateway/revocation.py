@@ -287,6 +287,9 @@ return 1
 """
 
 
+_RESTORE_BATCH = 1000  # script calls per pipeline round trip
+
+
 def _stored_form(kind: str, at: float) -> str:
     """What a key holds for an entry of the view: "1", or T in whole seconds (iat is whole seconds, so
     iat <= T exactly when iat <= floor(T)); a T that is not finite revokes every token, as MAX_EXP does."""
@@ -389,6 +392,8 @@ class RedisRevocationStore:
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self._down_until = 0.0  # loop time until which direct checks skip a Redis that just failed
+        self._seen: dict[tuple[str, str, str], float] | None = None  # what the last resync found (_write_back)
+        self._restore_script: Any = None  # _RESTORE, registered on first use (EVALSHA)
         common: dict[str, Any] = {"socket_timeout": 1.0, "socket_connect_timeout": 0.5}
         # Commands may retry once: a pooled connection left stale by a Redis restart reconnects silently.
         self._redis = aioredis.Redis.from_url(cfg.redis_url, retry=Retry(NoBackoff(), 1), **common)
@@ -556,6 +561,7 @@ class RedisRevocationStore:
                 await self._confirm_subscribed(pubsub)
                 await self._resync()
                 self._set_live(True)
+                await self._write_back()
                 delay = BACKOFF_MIN
                 await self._listen(pubsub)
             except _BACKEND_ERRORS as exc:
@@ -596,6 +602,7 @@ class RedisRevocationStore:
             self._view.purge(self._clock())
             if now >= next_resync:
                 await self._resync()
+                await self._write_back()
                 # Messages and PONGs queued meanwhile are read next: the wait was ours, not Redis' silence.
                 last_heard = next_ping = loop.time()
                 next_resync = last_heard + RESYNC_EVERY
@@ -609,6 +616,7 @@ class RedisRevocationStore:
             self._set_live(False)
             await self._resync()
             self._set_live(True)
+            await self._write_back()
             return
         # The message is a hint: apply it at once (fail closed), then let the key give exact T and TTL.
         self._view.apply(kind, issuer, value, at, self._clock() + self._cfg.max_token_lifetime)
@@ -667,13 +675,26 @@ class RedisRevocationStore:
                     self._apply_key(kind, issuer, value, stored, pttl, view, now, replace=False)
             if cursor == 0:
                 break
-        await self._restore(seen)
+        self._seen = seen
+
+    async def _write_back(self) -> None:
+        """_restore after the view went live: its cost (one script call per lost key, 100k of them after
+        a big loss) never keeps a replica from answering, and its failure is no backend failure."""
+        seen, self._seen = self._seen, None
+        if seen is None:
+            return
+        try:
+            await self._restore(seen)
+        except _BACKEND_ERRORS as exc:
+            log.warning("revocation backend: writing back lost revocations failed (%s); next resync retries",
+                        type(exc).__name__)
 
     async def _restore(self, seen: dict[tuple[str, str, str], float]) -> None:
         """Write back each live entry of the view whose key the scan did not find (or found with an
         earlier T), with the life it has left, so that replicas starting later refuse it too.
         Not published: every replica that knew it holds it still, and a live one lacking it reads it
-        within RESYNC_EVERY. A deliberately deleted key comes back too, while an entry for it lives."""
+        within RESYNC_EVERY. A deliberately deleted key comes back too, while an entry for it lives.
+        Sent in batches, by the script's SHA (EVALSHA), not its text per key."""
         now = self._clock()
         lost = [
             (key_for(self._prefix, kind, value, issuer or None), _stored_form(kind, at),
@@ -683,10 +704,22 @@ class RedisRevocationStore:
         ]
         if not lost:
             return
-        pipe = self._redis.pipeline(transaction=False)
-        for key, stored, px in lost:
-            pipe.eval(_RESTORE, 1, key, stored, str(px))
-        written = sum(1 for r in await pipe.execute(raise_on_error=False) if r == 1)
+        script = self._restore_script
+        if script is None:
+            script = self._restore_script = self._redis.register_script(_RESTORE)
+        written, failed = 0, None
+        for start in range(0, len(lost), _RESTORE_BATCH):
+            pipe = self._redis.pipeline(transaction=False)
+            for key, stored, px in lost[start:start + _RESTORE_BATCH]:
+                await script(keys=[key], args=[stored, str(px)], client=pipe)
+            for r in await pipe.execute(raise_on_error=False):
+                if r == 1:
+                    written += 1
+                elif isinstance(r, Exception):
+                    failed = r  # a read-only replica, a script denied by an ACL: said once below
+        if failed is not None:
+            log.warning("revocation backend: writing back lost revocations failed (%s); next resync retries",
+                        failed)
         if written:
             log.warning("revocation backend lacked %d live revocation(s) this replica holds; wrote them back",
                         written)

@@ -208,6 +208,11 @@ def test_cli_rotation_without_an_internal_token_section_uses_the_default_store(
     store = tmp_path / "var" / "signing-keys.json"
     keys = json.loads(store.read_text())["keys"]
     assert len(keys) == 2 and keys[-1]["kid"] in done.stdout and stat.S_IMODE(store.stat().st_mode) == 0o600
+    named = tmp_path / "named.json"  # GATEWAY_KEY_STORE names the store, as it does with the section
+    done = subprocess.run([sys.executable, "-m", "gateway", "keys", "rotate", "-c", str(path)],  # noqa: S603
+                          capture_output=True, text=True, timeout=30, cwd=tmp_path, check=False,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "GATEWAY_KEY_STORE": str(named)})
+    assert done.returncode == 0 and len(json.loads(named.read_text())["keys"]) == 2, done.stderr
 
 
 async def test_cli_rotation_is_picked_up_and_old_tokens_stay_verifiable(
