@@ -635,8 +635,8 @@ class RedisRevocationStore:
         view.apply(kind, issuer, value, at, expires_at, replace=replace)
 
     async def _resync(self) -> None:
-        """Add every key under the prefix to the view (SCAN, then GET + PTTL in batches), then write back
-        what the view holds and the keys lack (_restore).
+        """Add every key under the prefix to the view (SCAN, then GET + PTTL in batches), and keep what
+        was found for _write_back, which the caller runs once the view is live.
 
         Merged, never rebuilt: an entry leaves the view only when it expires. Redis can lose keys (a
         restart without persistence, a failover to a lagging replica, FLUSHDB, eviction) and a replica
@@ -686,8 +686,8 @@ class RedisRevocationStore:
         try:
             await self._restore(seen)
         except _BACKEND_ERRORS as exc:
-            log.warning("revocation backend: writing back lost revocations failed (%s); next resync retries",
-                        type(exc).__name__)
+            log.warning("revocation backend: writing back lost revocations failed (%s: %s); next resync retries",
+                        type(exc).__name__, exc)
 
     async def _restore(self, seen: dict[tuple[str, str, str], float]) -> None:
         """Write back each live entry of the view whose key the scan did not find (or found with an
@@ -716,13 +716,12 @@ class RedisRevocationStore:
                 if r == 1:
                     written += 1
                 elif isinstance(r, Exception):
-                    failed = r  # a read-only replica, a script denied by an ACL: said once below
-        if failed is not None:
-            log.warning("revocation backend: writing back lost revocations failed (%s); next resync retries",
-                        failed)
+                    failed = r  # a read-only replica, a script denied by an ACL: raised once below
         if written:
             log.warning("revocation backend lacked %d live revocation(s) this replica holds; wrote them back",
                         written)
+        if failed is not None:
+            raise failed  # a RedisError: _write_back logs it
 
 
 def create_store(cfg: RevocationConfig, *, clock: Clock = time.time) -> RevocationStore:
