@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, NoReturn
 
-from gateway.config import line_of, load, warnings
+from gateway.config import default_key_store, line_of, load, warnings
 from gateway.config_types import Config, InternalTokenConfig
 from gateway.errors import ConfigError, KeyStoreError
 from gateway.yamlreader import MAX_WORKERS
@@ -278,11 +278,8 @@ def cmd_revoke(args: Any) -> int:
 def cmd_keys(args: Any) -> int:
     config = load(args.config)
     from gateway.keys import KeyStore
-    # Without the section SPEC 3's defaults hold, as they would for the gateway once the section is
-    # added: the store GATEWAY_KEY_STORE names, else var/signing-keys.json (config.py's internal_token).
-    itc = config.internal_token or InternalTokenConfig(
-        key_store=os.environ.get("GATEWAY_KEY_STORE") or InternalTokenConfig().key_store)
-    store = KeyStore(itc)
+    # Without the section SPEC 3's defaults hold, as they would for the gateway once the section is added.
+    store = KeyStore(config.internal_token or InternalTokenConfig(key_store=default_key_store()))
     store.load()
     previous = store.current().kid
     key = store.rotate()

@@ -60,6 +60,11 @@ def load(path: str | os.PathLike[str]) -> Config:
     return load_text(text, filename)
 
 
+def default_key_store() -> str:
+    """internal_token.key_store when the file does not set it: GATEWAY_KEY_STORE, else SPEC 3's default."""
+    return os.environ.get("GATEWAY_KEY_STORE") or InternalTokenConfig().key_store
+
+
 def line_of(filename: str, *keys: str) -> int:
     """The line of `keys` (a path of mapping keys) in a config file that loaded, for messages about what a
     value refers to (a TLS file, the key store); the nearest enclosing key's line when a key is absent."""
@@ -312,7 +317,7 @@ class _Builder:
         m = r.mapping(node, "internal_token", ("issuer", "algorithm", "ttl", "key_store", "rotate_every"))
         key_store = r.field(r.str_, m.get("key_store"), "internal_token.key_store", None)
         if key_store is None:
-            key_store = os.environ.get("GATEWAY_KEY_STORE") or d.key_store
+            key_store = default_key_store()
         cfg = InternalTokenConfig(
             issuer=r.field(self._url, m.get("issuer"), "internal_token.issuer", d.issuer),
             algorithm=r.field(r.choice(INTERNAL_ALGS), m.get("algorithm"), "internal_token.algorithm",
