@@ -233,9 +233,17 @@ class JwksCache:
         async with self._session.get(url, timeout=self._timeout, allow_redirects=False) as resp:
             if resp.status != 200:
                 raise FetchError(f"HTTP {resp.status} from {url}")
-            body = await resp.content.read(MAX_BODY + 1)
-            if len(body) > MAX_BODY:
-                raise FetchError(f"response from {url} larger than {MAX_BODY} bytes")
+            # Read to the end: content.read(n) returns what has arrived so far (at most n bytes), so a
+            # document delivered in several reads (TLS records, chunks, a slow link) was cut short and
+            # refused as invalid JSON. Bounded by MAX_BODY whatever the framing (or Content-Encoding).
+            chunks: list[bytes] = []
+            size = 0
+            async for chunk in resp.content.iter_any():
+                size += len(chunk)
+                if size > MAX_BODY:
+                    raise FetchError(f"response from {url} larger than {MAX_BODY} bytes")
+                chunks.append(chunk)
+            body = b"".join(chunks)
             try:
                 return json.loads(body), resp.headers.get("Cache-Control")
             except ValueError as exc:

@@ -1,0 +1,96 @@
+"""Key-handling review: how a JWKS arrives (in pieces), which issuer keys are strong enough to trust, and
+where a discovered jwks_uri may point. Real HTTP servers, real keys and signatures."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from gateway.config_types import IssuerConfig
+from gateway.devissuer import generate_key, public_jwk
+from gateway.jwks import MAX_BODY, JwksCache
+
+Serve = Callable[[Callable[[web.Request], Awaitable[web.StreamResponse]]], Awaitable[str]]
+
+
+@pytest.fixture
+async def serve() -> AsyncIterator[Serve]:
+    """`url = await serve(handler)`: a real aiohttp server on 127.0.0.1 answering GET /jwks with `handler`."""
+    runners: list[web.AppRunner] = []
+
+    async def start(handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> str:
+        async def handle(request: web.Request) -> web.StreamResponse:
+            return await handler(request)
+
+        app = web.Application()
+        app.router.add_get("/jwks", handle)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        runners.append(runner)
+        return f"http://127.0.0.1:{runner.addresses[0][1]}/jwks"
+
+    yield start
+    for runner in runners:
+        await runner.cleanup()
+
+
+@pytest.fixture
+async def cache_for() -> AsyncIterator[Callable[..., Awaitable[JwksCache]]]:
+    """`await cache_for(jwks_uri, **overrides)`: a started JwksCache for that URI."""
+    session = aiohttp.ClientSession()
+    caches: list[JwksCache] = []
+
+    async def make(jwks_uri: str, **overrides: Any) -> JwksCache:
+        fields: dict[str, Any] = {"name": f"i{len(caches)}", "issuer": "http://issuer.test", "audiences": ("a",),
+                                  "algorithms": ("RS256", "ES256"), "jwks_uri": jwks_uri, "jwks_min_refetch": 0.0}
+        fields.update(overrides)
+        cache = JwksCache(IssuerConfig(**fields), session)
+        caches.append(cache)
+        await cache.start()
+        return cache
+
+    yield make
+    for cache in caches:
+        await cache.close()
+    await session.close()
+
+
+async def _in_pieces(request: web.Request, body: bytes, pieces: int) -> web.StreamResponse:
+    """`body` written in `pieces` writes with a pause between them (chunked, as a slow link delivers it)."""
+    resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+    await resp.prepare(request)
+    step = -(-len(body) // pieces)
+    for i in range(0, len(body), step):
+        await resp.write(body[i:i + step])
+        await asyncio.sleep(0.02)
+    await resp.write_eof()
+    return resp
+
+
+async def test_a_jwks_that_arrives_in_pieces_is_read_whole(serve: Serve, cache_for: Any) -> None:
+    # A JWKS of a few keys spans several TLS records or chunks on a real network; each read of the
+    # response gives only what has arrived so far. It used to be parsed from the first read alone.
+    keys = [public_jwk(generate_key("RS256"), kid=f"k{i}", alg="RS256") for i in range(6)]
+    body = json.dumps({"keys": keys}).encode()
+    url = await serve(lambda request: _in_pieces(request, body, 4))
+    cache = await cache_for(url)
+    assert cache.ready and cache.key_count == 6
+    assert await cache.key_for("k5") is not None
+
+
+async def test_a_streamed_jwks_over_the_size_limit_is_refused_and_keys_kept(serve: Serve, cache_for: Any) -> None:
+    good = json.dumps({"keys": [public_jwk(generate_key("ES256"), kid="es", alg="ES256")]}).encode()
+    served = {"body": good}
+    url = await serve(lambda request: _in_pieces(request, served["body"], 8))
+    cache = await cache_for(url)
+    assert cache.key_count == 1
+    served["body"] = b'{"keys": [' + b" " * MAX_BODY + b"]}"  # no Content-Length: only the count bounds it
+    assert await cache.key_for("unknown") is None
+    assert cache.key_count == 1 and await cache.key_for("es") is not None
