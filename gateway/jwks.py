@@ -29,6 +29,9 @@ _MAX_AGE = re.compile(r"(?:^|,)\s*max-age\s*=\s*\"?(\d+)\"?\s*(?:,|$)", re.IGNOR
 # bound to one algorithm; a symmetric "oct" key must never come from a public JWKS).
 _RSA_ALGS = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512"})
 _ASYMMETRIC_ALGS = _RSA_ALGS | {"ES256", "ES384", "ES512", "EdDSA"}
+# RFC 7518 s3.3/s3.5: "A key of size 2048 bits or larger MUST be used" with RS*/PS*. A shorter modulus is
+# factorable (512 bits: hours of rented compute), and whoever factors it signs any token the issuer could.
+MIN_RSA_BITS = 2048
 
 
 class FetchError(Exception):
@@ -43,7 +46,7 @@ def parse_max_age(cache_control: str | None) -> float | None:
 
 
 def parse_jwks(doc: Any, allowed: frozenset[str]) -> list[jwt.PyJWK]:
-    """Usable signing keys of a JWKS document; unusable members are skipped, not fatal.
+    """Usable signing keys of a JWKS document; unusable members (and RSA keys under 2048 bits) are skipped, not fatal.
 
     A well-formed JWK Set with no usable key (`{"keys": []}`) is the issuer's word that none of its
     former keys signs any more (an emergency withdrawal after a leak): it is applied, not kept out as
@@ -69,8 +72,14 @@ def parse_jwks(doc: Any, allowed: frozenset[str]) -> list[jwt.PyJWK]:
             key = jwt.PyJWK(member, alg)
         except (jwt.PyJWTError, ValueError, TypeError, KeyError):
             continue
-        if key.algorithm_name in _ASYMMETRIC_ALGS and key.algorithm_name in allowed:
-            keys.append(key)
+        if key.algorithm_name not in _ASYMMETRIC_ALGS or key.algorithm_name not in allowed:
+            continue
+        bits = getattr(key.key, "key_size", None) if member.get("kty") == "RSA" else None
+        if bits is not None and bits < MIN_RSA_BITS:
+            log.warning("jwks key %r skipped: a %d-bit RSA key (at least %d bits are needed, RFC 7518 s3.3)",
+                        member.get("kid"), bits, MIN_RSA_BITS)
+            continue
+        keys.append(key)
     return keys
 
 

@@ -5,16 +5,22 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
+import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import aiohttp
+import jwt
 import pytest
 from aiohttp import web
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from gateway.config_types import IssuerConfig
 from gateway.devissuer import generate_key, public_jwk
+from gateway.errors import InvalidToken
 from gateway.jwks import MAX_BODY, JwksCache
+from gateway.tokens import TokenVerifier
 
 Serve = Callable[[Callable[[web.Request], Awaitable[web.StreamResponse]]], Awaitable[str]]
 
@@ -94,3 +100,28 @@ async def test_a_streamed_jwks_over_the_size_limit_is_refused_and_keys_kept(serv
     served["body"] = b'{"keys": [' + b" " * MAX_BODY + b"]}"  # no Content-Length: only the count bounds it
     assert await cache.key_for("unknown") is None
     assert cache.key_count == 1 and await cache.key_for("es") is not None
+
+
+async def test_an_rsa_key_under_2048_bits_is_never_trusted(serve: Serve, cache_for: Any) -> None:
+    # RFC 7518 s3.3: RS*/PS* keys MUST be 2048 bits or larger. A 1024-bit (or 512-bit) key left in an
+    # issuer's JWKS is within reach of factoring, and then of forging any of its tokens.
+    weak = rsa.generate_private_key(65537, 1024)
+    members = [public_jwk(weak, kid="weak", alg="RS256"), public_jwk(generate_key("RS256"), kid="strong", alg="RS256")]
+    body = json.dumps({"keys": members}).encode()
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        return web.Response(body=body, content_type="application/json")
+
+    cache = await cache_for(await serve(handler))
+    assert cache.key_count == 1
+    assert await cache.key_for("strong", "RS256") is not None
+    assert await cache.key_for("weak", "RS256") is None
+    cfg = cache.issuer
+    verifier = TokenVerifier([cfg], {cfg.name: cache})
+    claims = {"iss": cfg.issuer, "aud": "a", "sub": "mallory", "exp": int(time.time()) + 60}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # PyJWT warns when it signs with a short RSA key
+        token = jwt.encode(claims, weak, algorithm="RS256", headers={"kid": "weak"})
+    with pytest.raises(InvalidToken) as refused:
+        await verifier.verify(token)
+    assert refused.value.reason == "unknown_kid"
