@@ -234,6 +234,11 @@ class JwksCache:
             uri = doc.get("jwks_uri")
             if not isinstance(uri, str) or not uri.startswith(("https://", "http://")):
                 raise FetchError("discovery document has no usable jwks_uri")
+            if self.issuer.issuer.startswith("https://") and not uri.startswith("https://"):
+                # The keys decide who may sign any token: an issuer reached over TLS whose document sends
+                # them over plain HTTP (an IdP behind a TLS proxy that was not told so) hands them to
+                # anyone on the path. Refused, as the discovery document's own transport demands.
+                raise FetchError(f"discovery document's jwks_uri {uri!r} is not https, as the issuer is")
             self._jwks_uri = uri
         doc, cache_control = await self._get_json(self._jwks_uri)
         return parse_jwks(doc, self._allowed), parse_max_age(cache_control)

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 import time
 import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -17,10 +19,11 @@ from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from gateway.config_types import IssuerConfig
-from gateway.devissuer import generate_key, public_jwk
+from gateway.devissuer import DevIssuer, generate_key, public_jwk
 from gateway.errors import InvalidToken
 from gateway.jwks import MAX_BODY, JwksCache
 from gateway.tokens import TokenVerifier
+from tests.support.pki import make_pki
 
 Serve = Callable[[Callable[[web.Request], Awaitable[web.StreamResponse]]], Awaitable[str]]
 
@@ -125,3 +128,37 @@ async def test_an_rsa_key_under_2048_bits_is_never_trusted(serve: Serve, cache_f
     with pytest.raises(InvalidToken) as refused:
         await verifier.verify(token)
     assert refused.value.reason == "unknown_kid"
+
+
+async def test_an_https_issuer_whose_discovery_names_a_plain_http_jwks_uri_is_refused(tmp_path: Path) -> None:
+    # OIDC Discovery: the document is fetched over TLS; a jwks_uri on http:// (Keycloak behind a TLS proxy
+    # without its proxy settings publishes exactly that) would fetch the signing keys in clear text, where
+    # anyone on the path can add their own key. The issuer's keys are never fetched that way.
+    pki = make_pki(tmp_path)
+    dev = DevIssuer()
+    await dev.start()  # plain HTTP: its JWKS is what the discovery document names
+    base = {"url": ""}
+
+    async def discovery(request: web.Request) -> web.Response:
+        return web.json_response({"issuer": base["url"] + "/realm", "jwks_uri": dev.jwks_uri})
+
+    app = web.Application()
+    app.router.add_get("/realm/.well-known/openid-configuration", discovery)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(pki["server"])
+    await web.TCPSite(runner, "127.0.0.1", 0, ssl_context=server_ctx).start()
+    base["url"] = f"https://127.0.0.1:{runner.addresses[0][1]}"
+    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ssl.create_default_context(cafile=pki["ca"])))
+    cache = JwksCache(IssuerConfig(name="tls", issuer=base["url"] + "/realm", audiences=("a",),
+                                   algorithms=("RS256",)), session)
+    try:
+        await cache.start()
+        assert not cache.ready and cache.key_count == 0
+        assert dev.jwks_hits == 0
+    finally:
+        await cache.close()
+        await session.close()
+        await runner.cleanup()
+        await dev.stop()
