@@ -88,7 +88,8 @@ def _compile_claim(rule: ClaimRule) -> _ClaimCheck:
         if actual in literals:
             return True
         for name in bound:
-            if params.get(name) == actual:  # a missing parameter (None) never equals a claim value
+            # A missing parameter (None) never equals a claim value; one holding `;` never binds (_bindable).
+            if params.get(name) == actual and ";" not in actual:
                 return True
         return False
 
@@ -121,8 +122,15 @@ def evaluate(auth: AuthConfig, p: Principal, params: Mapping[str, str]) -> list[
 
 def _expected(value: str, params: Mapping[str, str]) -> str | None:
     if value.startswith(_BINDING_PREFIX):
-        return params.get(value[len(_BINDING_PREFIX):-1])  # "{path.NAME}" -> the request's NAME segment
+        return _bindable(params.get(value[len(_BINDING_PREFIX):-1]))  # "{path.NAME}" -> the NAME segment
     return value
+
+
+def _bindable(segment: str | None) -> str | None:
+    """A path parameter as a binding may compare it: never one holding `;` (also sent as %3B). Tomcat and
+    Spring drop a segment's `;params` before the application reads it: `/tenants/evil;acme/...` is tenant
+    `evil` to them, so a claim `evil;acme` bound to that segment would open tenant `evil`. Fail closed."""
+    return None if segment is None or ";" in segment else segment
 
 
 def _claim_holds(rule: ClaimRule, p: Principal, params: Mapping[str, str]) -> bool:
