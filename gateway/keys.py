@@ -22,6 +22,7 @@ from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 
 from gateway.config_types import InternalTokenConfig
 from gateway.errors import KeyStoreError
+from gateway.jwks import MIN_RSA_BITS
 
 log = logging.getLogger("gateway.keys")
 
@@ -223,9 +224,13 @@ class KeyStore:
             if "iat" not in jwk:
                 raise KeyStoreError(f"{at}: missing iat")
             try:
-                _private_key(jwk)
+                key = _private_key(jwk)
             except Exception:  # any parse failure of key material is the same operator problem
                 raise KeyStoreError(f"{at}: not a valid private {alg} key") from None
+            if isinstance(key, rsa.RSAPrivateKey) and key.key_size < MIN_RSA_BITS:
+                # RFC 7518 s3.3: verifiers that enforce it (jose4j, Nimbus) would refuse every token it signs,
+                # and the gateway itself no longer trusts such a key in an issuer's JWKS.
+                raise KeyStoreError(f"{at}: a {key.key_size}-bit RSA key; RS256 needs at least {MIN_RSA_BITS} bits")
             records.append(jwk)
         return records
 

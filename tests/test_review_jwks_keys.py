@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import ssl
 import time
 import warnings
@@ -17,11 +18,13 @@ import jwt
 import pytest
 from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import rsa
+from jwt.algorithms import RSAAlgorithm
 
-from gateway.config_types import IssuerConfig
+from gateway.config_types import InternalTokenConfig, IssuerConfig
 from gateway.devissuer import DevIssuer, generate_key, public_jwk
-from gateway.errors import InvalidToken
+from gateway.errors import InvalidToken, KeyStoreError
 from gateway.jwks import MAX_BODY, JwksCache
+from gateway.keys import KeyStore, thumbprint
 from gateway.tokens import TokenVerifier
 from tests.support.pki import make_pki
 
@@ -162,3 +165,17 @@ async def test_an_https_issuer_whose_discovery_names_a_plain_http_jwks_uri_is_re
         await session.close()
         await runner.cleanup()
         await dev.stop()
+
+
+def test_a_key_store_holding_a_short_rsa_key_is_refused(tmp_path: Path) -> None:
+    # The gateway's own RS256 key: what it refuses from an issuer it does not sign with either.
+    weak = dict(RSAAlgorithm.to_jwk(rsa.generate_private_key(65537, 1024), as_dict=True))
+    weak.update(kid=thumbprint(weak), alg="RS256", use="sig", iat=int(time.time()))
+    store = tmp_path / "keys.json"
+    fd = os.open(store, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        json.dump({"keys": [weak]}, fh)
+    with pytest.raises(KeyStoreError, match="1024-bit RSA key"):
+        KeyStore(InternalTokenConfig(algorithm="RS256", key_store=str(store))).load()
+    store.unlink()
+    KeyStore(InternalTokenConfig(algorithm="RS256", key_store=str(store))).load()  # a generated key: 2048 bits
