@@ -32,6 +32,10 @@ _ASYMMETRIC_ALGS = _RSA_ALGS | {"ES256", "ES384", "ES512", "EdDSA"}
 # RFC 7518 s3.3/s3.5: "A key of size 2048 bits or larger MUST be used" with RS*/PS*. A shorter modulus is
 # factorable (512 bits: hours of rented compute), and whoever factors it signs any token the issuer could.
 MIN_RSA_BITS = 2048
+# RFC 7518 s6.2.2/s6.3.2/RFC 8037 s2: the members only a private key has. A JWK Set is public: a member
+# carrying one is a key anyone who fetched the set can sign with (an IdP that published its private
+# JWK), so it is never trusted; PyJWT would also load an RSA one as a private key, which cannot verify.
+_PRIVATE_MEMBERS = ("d", "p", "q", "dp", "dq", "qi", "oth", "k")
 
 
 class FetchError(Exception):
@@ -46,7 +50,8 @@ def parse_max_age(cache_control: str | None) -> float | None:
 
 
 def parse_jwks(doc: Any, allowed: frozenset[str]) -> list[jwt.PyJWK]:
-    """Usable signing keys of a JWKS document; unusable members (and RSA keys under 2048 bits) are skipped, not fatal.
+    """Usable signing keys of a JWKS document; unusable members are skipped, not fatal (also RSA keys under
+    2048 bits, and keys published with their private half).
 
     A well-formed JWK Set with no usable key (`{"keys": []}`) is the issuer's word that none of its
     former keys signs any more (an emergency withdrawal after a leak): it is applied, not kept out as
@@ -62,6 +67,10 @@ def parse_jwks(doc: Any, allowed: frozenset[str]) -> list[jwt.PyJWK]:
         if ops is not None and (not isinstance(ops, list) or "verify" not in ops):
             continue
         if member.get("kty") not in ("RSA", "EC", "OKP"):
+            continue
+        if any(m in member for m in _PRIVATE_MEMBERS):
+            log.error("jwks key %r skipped: it carries private key material, so anyone who read the JWKS can "
+                      "sign with it; the issuer must withdraw it", member.get("kid"))
             continue
         alg = member.get("alg")
         if alg is None and member.get("kty") == "RSA" and len(rsa_hint) == 1:

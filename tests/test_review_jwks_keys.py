@@ -18,7 +18,7 @@ import jwt
 import pytest
 from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import rsa
-from jwt.algorithms import RSAAlgorithm
+from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 
 from gateway.config_types import InternalTokenConfig, IssuerConfig
 from gateway.devissuer import DevIssuer, generate_key, public_jwk
@@ -26,6 +26,7 @@ from gateway.errors import InvalidToken, KeyStoreError
 from gateway.jwks import MAX_BODY, JwksCache
 from gateway.keys import KeyStore, thumbprint
 from gateway.tokens import TokenVerifier
+from tests.support.gateway import config_text
 from tests.support.pki import make_pki
 
 Serve = Callable[[Callable[[web.Request], Awaitable[web.StreamResponse]]], Awaitable[str]]
@@ -179,3 +180,25 @@ def test_a_key_store_holding_a_short_rsa_key_is_refused(tmp_path: Path) -> None:
         KeyStore(InternalTokenConfig(algorithm="RS256", key_store=str(store))).load()
     store.unlink()
     KeyStore(InternalTokenConfig(algorithm="RS256", key_store=str(store))).load()  # a generated key: 2048 bits
+
+
+@pytest.mark.parametrize("alg", ["RS256", "ES256", "EdDSA"])
+async def test_a_key_published_with_its_private_half_is_never_trusted(
+        alg: str, issuer: DevIssuer, make_upstream: Any, gateway_factory: Any) -> None:
+    # An IdP that publishes a private JWK (an export pasted as the JWKS) has handed its key to everyone
+    # who reads the set: tokens under it are refused (401), never accepted, and never a 500 (PyJWT loads
+    # an RSA member with "d" as a private key, which cannot verify).
+    private = generate_key(alg)
+    to_jwk = {"RS256": RSAAlgorithm, "ES256": ECAlgorithm, "EdDSA": OKPAlgorithm}[alg].to_jwk
+    leaked = {k: v for k, v in to_jwk(private, as_dict=True).items() if k != "key_ops"}
+    leaked.update(kid="leaked", alg=alg)
+    issuer.jwks_body = json.dumps({"keys": [leaked, *issuer.jwks()["keys"]]}).encode()
+    up = await make_upstream()
+    routes = "  - name: r\n    match: {path_prefix: /r/}\n    upstream: up\n"
+    async with gateway_factory(config_text(issuer.url, {"up": [up.url]}, routes)) as gw:
+        forged = issuer.token({"sub": "mallory"}, alg=alg, kid="leaked", key=private)
+        status, _, body = await gw.request("GET", "/r/x", token=forged)
+        assert status == 401 and body["error"] == "invalid_token"
+        status, _, _ = await gw.request("GET", "/r/x", token=issuer.token(alg=alg))
+        assert status == 200
+    assert len(up.requests) == 1
