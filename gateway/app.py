@@ -37,6 +37,8 @@ from gateway.errors import (
     PayloadTooLarge,
 )
 from gateway.h1server import H1Request, H1Server
+from gateway.httphead import HeadInjection
+from gateway.httphead import head as message_head
 from gateway.identity import client_ip_from, relay_response_headers, request_id_from
 from gateway.lifetime import OpenRequests
 from gateway.model import RequestView
@@ -279,7 +281,10 @@ class GatewayApp:
                     auth = "ok" if ex.authorized else "none"
                     target, upstream_status = up.target, up.status
                     # A small body is read whole before anything is sent: its failure is still an honest 502/504.
-                    await self._relay(request.method, out, up, ex.request_id)
+                    try:
+                        await self._relay(request.method, out, up, ex.request_id)
+                    except HeadInjection:
+                        raise up.unrelayable() from None  # nothing was sent: the client gets a 502
                     status = up.status
                 except asyncio.CancelledError:
                     ended = OpenRequests.ended(ex, asyncio.current_task())
@@ -515,10 +520,12 @@ class _AioReply:
         self._stream: web.StreamResponse | None = None
 
     async def send(self, status: int, headers: CIMultiDict[str], body: bytes) -> None:
+        _writable(headers)
         self.response = web.Response(status=status, body=body, headers=headers)
         self.response.force_close()
 
     async def start(self, status: int, headers: CIMultiDict[str]) -> None:
+        _writable(headers)
         self.response = self._stream = web.StreamResponse(status=status, headers=headers)
         self._stream.force_close()
         await self._stream.prepare(self.request)
@@ -552,6 +559,12 @@ class _AioReply:
 
     def body_pulled(self, grace: float) -> None:
         return None  # no sweeper here: each write is bounded by SEND_TIMEOUT instead
+
+
+def _writable(headers: CIMultiDict[str]) -> None:
+    """Raise HeadInjection now, as H1Request would, for a head aiohttp's server would refuse only once the
+    handler returned (a control character in a relayed field): the caller can then still answer 502."""
+    message_head("HTTP/1.1 200 OK", headers)
 
 
 def _count_reload(result: str) -> None:

@@ -123,8 +123,11 @@ class H1Request:
             headers["Connection"] = "keep-alive"  # RFC 9112 s9.3: an HTTP/1.0 client asked for it
         if "Date" not in headers:
             headers["Date"] = conn.server.date()
+        # obs-text from the upstream kept byte for byte. A head that cannot be written (HeadInjection)
+        # leaves nothing sent: the caller may still answer otherwise.
+        head = message_head(_status(status), headers)
         self.started = True
-        return message_head(_status(status), headers)  # obs-text from the upstream kept byte for byte
+        return head
 
     async def send(self, status: int, headers: CIMultiDict[str], body: bytes) -> None:
         """A whole response of known length: header block and body in one write."""

@@ -9,6 +9,7 @@ aiohttp's ClientSession. `_map_error` is the one place where their exceptions be
     reset, disconnect, malformed response                    -> BadGateway      (502)
     a final status outside 200-599 (0xx, an unasked 101)     -> BadGateway      (502)
     a transfer coding other than chunked (gzip, chunked)     -> BadGateway      (502)
+    a control character in a field value (unrelayable())    -> BadGateway      (502)
     no response headers (or body bytes) within read timeout  -> UpstreamTimeout (504)
     every target's breaker open                              -> UpstreamUnavailable (503, Retry-After)
     every target not open already has `max_requests` in flight -> UpstreamOverflow (503, Retry-After: 1)
@@ -156,6 +157,13 @@ class UpstreamResponse:
         except _CLIENT_ERRORS as exc:
             raise self._failed(exc) from exc
         self.release()  # at the end: a keep-alive connection goes back to its pool at once
+
+    def unrelayable(self) -> GatewayError:
+        """The answer's head cannot be relayed (a field value holds a control character the parser let
+        through, RFC 9110 s5.5): a malformed response, counted against the target as any other."""
+        if self._breaker is not None:
+            self._breaker.record_failure()
+        return BadGateway(reason="bad_response")
 
     def _failed(self, exc: BaseException) -> GatewayError:
         if self._breaker is not None and (self._guard is None or self._guard.error is None):

@@ -26,6 +26,7 @@ def test_bytes_the_parser_could_not_decode_go_out_as_they_came() -> None:
     ("GET / HTTP/1.1", "X-A", "a\rb"), ("GET / HTTP/1.1", "X-A", "a\x00"), ("GET / HTTP/1.1", "X-A\r\nB", "v"),
     ("GET /\r\nX: y HTTP/1.1", "X-A", "v"), ("GET / HTTP/1.1", "X-A", "caf\u00e9\r\n"),
     ("GET / HTTP/1.1", "X-A", "\ud800"),  # a surrogate that stands for no received byte
+    ("GET / HTTP/1.1", "X-A", "caf\u00e9\x01"), ("GET / HTTP/1.1", "X-A", "caf\u00e9\x7f"),  # as aiohttp refuses
 ])
 def test_anything_that_would_split_the_head_is_refused(start: str, name: str, value: str) -> None:
     with pytest.raises(HeadInjection):
