@@ -80,8 +80,11 @@ class H1Request:
         self.content_length = int(cl) if cl is not None and cl.isdigit() else None
         self.keep_alive = not msg.should_close
         self.started = False  # the status line went out
-        # RFC 9110 s10.1.1: the interim 100 goes out when the body is first asked for (after admission).
-        self._expect = self.body_exists and self.headers.get("Expect", "").lower() == "100-continue"
+        # RFC 9110 s10.1.1: the interim 100 goes out when the body is first asked for (after admission);
+        # an HTTP/1.0 request's expectation is ignored (s15.2: no 1xx to an HTTP/1.0 client, which would
+        # take it for the answer).
+        self._expect = (self.body_exists and self.headers.get("Expect", "").lower() == "100-continue"
+                        and self.version >= HttpVersion11)
         self._chunked = False
         self._head = self.method == "HEAD"
 

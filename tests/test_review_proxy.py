@@ -60,3 +60,26 @@ async def test_a_control_character_in_an_answers_field_is_a_502(
     head, _, body = reply.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 502 "), reply[:200]
     assert b'"error": "bad_gateway"' in body
+
+
+# --- Expect: 100-continue from an HTTP/1.0 client ---------------------------------------------------------
+
+
+async def test_an_http10_client_gets_no_100_continue(
+    issuer: DevIssuer, make_raw_upstream: MakeRaw, gateway_factory: Any
+) -> None:
+    """RFC 9110 s10.1.1: a server MUST ignore a 100-continue expectation in an HTTP/1.0 request, and s15.2:
+    MUST NOT send a 1xx to an HTTP/1.0 client, which knows no interim answers and would read the 100 as
+    its answer (and the real one as garbage after it)."""
+    target = await make_raw_upstream(lambda head, i: b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    async with gateway_factory(config_text(issuer.url, {"raw": [target.url]}, ROUTES)) as gw:
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.app.public_port)
+        try:
+            writer.write(b"POST /raw/x HTTP/1.0\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n")
+            writer.write(b"hello")  # an HTTP/1.0 client does not wait
+            async with asyncio.timeout(5):
+                reply = await reader.read()
+        finally:
+            writer.close()
+    assert reply.startswith(b"HTTP/1.1 200 OK\r\n"), reply[:100]
+    assert b" 100 " not in reply
