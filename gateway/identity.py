@@ -36,7 +36,12 @@ _WE_SET = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host",
 # route's methods and rules were checked for the request's own method, so an upstream must not serve
 # another one (a POST carrying `X-HTTP-Method-Override: DELETE` on a route allowing POST only).
 _METHOD_OVERRIDES = frozenset({"x-http-method-override", "x-http-method", "x-method-override"})
-_BASE = HOP_BY_HOP | _WE_SET | _METHOD_OVERRIDES
+# Path overrides, for the same reason: IIS URL Rewrite's X-Original-URL and X-Rewrite-URL are taken as
+# the request's path by Symfony (before CVE-2018-14773), Zend Framework (ZF2018-01) and apps behind IIS:
+# `GET /public/x` with `X-Original-URL: /admin/users` would be served as the admin path its route's
+# rules never saw, when both routes lead to the same service.
+_PATH_OVERRIDES = frozenset({"x-original-url", "x-rewrite-url"})
+_BASE = HOP_BY_HOP | _WE_SET | _METHOD_OVERRIDES | _PATH_OVERRIDES
 # Precomputed per (strip_authorization, keep_upgrade): no set is built per request.
 _DROP = {
     (True, False): _BASE | {"authorization"},

@@ -11,7 +11,7 @@ import pytest
 from gateway.breaker import OPEN
 from gateway.devissuer import DevIssuer
 from tests.support.gateway import config_text
-from tests.support.upstreams import MakeRaw
+from tests.support.upstreams import EchoUpstream, MakeRaw
 
 ROUTES = """\
   - name: raw
@@ -83,3 +83,24 @@ async def test_an_http10_client_gets_no_100_continue(
             writer.close()
     assert reply.startswith(b"HTTP/1.1 200 OK\r\n"), reply[:100]
     assert b" 100 " not in reply
+
+
+# --- headers an upstream framework takes as the request's path -------------------------------------------
+
+
+async def test_path_override_headers_never_reach_upstreams(
+    issuer: DevIssuer, echo_upstream: EchoUpstream, gateway_factory: Any
+) -> None:
+    """IIS URL Rewrite's X-Original-URL / X-Rewrite-URL are the request's path to Symfony (before
+    CVE-2018-14773), Zend Framework and apps behind IIS: a public route's request carrying one would be
+    served as a protected path of the same service, which its route's rules never saw."""
+    routes = ROUTES.replace("upstream: raw", "upstream: echo")
+    text = config_text(issuer.url, {"echo": [echo_upstream.url]}, routes)
+    overrides = {"X-Original-URL": "/admin/users", "X-Rewrite-URL": "/admin/users",
+                 "x_original_url": "/admin/users", "X-Custom": "kept"}
+    async with gateway_factory(text) as gw:
+        status, _, _ = await gw.request("GET", "/raw/x", headers=overrides)
+    assert status == 200
+    _, path, got = echo_upstream.requests[-1]
+    assert path == "/raw/x" and got.get("X-Custom") == "kept"
+    assert "/admin/users" not in got.values(), got
