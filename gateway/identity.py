@@ -50,6 +50,19 @@ _DROP = {
     (False, True): _BASE - {"upgrade"},
 }
 _RESPONSE_DROP = {False: HOP_BY_HOP, True: HOP_BY_HOP - {"upgrade"}}
+# What a proxy in front says about the client and the original request, from a peer we do not trust: as
+# forgeable as X-Forwarded-For, which is replaced for the same reason. RFC 7239 Forwarded; the client
+# address headers nginx's realip (X-Real-IP), Akamai (True-Client-IP), Cloudflare, Fastly and others
+# set, which Spring, Django, Rails and rate limiters read as the client's address; and the rest of the
+# X-Forwarded-* family that frameworks read beside Proto and Host (Spring's ForwardedHeaderFilter:
+# Port, Prefix, Ssl; Rails and Rack: Ssl, Scheme, Port): a client could otherwise choose the address an
+# upstream audits or rate-limits, or the prefix and scheme of the links it builds. Kept from a trusted
+# proxy (`trusted_proxies`), which saw the client.
+_UNTRUSTED_DROP = frozenset({
+    "forwarded", "x-real-ip", "true-client-ip", "x-client-ip", "x-cluster-client-ip", "cf-connecting-ip",
+    "fastly-client-ip", "x-forwarded-port", "x-forwarded-prefix", "x-forwarded-ssl", "x-forwarded-scheme",
+    "x-forwarded-server", "x-forwarded-protocol", "x-url-scheme", "front-end-https",
+})
 _AUTH_PREFIX = "x-auth-"
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _FIELD_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 s5.1: a token
@@ -257,8 +270,7 @@ def _request_keeps(lower: str, drop: frozenset[str]) -> bool:
         return False  # identity comes only from the verified token (SPEC 4)
     if lower in drop:
         return False  # hop-by-hop, named by Connection, one we set, or the client's Authorization
-    # RFC 7239 Forwarded from an untrusted peer is as forgeable as X-Forwarded-For.
-    return lower != "forwarded"
+    return lower not in _UNTRUSTED_DROP  # what a proxy in front would say, from no proxy we trust
 
 
 def _safe(value: str) -> str:
