@@ -126,7 +126,8 @@ def admin_app(gw: GatewayApp) -> web.Application:
             await authorize_admin(request)
             try:
                 body = await request.json()
-            except (ValueError, UnicodeDecodeError):
+            # RecursionError: arrays or objects nested deeper than the json module decodes ("[[[[...").
+            except (ValueError, UnicodeDecodeError, RecursionError):
                 return _refusal(request, "invalid_request", "body must be JSON", 400)
             problem = _check_revocation(body, [i.name for i in gw.config.issuers])
             if problem:
