@@ -247,7 +247,10 @@ async def forget_jtis(cfg: RevocationConfig, jtis: Iterable[str]) -> None:
 
 def _parse_message(data: bytes | str) -> tuple[str, str | None, str, float]:
     """A published event -> (kind, issuer, value, at); ValueError when it cannot be understood."""
-    msg = json.loads(data)
+    try:
+        msg = json.loads(data)
+    except RecursionError:  # nested deeper than json decodes: unreadable like any other bad message
+        raise ValueError("nested too deeply") from None
     if not isinstance(msg, dict):
         raise ValueError("not an object")
     kind, value, issuer, at = msg.get("type"), msg.get("value"), msg.get("issuer"), msg.get("at")
