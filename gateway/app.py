@@ -112,6 +112,7 @@ class GatewayApp:
         self._inflight = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        self._hurried = False  # a second stop signal: the drain ends now (hurry)
         # One reload at a time: two overlapping builds could each reuse, then retire, the other's parts
         # (a JWKS cache closed but still in use), and the older file could win.
         self._reloading = asyncio.Lock()
@@ -164,8 +165,18 @@ class GatewayApp:
             # the orchestrator's patience).
             await self._public.drain(deadline)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._idle.wait(), max(0.0, deadline - loop.time()))
+                await asyncio.wait_for(self._idle.wait(), max(0.0, self._hurry_to(deadline) - loop.time()))
         await self.stop()
+
+    def hurry(self) -> None:
+        """A second SIGTERM/SIGINT while draining: cut what is in flight now, as the grace's end would, and
+        stop in order (the access log flushed, exit 0) instead of dying of the signal's default action."""
+        self._hurried = True
+        if self._public is not None:
+            self._public.deadline = 0.0
+
+    def _hurry_to(self, deadline: float) -> float:
+        return 0.0 if self._hurried else deadline
 
     async def stop(self) -> None:
         if self._public is not None:
@@ -593,25 +604,52 @@ def _server_ssl(config: Config) -> ssl.SSLContext | None:
 
 
 async def serve(config_path: str, *, reuse_port: bool = False, stop: asyncio.Event | None = None) -> int:
-    """Run until SIGTERM/SIGINT; SIGHUP reloads. Returns the process exit code."""
-    config = load(config_path)
-    app = GatewayApp(config, reuse_port=reuse_port)
+    """Run until SIGTERM/SIGINT; SIGHUP reloads. Returns the process exit code.
+
+    SIGHUP's default action ends the process, so it is handled from before the config is read until
+    exit: one that arrives while starting (the JWKS, Redis) reloads once started; one while draining is
+    logged and ignored. A second SIGTERM/SIGINT while draining cuts what is still in flight at once."""
+    loop = asyncio.get_running_loop()
+    hup_while_starting = False
+
+    def early_hup() -> None:
+        nonlocal hup_while_starting
+        hup_while_starting = True
+
+    loop.add_signal_handler(signal.SIGHUP, early_hup)
     try:
-        await app.start()
+        config = load(config_path)
+        app = GatewayApp(config, reuse_port=reuse_port)
+        try:
+            await app.start()
+        except BaseException:
+            await app.stop()  # half started (a port taken after `run` checked it): close what did start, quietly
+            raise
     except BaseException:
-        await app.stop()  # half started (a port taken after `run` checked it): close what did start, quietly
+        loop.remove_signal_handler(signal.SIGHUP)
         raise
     log.info("gateway listening on %s:%d (admin %s:%d)", config.server.host, app.public_port,
              config.admin.host, app.admin_port)
     done = stop or asyncio.Event()
-    loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, done.set)
     loop.add_signal_handler(signal.SIGINT, done.set)
     loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(app.reload(config_path)))
+    if hup_while_starting:
+        asyncio.ensure_future(app.reload(config_path))
     try:
         await done.wait()
     finally:
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            loop.remove_signal_handler(sig)
-        await app.drain_and_stop()
+        def again(name: str) -> None:
+            log.warning("%s while draining: cutting the requests still in flight now", name)
+            app.hurry()
+
+        loop.add_signal_handler(signal.SIGTERM, again, "SIGTERM")
+        loop.add_signal_handler(signal.SIGINT, again, "SIGINT")
+        loop.add_signal_handler(signal.SIGHUP, log.warning, "SIGHUP ignored: the gateway is stopping")
+        try:
+            await app.drain_and_stop()
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(sig)
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)  # not its default action between here and exit
     return 0

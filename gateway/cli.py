@@ -9,6 +9,7 @@ import logging
 import os
 import re
 import resource
+import signal
 import socket
 import ssl
 import sys
@@ -112,6 +113,9 @@ def _run_async(coro_fn: Callable[[], Coroutine[Any, Any, int]]) -> int:
 
 
 def cmd_run(args: Any) -> int:
+    # SIGHUP's default action would end the process before serve() or supervise() handles it (a reload
+    # sent while starting); ignored until then. Workers inherit it (an ignored disposition survives exec).
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     config = load(args.config)
     workers = args.workers if args.workers is not None else config.server.workers
     if not 1 <= workers <= MAX_WORKERS:

@@ -634,6 +634,7 @@ class H1Server:
         self.conns: set[_Conn] = set()
         self.tasks: set[asyncio.Task[None]] = set()
         self.draining = False
+        self.deadline = 0.0  # drain(): loop time at which what is still in flight is cut
         self._server: asyncio.Server | None = None
         self._sweeper: asyncio.TimerHandle | None = None
         self._date_sec = -1
@@ -700,11 +701,12 @@ class H1Server:
         """Stop accepting; close idle connections now; in-flight answers say Connection: close; at
         `deadline` (loop time) cut whatever remains."""
         self.draining = True
+        self.deadline = deadline
         if self._server is not None:
             self._server.close()
         for conn in list(self.conns):
             conn._wake()  # an idle connection's task sees `draining` and closes it
-        while self.conns and self.loop.time() < deadline:
+        while self.conns and self.loop.time() < self.deadline:  # hurry() may bring it forward
             if all(not c.busy and not c._queue for c in self.conns):
                 break
             await asyncio.sleep(0.05)

@@ -3,16 +3,30 @@
 from __future__ import annotations
 
 import asyncio
+import signal
+import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 import redis.asyncio as aioredis
 
 from gateway.devissuer import DevIssuer
-from tests.support.gateway import RunningGateway
+from tests.support.gateway import GatewayProcess, RunningGateway, eventually, free_port
 from tests.support.redis_server import RedisServer
 from tests.support.upstreams import EchoUpstream
+from tests.test_resilience_e2e import (
+    MakeUpstream,
+    process_ports,
+    public_routes,
+    start_process,
+    upstream_yaml,
+)
+from tests.test_resilience_e2e import (
+    gateway_yaml as full_yaml,
+)
 from tests.test_review_ops import admin_post, gateway_yaml
 from tests.test_revocation_e2e import ADMIN, PREFIX
 
@@ -44,3 +58,86 @@ async def test_a_published_message_nested_too_deeply_is_unreadable_not_a_crash_o
             await client.aclose()
     assert "unreadable revocation message" in caplog.text
     assert "Traceback" not in caplog.text and "RecursionError" not in caplog.text
+
+
+# -- signals: SIGHUP's default action ends the process; it must never reach it ---------------------------------
+
+async def _exit_code(gw: GatewayProcess, within: float) -> int | None:
+    assert gw.proc is not None
+    deadline = time.monotonic() + within
+    while gw.proc.poll() is None and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    return gw.proc.poll()
+
+
+@pytest.mark.parametrize("workers", [(), ("--workers", "2")])
+async def test_a_sighup_while_draining_is_ignored_and_the_requests_in_flight_complete(
+        issuer: DevIssuer, make_upstream: MakeUpstream, tmp_path: Path, gateway_processes: Any,
+        workers: tuple[str, ...]) -> None:
+    # It ended the process (exit 129) mid-drain: the requests in flight were cut, their log lines lost.
+    slow = await make_upstream()
+    slow.set_mode("slow", delay=1.5)
+    ports = process_ports()
+    text = full_yaml(issuer.url, [upstream_yaml("slow", slow.url)], public_routes("slow"), **ports)
+    gw = start_process(gateway_processes, tmp_path, text, ports, args=workers)
+    await gw.wait_ready()
+    async with aiohttp.ClientSession() as session:
+        requests = [asyncio.ensure_future(session.get(gw.url + f"/slow/{i}")) for i in range(2)]
+        await eventually(lambda: asyncio.sleep(0, slow.hits == 2), timeout=3)
+        gw.signal(signal.SIGTERM)
+        await asyncio.sleep(0.3)
+        gw.signal(signal.SIGHUP)
+        for request in requests:
+            async with await request as r:
+                assert r.status == 200
+    assert await _exit_code(gw, 5) == 0
+    assert "SIGHUP ignored" in gw.err.read_text()
+    assert gw.out.read_text().count('"status":200') == 2, gw.out.read_text()
+
+
+async def test_a_second_sigterm_while_draining_cuts_at_once_and_exits_0(
+        issuer: DevIssuer, make_upstream: MakeUpstream, tmp_path: Path, gateway_processes: Any) -> None:
+    # It ended the process by the signal's default action (exit 143), the access log's batch unwritten.
+    stuck = await make_upstream()
+    stuck.set_mode("hang")
+    ports = process_ports()
+    text = full_yaml(issuer.url, [upstream_yaml("stuck", stuck.url, read="30s")],
+                      public_routes("stuck"), **ports).replace("shutdown_grace: 5s", "shutdown_grace: 20s")
+    gw = start_process(gateway_processes, tmp_path, text, ports)
+    await gw.wait_ready()
+    async with aiohttp.ClientSession() as session:
+        request = asyncio.ensure_future(session.get(gw.url + "/stuck/x"))
+        await eventually(lambda: asyncio.sleep(0, stuck.hits == 1), timeout=3)
+        gw.signal(signal.SIGTERM)
+        await asyncio.sleep(0.3)
+        gw.signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        assert await _exit_code(gw, 5) == 0
+        assert time.monotonic() - signalled < 1.5  # not the 20 s grace
+        with pytest.raises(aiohttp.ClientError):
+            async with await request:
+                pass
+    assert "SIGTERM while draining" in gw.err.read_text()
+
+
+async def test_a_sighup_while_starting_reloads_once_started(
+        issuer: DevIssuer, echo_upstream: EchoUpstream, tmp_path: Path, gateway_processes: Any) -> None:
+    # A start waits for Redis (here: nothing listens); a SIGHUP then ended the process (exit 129).
+    ports = process_ports()
+    revocation = f"revocation: {{backend: redis, redis_url: 'redis://127.0.0.1:{free_port()}/0'}}"
+    text = full_yaml(issuer.url, [upstream_yaml("echo", echo_upstream.url)], public_routes("echo"),
+                        revocation=revocation, **ports)
+    gw = start_process(gateway_processes, tmp_path, text, ports)
+    assert gw.proc is not None
+
+    async def starting() -> bool:
+        return "revocation backend" in gw.err.read_text()
+    await eventually(starting, timeout=10)
+    assert "gateway listening" not in gw.err.read_text()
+    gw.signal(signal.SIGHUP)
+
+    async def reloaded() -> bool:
+        assert gw.proc is not None and gw.proc.poll() is None, gw.err.read_text()
+        return "configuration reloaded" in gw.err.read_text()
+    await eventually(reloaded, timeout=10)
+    assert gw.stop() == 0
