@@ -124,6 +124,7 @@ class GatewayApp:
         self._requests = OpenRequests(self._current)  # requests in flight, ended with their token
         self._stamp = accesslog.Stamp()
         self._scheme = "http"
+        self._server_ssl: ssl.SSLContext | None = None
         self._hosts: set[str] = set()  # Host values already found valid (_check_host)
         self.public_port = 0
         self.admin_port = 0
@@ -143,7 +144,9 @@ class GatewayApp:
         self._public = H1Server(self.handle_h1, refused, self._upgrades, max_line=max_line, max_headers=1000,
                                 conn_state=ConnMemo)
         server_ssl = _server_ssl(self.config)
-        # The listener is never rebuilt on reload: its scheme is fixed here, not looked up per request.
+        # The listener is never rebuilt on reload: its scheme is fixed here, not looked up per request. A
+        # reload loads the certificate files again into this context (renewed certificates, new paths).
+        self._server_ssl = server_ssl
         self._scheme = "https" if server_ssl is not None else "http"
         self.public_port = await self._public.listen(cfg.host, cfg.port, ssl=server_ssl, reuse_port=self.reuse_port)
         admin = web.AppRunner(admin_app(self), handle_signals=False, access_log=None)
@@ -207,6 +210,12 @@ class GatewayApp:
     async def _reload(self, path: str) -> bool:
         try:
             config = await asyncio.get_running_loop().run_in_executor(None, load, path)
+            try:
+                fresh_ssl = _server_ssl(config) if self._server_ssl is not None else None
+            except (ssl.SSLError, OSError) as exc:
+                tls = config.server.tls
+                raise ConfigError([f"{config.path}: server.tls: cannot load a certificate and its key from "
+                                   f"{tls.cert_file if tls else None}: {' '.join(str(exc).split())}"]) from None
             gateway = await self.services.build(config)
         except ConfigError as exc:
             _count_reload("error")
@@ -217,9 +226,18 @@ class GatewayApp:
             _count_reload("error")
             log.error("reload refused: %s", exc)
             return False
+        if self._server_ssl is not None and fresh_ssl is not None:
+            tls = config.server.tls
+            assert tls is not None and tls.cert_file is not None
+            # The files loaded cleanly into a fresh context just now; the live one takes them for every
+            # handshake from here on (connections already open keep theirs).
+            self._server_ssl.load_cert_chain(tls.cert_file, tls.key_file)
+        old = self.config
         self.config, self.gateway = config, gateway  # in-flight requests keep the Gateway they started with
         _count_reload("ok")
         log.info("configuration reloaded from %s", path)
+        for line in _restart_only(old, config):
+            log.warning("%s", line)
         for line in warnings(config):
             log.warning("%s", line)
         asyncio.get_running_loop().call_later(self.config.server.shutdown_grace or 1.0,
@@ -592,6 +610,24 @@ def _bound_port(runner: web.BaseRunner) -> int:
         if isinstance(address, tuple):
             return int(address[1])
     return 0
+
+
+def _restart_only(old: Config, new: Config) -> list[str]:
+    """What a reload cannot apply: the listeners are bound, and their processes started, once."""
+    def listen(host: str, port: int) -> str:
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    def tls(cfg: Config) -> str:
+        return "on" if cfg.server.tls is not None and cfg.server.tls.cert_file is not None else "off"
+
+    changes = [
+        ("server.listen", listen(old.server.host, old.server.port), listen(new.server.host, new.server.port)),
+        ("admin.listen", listen(old.admin.host, old.admin.port), listen(new.admin.host, new.admin.port)),
+        ("server.workers", str(old.server.workers), str(new.server.workers)),
+        ("server.tls", tls(old), tls(new)),
+    ]
+    return [f"{new.path}: warning: {key}: changed from {was} to {now}, which takes a restart; still {was}"
+            for key, was, now in changes if was != now]
 
 
 def _server_ssl(config: Config) -> ssl.SSLContext | None:

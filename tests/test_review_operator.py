@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
+import ssl
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -14,7 +16,8 @@ import pytest
 import redis.asyncio as aioredis
 
 from gateway.devissuer import DevIssuer
-from tests.support.gateway import GatewayProcess, RunningGateway, eventually, free_port
+from tests.support.gateway import GatewayProcess, RunningGateway, config_text, eventually, free_port
+from tests.support.pki import make_pki
 from tests.support.redis_server import RedisServer
 from tests.support.upstreams import EchoUpstream
 from tests.test_resilience_e2e import (
@@ -141,3 +144,72 @@ async def test_a_sighup_while_starting_reloads_once_started(
         return "configuration reloaded" in gw.err.read_text()
     await eventually(reloaded, timeout=10)
     assert gw.stop() == 0
+
+
+# -- reload: what it applies, and what it says it cannot ----------------------------------------------------
+
+TLS_ROUTES = """\
+  - name: hello
+    match: {path: /hello}
+    upstream: svc
+    auth: {required: false}
+"""
+
+
+def _tls_config(issuer: DevIssuer, upstream: EchoUpstream, cert: str, key: str) -> str:
+    return config_text(issuer.url, {"svc": [upstream.url]}, TLS_ROUTES).replace(
+        "  shutdown_grace: 5s", f"  shutdown_grace: 5s\n  tls: {{cert_file: {cert}, key_file: {key}}}")
+
+
+async def _handshake(port: int, ca: str) -> bool:
+    ctx = ssl.create_default_context(cafile=ca)
+    try:
+        _, writer = await asyncio.open_connection("127.0.0.1", port, ssl=ctx, server_hostname="127.0.0.1")
+    except ssl.SSLError:
+        return False
+    writer.close()
+    with contextlib.suppress(ConnectionError, ssl.SSLError):
+        await writer.wait_closed()
+    return True
+
+
+async def test_a_reload_serves_the_renewed_certificate_and_refuses_one_that_does_not_load(
+        issuer: DevIssuer, echo_upstream: EchoUpstream, gateway_factory: Any, tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    # The listener's SSLContext was built once at start: a reload after a certificate renewal said
+    # "configuration reloaded" and went on serving the old certificate until it expired.
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first, second = make_pki(tmp_path / "a"), make_pki(tmp_path / "b")
+    async with gateway_factory(_tls_config(issuer, echo_upstream, first["server"], first["server"])) as gw:
+        port = gw.app.public_port
+        assert await _handshake(port, first["ca"]) and not await _handshake(port, second["ca"])
+        path = tmp_path / "next.yaml"
+        path.write_text(_tls_config(issuer, echo_upstream, second["server"], second["server"]))
+        assert await gw.app.reload(str(path)) is True
+        assert await _handshake(port, second["ca"]) and not await _handshake(port, first["ca"])
+        # A file that is no certificate: refused as a whole, the certificate in use stays.
+        broken = tmp_path / "broken.pem"
+        broken.write_text("not a certificate")
+        path.write_text(_tls_config(issuer, echo_upstream, str(broken), str(broken)))
+        assert await gw.app.reload(str(path)) is False
+        assert f"reload refused: {path}: server.tls: cannot load a certificate and its key from {broken}" in caplog.text
+        assert await _handshake(port, second["ca"])
+
+
+async def test_a_reload_that_moves_a_listener_says_it_takes_a_restart(
+        issuer: DevIssuer, echo_upstream: EchoUpstream, gateway_factory: Any, tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    # It logged "configuration reloaded" and went on listening where it was, saying nothing.
+    text = config_text(issuer.url, {"svc": [echo_upstream.url]}, TLS_ROUTES)
+    async with gateway_factory(text) as gw:
+        moved = free_port()
+        path = tmp_path / "next.yaml"
+        path.write_text(text.replace("  listen: 127.0.0.1:0", f"  listen: 127.0.0.1:{moved}", 1)
+                        .replace("  workers: 1\n", "") .replace("server:\n", "server:\n  workers: 2\n", 1))
+        assert await gw.app.reload(str(path)) is True
+        assert (f"server.listen: changed from 127.0.0.1:0 to 127.0.0.1:{moved}, which takes a restart; "
+                "still 127.0.0.1:0") in caplog.text
+        assert "server.workers: changed from 1 to 2, which takes a restart" in caplog.text
+        assert "admin.listen" not in caplog.text
+        assert (await gw.request("GET", "/hello"))[0] == 200
