@@ -13,6 +13,7 @@ import itertools
 import json
 import logging
 import math
+import re
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -196,6 +197,10 @@ def key_for(prefix: str, kind: str, value: str, issuer: str | None) -> str:
     return f"{prefix}{_KEY_PART[kind]}:{issuer}:{value}"
 
 
+MAX_VALUE = 1024  # characters of a revoked jti, subject or session
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # C0 but HTAB, and DEL (RFC 9110 s5.5)
+
+
 def _has_utf8_form(text: str) -> bool:
     try:
         text.encode("utf-8")
@@ -214,6 +219,12 @@ def _plan_write(cfg: RevocationConfig, kind: str, value: str, issuer: str | None
         # A lone surrogate (JSON "\ud800", or argv bytes that are not UTF-8) cannot be a Redis key, and
         # no token carrying it verifies (tokens.py refuses such identities).
         raise ValueError("the revoked value and issuer must be UTF-8 text")
+    if len(value) > MAX_VALUE:
+        raise ValueError(f"the revoked value is longer than {MAX_VALUE} characters")
+    if _CONTROL.search(value):
+        # No token carrying one verifies either (tokens.py): such a key would revoke nothing, and the CLI
+        # and the admin API say so alike.
+        raise ValueError("the revoked value must not hold control characters (CR, LF, NUL, DEL, ...)")
     if kind != "jti" and not issuer:
         raise ValueError(f"a {kind} revocation needs the issuer's name")
     if issuer is not None and ":" in issuer:

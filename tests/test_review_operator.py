@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import signal
 import ssl
 import time
@@ -20,6 +21,7 @@ from tests.support.gateway import GatewayProcess, RunningGateway, config_text, e
 from tests.support.pki import make_pki
 from tests.support.redis_server import RedisServer
 from tests.support.upstreams import EchoUpstream
+from tests.test_cli import gateway as cli
 from tests.test_resilience_e2e import (
     MakeUpstream,
     process_ports,
@@ -213,3 +215,25 @@ async def test_a_reload_that_moves_a_listener_says_it_takes_a_restart(
         assert "server.workers: changed from 1 to 2, which takes a restart" in caplog.text
         assert "admin.listen" not in caplog.text
         assert (await gw.request("GET", "/hello"))[0] == 200
+
+
+# -- gateway revoke and the admin API refuse the same values ---------------------------------------------------
+
+@pytest.mark.parametrize("value", ["a\nb", "a\x01b", "a\x7fb", "x" * 1025])
+async def test_the_cli_and_the_admin_api_refuse_the_same_values(
+        gw: RunningGateway, issuer: DevIssuer, echo_upstream: EchoUpstream, redis_server: RedisServer,
+        tmp_path: Path, value: str) -> None:
+    # The admin API refused CR, LF, NUL and more than 1024 characters; `gateway revoke` wrote all of them
+    # (and the API let the other control characters through), though README says both refuse them.
+    status, body = await admin_post(gw, issuer.token(ADMIN), json.dumps({"type": "jti", "value": value}).encode())
+    assert status == 400 and body["error"] == "invalid_request", body
+    path = tmp_path / "cli.yaml"
+    path.write_text(gateway_yaml(issuer, echo_upstream, redis_server.url))
+    result = cli("revoke", "jti", value, "-c", str(path))
+    assert result.returncode == 2 and result.stdout == "", (result.stdout, result.stderr)
+    assert result.stderr.startswith("gateway revoke: the revoked value ") and result.stderr.count("\n") == 1
+    client = aioredis.Redis.from_url(redis_server.url)
+    try:
+        assert await client.keys(f"{PREFIX}jti:*") == []
+    finally:
+        await client.aclose()
