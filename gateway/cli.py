@@ -200,15 +200,30 @@ def _check_references(config: Config) -> None:
             problems += _tls_problems(config.path, ("upstreams", name, "tls"), ssl.Purpose.SERVER_AUTH,
                                       upstream.tls.ca_file, upstream.tls.cert_file, upstream.tls.key_file)
     cfg = config.internal_token
-    if cfg is not None and os.path.exists(cfg.key_store):
+    if cfg is not None:
         from gateway.keys import KeyStore
         try:
-            KeyStore(cfg).load()
+            if os.path.exists(cfg.key_store):
+                KeyStore(cfg).load()
+            else:
+                _creatable(cfg.key_store)
         except KeyStoreError as exc:
             line = line_of(config.path, "internal_token", "key_store")
             problems.append(f"{config.path}:{line}: internal_token.key_store: {_one_line(exc)}")
     if problems:
         raise ConfigError(problems)
+
+
+def _creatable(path: str) -> None:
+    """`run` creates an absent key store (and its directories): refused here when it could not, as `run`
+    would refuse to start. The nearest existing ancestor must be a directory the gateway may write."""
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.lexists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise KeyStoreError(f"key store {path}: cannot be created: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise KeyStoreError(f"key store {path}: cannot be created: directory {parent} is not writable")
 
 
 def _tls_problems(filename: str, keys: tuple[str, ...], purpose: ssl.Purpose, ca_file: str | None,

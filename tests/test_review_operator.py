@@ -237,3 +237,23 @@ async def test_the_cli_and_the_admin_api_refuse_the_same_values(
         assert await client.keys(f"{PREFIX}jti:*") == []
     finally:
         await client.aclose()
+
+
+def test_check_refuses_a_key_store_that_run_could_not_create(issuer: DevIssuer, echo_upstream: EchoUpstream,
+                                                               tmp_path: Path) -> None:
+    # `check` said ok; `run` then stopped at start: "key store ...: cannot open: Not a directory".
+    (tmp_path / "afile").write_text("not a directory")
+    store = tmp_path / "afile" / "keys" / "signing-keys.json"
+    path = tmp_path / "gw.yaml"
+    path.write_text(config_text(issuer.url, {"svc": [echo_upstream.url]}, TLS_ROUTES,
+                                extra=f"internal_token: {{key_store: {store}}}\n"))
+    result = cli("check", "-c", str(path))
+    assert result.returncode == 2, result.stdout
+    assert result.stderr.startswith(f"{path}:") and result.stderr.count("\n") == 1, result.stderr
+    assert (f"internal_token.key_store: key store {store}: cannot be created: {tmp_path / 'afile'} is not a "
+            "directory") in result.stderr
+    # A store that does not exist yet under a directory that does is fine: `run` creates it.
+    path.write_text(config_text(issuer.url, {"svc": [echo_upstream.url]}, TLS_ROUTES,
+                                extra=f"internal_token: {{key_store: {tmp_path / 'new' / 'keys.json'}}}\n"))
+    assert cli("check", "-c", str(path)).returncode == 0
+    assert not (tmp_path / "new").exists()  # check writes nothing
