@@ -18,7 +18,7 @@ from typing import Any, NoReturn
 
 from gateway.config import default_key_store, line_of, load, warnings
 from gateway.config_types import Config, InternalTokenConfig
-from gateway.errors import ConfigError, KeyStoreError
+from gateway.errors import BackendUnavailable, ConfigError, KeyStoreError
 from gateway.yamlreader import MAX_WORKERS
 
 DEFAULT_CONFIG = "config/gateway.yaml"
@@ -287,6 +287,9 @@ def cmd_revoke(args: Any) -> int:
             written = await store.revoke(args.kind, args.value, issuer, exp=args.exp)
         except ValueError as exc:  # the store's input rules: a usage problem, exit 2
             raise UsageError(f"gateway revoke: {exc}") from None
+        except BackendUnavailable as exc:  # exit 1, saying why: refused, a password asked, a wrong database
+            cause = exc.__cause__
+            raise RuntimeError(f"{exc} ({_one_line(cause) if cause else 'no answer'})") from None
         finally:
             await store.close()
         print(json.dumps({"revoked": written}))

@@ -201,6 +201,13 @@ MAX_VALUE = 1024  # characters of a revoked jti, subject or session
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # C0 but HTAB, and DEL (RFC 9110 s5.5)
 
 
+def _cause(exc: BaseException) -> str:
+    """`ConnectionError (Error 111 connecting to 127.0.0.1:6380. Connection refused.)`: redis-py's words name
+    the address, never the URL's password."""
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__} ({text})" if text else type(exc).__name__
+
+
 def _has_utf8_form(text: str) -> bool:
     try:
         text.encode("utf-8")
@@ -554,10 +561,12 @@ class RedisRevocationStore:
                 pipe.set(w.key, w.stored, ex=w.ttl)
                 pipe.publish(self._channel, w.message())
                 await pipe.execute()
-        except _BACKEND_ERRORS:
+        except _BACKEND_ERRORS as exc:
+            # The cause stays on the exception for `gateway revoke` to name; the admin API's client sees
+            # SPEC 5's fixed description only.
             raise errors.BackendUnavailable(
                 "the revocation backend is unreachable; the revocation may not have been written"
-            ) from None
+            ) from exc
         # This replica refuses at once, without waiting for its own message to come back.
         self._view.apply(kind, issuer, value, w.at, now + w.ttl)
         return w.record()
@@ -579,7 +588,7 @@ class RedisRevocationStore:
                 delay = BACKOFF_MIN
                 await self._listen(pubsub)
             except _BACKEND_ERRORS as exc:
-                log.warning("revocation backend: %s; reconnecting in %.2fs", type(exc).__name__, delay)
+                log.warning("revocation backend: %s; reconnecting in %.2fs", _cause(exc), delay)
             except Exception:
                 log.exception("revocation sync failed; reconnecting in %.2fs", delay)
             finally:

@@ -257,3 +257,20 @@ def test_check_refuses_a_key_store_that_run_could_not_create(issuer: DevIssuer, 
                                 extra=f"internal_token: {{key_store: {tmp_path / 'new' / 'keys.json'}}}\n"))
     assert cli("check", "-c", str(path)).returncode == 0
     assert not (tmp_path / "new").exists()  # check writes nothing
+
+
+async def test_an_unreachable_redis_is_named_with_its_cause_by_revoke_and_by_the_reconnect_log(
+        issuer: DevIssuer, echo_upstream: EchoUpstream, gateway_factory: Any, tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    # Both said only "unreachable" / "ConnectionError": not which address, nor refused, a password, a DB index.
+    port = free_port()
+    text = gateway_yaml(issuer, echo_upstream, f"redis://127.0.0.1:{port}/0")
+    path = tmp_path / "cli.yaml"
+    path.write_text(text)
+    result = cli("revoke", "jti", "x", "-c", str(path))
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith("gateway: error: the revocation backend is unreachable")
+    assert f"connecting to 127.0.0.1:{port}" in result.stderr and "refused" in result.stderr
+    async with gateway_factory(text):
+        pass
+    assert f"revocation backend: ConnectionError (Error 111 connecting to 127.0.0.1:{port}." in caplog.text
