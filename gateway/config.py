@@ -423,12 +423,14 @@ class _Builder:
             return ()
         out: list[RouteConfig] = []
         nodes: list[Node] = []
+        names: set[str] = set()
         for i, item in enumerate(node.value):
             route = _RouteBuilder(r, item, f"routes[{i}]", issuers, upstreams, has_internal).build()
             if route is None:
                 continue
-            if any(o.name == route.name for o in out):
+            if route.name in names:
                 r.error(item, f"routes[{i}].name", f"duplicate route name {route.name!r}")
+            names.add(route.name)
             out.append(route)
             nodes.append(item)
         for later, earlier in routes.find_shadowed(out):

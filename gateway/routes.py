@@ -268,18 +268,24 @@ class RouteTable:
 
     def __init__(self, routes: Sequence[RouteConfig]) -> None:
         compiled = [_compile(i, r) for i, r in enumerate(routes)]
-        dynamic = [c for c in compiled if c.kind != _EXACT]
-        wild = [c for c in dynamic if _head(c) is None]
+        wild: list[_Compiled] = []
+        by_head: dict[str, list[_Compiled]] = {}  # one pass: thousands of routes must not cost n² here
+        for c in compiled:
+            if c.kind != _EXACT:
+                head = _head(c)
+                if head is None:
+                    wild.append(c)
+                else:
+                    by_head.setdefault(head, []).append(c)
 
         def merged(first: str, extra: Sequence[_Compiled] = ()) -> tuple[_Compiled, ...]:
             # File order is kept inside each candidate tuple, so first-match-wins needs no sorting later.
-            same = [c for c in dynamic if _head(c) == first]
-            return tuple(sorted([*extra, *same, *wild], key=lambda c: c.index))
+            return tuple(sorted([*extra, *by_head.get(first, ()), *wild], key=lambda c: c.index))
 
         # Candidates are bucketed by the path's first segment (a route whose first segment is a
         # parameter, or the prefix "/", is in every bucket); exact paths are one dict lookup.
         self._wild = tuple(wild)
-        self._by_first = {h: merged(h) for h in {_head(c) for c in dynamic} if h is not None}
+        self._by_first = {h: merged(h) for h in by_head}
         exact: dict[str, list[_Compiled]] = {}
         for c in compiled:
             if c.kind == _EXACT:
@@ -411,20 +417,27 @@ def _covers(earlier: _Compiled, later: _Compiled) -> bool:
 
 
 def find_shadowed(routes: Sequence[RouteConfig]) -> list[tuple[int, int]]:
-    """(shadowed_index, earlier_index) for each route an earlier one completely hides (the first such)."""
-    compiled: list[_Compiled | None] = []
-    for i, route in enumerate(routes):
-        try:
-            compiled.append(_compile(i, route))
-        except (ValueError, BadPath):
-            compiled.append(None)  # invalid routes are reported elsewhere; never guess about them
+    """(shadowed_index, earlier_index) for each route an earlier one completely hides (the first such).
+
+    Only the earlier routes that could cover a route are tried (_covers decides): prefixes found by the
+    route's leading segments, templates by a walk of a segment trie (a parameter matches any non-empty
+    segment). Comparing every pair took minutes for a few thousand routes, at every start and reload."""
+    roots: list[_Compiled] = []  # path_prefix "/": covers every path
+    prefixes: dict[tuple[str, ...], list[_Compiled]] = {}  # by the prefix's segments
+    trie: _Trie = _Trie()  # exact paths and templates, by segment ("*": a parameter)
     out: list[tuple[int, int]] = []
-    for j, later in enumerate(compiled):
-        if later is None:
-            continue
-        for earlier in compiled[:j]:
-            if earlier is None:
-                continue
+    for j, route in enumerate(routes):
+        try:
+            later = _compile(j, route)
+        except (ValueError, BadPath):
+            continue  # invalid routes are reported elsewhere; never guess about them
+        segments = _split_template(later.key) if later.key else []
+        candidates = [*roots]
+        for k in range(1, len(segments) + 1):
+            candidates += prefixes.get(tuple(segments[:k]), ())
+        if later.kind != _PREFIX:
+            candidates += trie.covering(segments)
+        for earlier in sorted(candidates, key=lambda c: c.index):
             if earlier.host is not None and earlier.host != later.host:
                 continue
             if earlier.methods is not None and (later.methods is None or not later.methods <= earlier.methods):
@@ -432,4 +445,37 @@ def find_shadowed(routes: Sequence[RouteConfig]) -> list[tuple[int, int]]:
             if _covers(earlier, later):
                 out.append((j, earlier.index))
                 break
+        if later.kind == _PREFIX:
+            if later.key:
+                prefixes.setdefault(tuple(segments), []).append(later)
+            else:
+                roots.append(later)
+        else:
+            trie.add(["*" if _PARAM.fullmatch(seg) else seg for seg in segments], later)
     return out
+
+
+class _Trie:
+    __slots__ = ("children", "routes")
+
+    def __init__(self) -> None:
+        self.children: dict[str, _Trie] = {}
+        self.routes: list[_Compiled] = []
+
+    def add(self, segments: list[str], route: _Compiled) -> None:
+        node = self
+        for seg in segments:
+            node = node.children.setdefault(seg, _Trie())
+        node.routes.append(route)
+
+    def covering(self, segments: list[str]) -> list[_Compiled]:
+        """The routes whose segments match these one for one (a parameter any non-empty segment)."""
+        frontier = [self]
+        for seg in segments:
+            nxt = [n.children[seg] for n in frontier if seg in n.children]
+            if seg != "":
+                nxt += [n.children["*"] for n in frontier if "*" in n.children]
+            if not nxt:
+                return []
+            frontier = nxt
+        return [route for node in frontier for route in node.routes]
