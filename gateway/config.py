@@ -143,8 +143,12 @@ class _Builder:
 
     def config(self, root: Node | None, filename: str) -> Config | None:
         r = self.r
-        if root is None:
+        if root is None or (isinstance(root, yaml.ScalarNode) and root.tag.endswith(":null")):  # `~`, `null`
             r.error(None, "(file)", "empty configuration; issuers, upstreams and routes are required")
+            return None
+        if not isinstance(root, yaml.MappingNode):  # a list, a string: one problem, named as the file's
+            got = "a list" if isinstance(root, yaml.SequenceNode) else repr(root.value)[:60]
+            r.error(root, "(file)", f"expected a mapping of {', '.join(_TOP)}; got {got}")
             return None
         top = r.mapping(root, "", _TOP)
         for key in ("issuers", "upstreams", "routes"):

@@ -337,3 +337,20 @@ def test_a_config_of_six_thousand_routes_loads_in_seconds(tmp_path: Path) -> Non
     spent = time.process_time() - started
     assert len(config.routes) == 6000
     assert spent < 15, spent  # the YAML parser itself takes most of it; before: minutes
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("- a\n- b\n", "(file): expected a mapping of server, admin, issuers, revocation, internal_token, upstreams, "
+                   "routes; got a list"),
+    ("just a string\n", "(file): expected a mapping of server, admin, issuers, revocation, internal_token, "
+                        "upstreams, routes; got 'just a string'"),
+    ("~\n", "(file): empty configuration; issuers, upstreams and routes are required"),
+])
+def test_a_file_that_is_no_mapping_is_one_problem_named_as_the_files(tmp_path: Path, text: str,
+                                                                     message: str) -> None:
+    # It was "FILE:1: : expected a mapping" (an empty key) and then "issuers: required" and two more.
+    path = tmp_path / "gw.yaml"
+    path.write_text(text)
+    result = cli("check", "-c", str(path))
+    assert result.returncode == 2
+    assert result.stderr == f"{path}:1: {message}\n"
