@@ -60,6 +60,11 @@ def load(path: str | os.PathLike[str]) -> Config:
     return load_text(text, filename)
 
 
+def _redacted(url: str) -> str:
+    """A URL for a message with its password hidden: `${REDIS_URL}` carries one, and messages reach logs."""
+    return re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*://[^:/@]*:)[^/]*@", r"\1***@", url)
+
+
 def default_key_store() -> str:
     """internal_token.key_store when the file does not set it: GATEWAY_KEY_STORE, else SPEC 3's default."""
     return os.environ.get("GATEWAY_KEY_STORE") or InternalTokenConfig().key_store
@@ -305,7 +310,7 @@ class _Builder:
             redis_url = os.environ.get("REDIS_URL") or d.redis_url
         if not re.match(r"^(redis|rediss|unix)://", redis_url) or _bad_port(redis_url):
             r.error(m.get("redis_url"), "revocation.redis_url",
-                    f"expected a redis://, rediss:// or unix:// URL, got {redis_url!r}")
+                    f"expected a redis://, rediss:// or unix:// URL, got {_redacted(redis_url)!r}")
         return RevocationConfig(
             backend=r.field(r.choice(("redis", "memory")), m.get("backend"), "revocation.backend", d.backend),
             redis_url=redis_url,

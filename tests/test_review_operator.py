@@ -354,3 +354,15 @@ def test_a_file_that_is_no_mapping_is_one_problem_named_as_the_files(tmp_path: P
     result = cli("check", "-c", str(path))
     assert result.returncode == 2
     assert result.stderr == f"{path}:1: {message}\n"
+
+
+# -- revocation.redis_url: its password stays out of messages; options redis-py refuses are refused at load ----
+
+def test_a_redis_url_refused_by_check_does_not_print_its_password(issuer: DevIssuer, echo_upstream: EchoUpstream,
+                                                                  tmp_path: Path) -> None:
+    # `${REDIS_URL}` carries the password (SPEC 3: substitution is for secrets); the message printed it.
+    path = tmp_path / "gw.yaml"
+    path.write_text(gateway_yaml(issuer, echo_upstream, "${REDIS_URL}"))
+    result = cli("check", "-c", str(path), env={"REDIS_URL": "redis://app:s3cr3t-pw@127.0.0.1:99999/0"})
+    assert result.returncode == 2
+    assert "s3cr3t-pw" not in result.stderr and "redis://app:***@127.0.0.1:99999/0" in result.stderr
