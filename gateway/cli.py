@@ -199,6 +199,7 @@ def _check_references(config: Config) -> None:
         if upstream.tls is not None:
             problems += _tls_problems(config.path, ("upstreams", name, "tls"), ssl.Purpose.SERVER_AUTH,
                                       upstream.tls.ca_file, upstream.tls.cert_file, upstream.tls.key_file)
+    problems += _redis_url_problems(config)
     cfg = config.internal_token
     if cfg is not None:
         from gateway.keys import KeyStore
@@ -212,6 +213,16 @@ def _check_references(config: Config) -> None:
             problems.append(f"{config.path}:{line}: internal_token.key_store: {_one_line(exc)}")
     if problems:
         raise ConfigError(problems)
+
+
+def _redis_url_problems(config: Config) -> list[str]:
+    if config.revocation.backend != "redis":
+        return []
+    from gateway.revocation import redis_url_problem
+    problem = redis_url_problem(config.revocation.redis_url)
+    if not problem:
+        return []
+    return [f"{config.path}:{line_of(config.path, 'revocation', 'redis_url')}: revocation.redis_url: {problem}"]
 
 
 def _creatable(path: str) -> None:
@@ -279,6 +290,8 @@ def cmd_revoke(args: Any) -> int:
     if config.revocation.backend != "redis":
         raise UsageError("gateway revoke: revocation.backend is memory (one process only); revoke through "
                          "the running gateway's POST /admin/revocations instead")
+    if problems := _redis_url_problems(config):
+        raise ConfigError(problems)
 
     async def go() -> int:
         from gateway.revocation import RedisRevocationStore

@@ -397,6 +397,16 @@ class MemoryRevocationStore:
         return w.record()
 
 
+def redis_url_problem(url: str) -> str | None:
+    """What redis-py refuses in a redis_url (an unknown `?option`, a value it cannot read), found without
+    connecting: the client would otherwise fail every connection attempt, for ever, a traceback each."""
+    try:
+        aioredis.ConnectionPool.from_url(url).make_connection()  # type: ignore[no-untyped-call]
+    except (ValueError, TypeError, RedisError) as exc:  # TypeError: an option no connection takes
+        return f"redis-py cannot use this URL: {' '.join(str(exc).split())}"
+    return None
+
+
 class RedisRevocationStore:
     """Shared by every replica through Redis; a pub/sub-fed local view answers checks."""
 
@@ -415,6 +425,9 @@ class RedisRevocationStore:
         self._down_until = 0.0  # loop time until which direct checks skip a Redis that just failed
         self._seen: dict[tuple[str, str, str], float] | None = None  # what the last resync found (_write_back)
         self._restore_script: Any = None  # _RESTORE, registered on first use (EVALSHA)
+        problem = redis_url_problem(cfg.redis_url)
+        if problem:  # a reload with it is refused; `check` and `run` name it first (cli)
+            raise ValueError(f"revocation.redis_url: {problem}")
         common: dict[str, Any] = {"socket_timeout": 1.0, "socket_connect_timeout": 0.5}
         # Commands may retry once: a pooled connection left stale by a Redis restart reconnects silently.
         self._redis = aioredis.Redis.from_url(cfg.redis_url, retry=Retry(NoBackoff(), 1), **common)

@@ -366,3 +366,21 @@ def test_a_redis_url_refused_by_check_does_not_print_its_password(issuer: DevIss
     result = cli("check", "-c", str(path), env={"REDIS_URL": "redis://app:s3cr3t-pw@127.0.0.1:99999/0"})
     assert result.returncode == 2
     assert "s3cr3t-pw" not in result.stderr and "redis://app:***@127.0.0.1:99999/0" in result.stderr
+
+
+@pytest.mark.parametrize("query", ["?foo=1", "?socket_timeout=abc"])
+async def test_a_redis_url_option_redis_py_refuses_is_refused_by_check_run_revoke_and_reload(
+        issuer: DevIssuer, echo_upstream: EchoUpstream, redis_server: RedisServer, gateway_factory: Any,
+        tmp_path: Path, query: str, caplog: pytest.LogCaptureFixture) -> None:
+    # `check` said ok; `run` started and logged a traceback every second, never ready; `revoke` exited 1.
+    path = tmp_path / "gw.yaml"
+    path.write_text(gateway_yaml(issuer, echo_upstream, redis_server.url + query))
+    for command in (("check",), ("run",), ("revoke", "jti", "x")):
+        result = cli(*command, "-c", str(path))
+        assert result.returncode == 2, (command, result.stderr)
+        assert result.stderr.startswith(f"{path}:") and "revocation.redis_url: redis-py cannot use this URL" \
+            in result.stderr and result.stderr.count("\n") == 1, (command, result.stderr)
+    async with gateway_factory(gateway_yaml(issuer, echo_upstream, redis_server.url)) as gw:
+        assert await gw.app.reload(str(path)) is False
+        assert "reload refused: revocation.redis_url: redis-py cannot use this URL" in caplog.text
+        assert (await gw.request("GET", "/api/orders/1"))[0] == 401  # the running config serves on
