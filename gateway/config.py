@@ -373,7 +373,13 @@ class _Builder:
         for i, target in enumerate(r.strs(m.get("targets"), f"{key}.targets")):
             if not re.match(r"^https?://[^/\s?#]+(/[^\s?#]*)?$", target) or _bad_url(target):
                 r.error(m["targets"].value[i], f"{key}.targets[{i}]",
-                        f"expected http(s)://host:port, got {target!r}")
+                        f"expected http(s)://host:port, got {_redacted(target)!r}")
+            elif "@" in urlsplit(target).netloc:
+                # Never sent (the client builds each request's head itself), and the target is a metric
+                # label on /metrics and a field of every access-log line: the password would be published.
+                r.error(m["targets"].value[i], f"{key}.targets[{i}]",
+                        f"a target cannot carry credentials (they are not sent, and the target URL is a metric "
+                        f"label and a log field); got {_redacted(target)!r}")
             targets.append(target.rstrip("/"))
         if "targets" in m and isinstance(m["targets"], yaml.SequenceNode) and not m["targets"].value:
             r.error(m["targets"], f"{key}.targets", "at least one target is required")

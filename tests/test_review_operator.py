@@ -384,3 +384,16 @@ async def test_a_redis_url_option_redis_py_refuses_is_refused_by_check_run_revok
         assert await gw.app.reload(str(path)) is False
         assert "reload refused: revocation.redis_url: redis-py cannot use this URL" in caplog.text
         assert (await gw.request("GET", "/api/orders/1"))[0] == 401  # the running config serves on
+
+
+def test_a_target_with_credentials_is_refused_at_load(issuer: DevIssuer, tmp_path: Path) -> None:
+    # It loaded: the credentials were never sent upstream, and the password went out as the target label of
+    # gateway_circuit_state on /metrics and as "target" in every access-log line.
+    path = tmp_path / "gw.yaml"
+    path.write_text(config_text(issuer.url, {"svc": ["'http://svc:s3cr3t@127.0.0.1:8081'"]}, TLS_ROUTES))
+    result = cli("check", "-c", str(path))
+    assert result.returncode == 2
+    assert "s3cr3t" not in result.stderr
+    assert result.stderr == (f"{path}:17: upstreams.svc.targets[0]: a target cannot carry credentials (they are "
+                             "not sent, and the target URL is a metric label and a log field); got "
+                             "'http://svc:***@127.0.0.1:8081'\n")
