@@ -35,6 +35,7 @@ from gateway.errors import (
     HeaderTooLarge,
     InvalidToken,
     PayloadTooLarge,
+    no_passphrase,
 )
 from gateway.h1server import H1Request, H1Server
 from gateway.httphead import HeadInjection
@@ -231,7 +232,7 @@ class GatewayApp:
             assert tls is not None and tls.cert_file is not None
             # The files loaded cleanly into a fresh context just now; the live one takes them for every
             # handshake from here on (connections already open keep theirs).
-            self._server_ssl.load_cert_chain(tls.cert_file, tls.key_file)
+            self._server_ssl.load_cert_chain(tls.cert_file, tls.key_file, password=no_passphrase)
         old = self.config
         self.config, self.gateway = config, gateway  # in-flight requests keep the Gateway they started with
         _count_reload("ok")
@@ -635,7 +636,7 @@ def _server_ssl(config: Config) -> ssl.SSLContext | None:
     if tls is None or tls.cert_file is None:
         return None
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.load_cert_chain(tls.cert_file, tls.key_file)
+    ctx.load_cert_chain(tls.cert_file, tls.key_file, password=no_passphrase)
     return ctx
 
 

@@ -18,7 +18,7 @@ from typing import Any, NoReturn
 
 from gateway.config import default_key_store, line_of, load, warnings
 from gateway.config_types import Config, InternalTokenConfig
-from gateway.errors import BackendUnavailable, ConfigError, KeyStoreError
+from gateway.errors import BackendUnavailable, ConfigError, KeyStoreError, no_passphrase
 from gateway.yamlreader import MAX_WORKERS
 
 DEFAULT_CONFIG = "config/gateway.yaml"
@@ -252,7 +252,7 @@ def _tls_problems(filename: str, keys: tuple[str, ...], purpose: ssl.Purpose, ca
         return [f"{where('ca_file')}: cannot load CA certificates from {ca_file}: {_ssl_reason(exc)}"]
     try:
         if cert_file:
-            ctx.load_cert_chain(cert_file, key_file)
+            ctx.load_cert_chain(cert_file, key_file, password=no_passphrase)
     except (ssl.SSLError, OSError) as exc:
         return [f"{where('cert_file')}: cannot load a certificate and its key from {cert_file}"
                 f"{f' and {key_file}' if key_file and key_file != cert_file else ''}: {_ssl_reason(exc)}"]

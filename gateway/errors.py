@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Mapping
 from typing import Any
 
@@ -160,3 +161,16 @@ class ConfigError(Exception):
 
 class KeyStoreError(Exception):
     """The internal signing key store is unreadable, corrupt or cannot be written."""
+
+
+class EncryptedKey(ssl.SSLError):
+    """A TLS private key file that asks for a passphrase: OpenSSL would prompt on the terminal for it,
+    blocking `check`, a start or a reload (the event loop) until someone typed one."""
+
+    def __str__(self) -> str:
+        return "the private key is encrypted; give a key file without a passphrase (none can be asked for)"
+
+
+def no_passphrase() -> bytes:
+    """`password=` for every load_cert_chain: an encrypted key is refused, never prompted for."""
+    raise EncryptedKey()

@@ -37,7 +37,14 @@ from yarl import URL
 from gateway import metrics
 from gateway.breaker import OPEN, CircuitBreaker
 from gateway.config_types import TLSFiles, UpstreamConfig
-from gateway.errors import BadGateway, GatewayError, UpstreamOverflow, UpstreamTimeout, UpstreamUnavailable
+from gateway.errors import (
+    BadGateway,
+    GatewayError,
+    UpstreamOverflow,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+    no_passphrase,
+)
 from gateway.h1client import ConnectError, H1Pool
 from gateway.identity import Identity
 
@@ -296,7 +303,7 @@ def _ssl_context(tls: TLSFiles | None) -> ssl.SSLContext | bool:
         return True  # https targets: verified against the system's CAs
     ctx = ssl.create_default_context(cafile=tls.ca_file)
     if tls.cert_file:
-        ctx.load_cert_chain(tls.cert_file, tls.key_file)  # mTLS: our client certificate
+        ctx.load_cert_chain(tls.cert_file, tls.key_file, password=no_passphrase)  # mTLS: our client certificate
     return ctx
 
 

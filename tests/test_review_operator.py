@@ -16,6 +16,7 @@ from typing import Any
 import aiohttp
 import pytest
 import redis.asyncio as aioredis
+from cryptography.hazmat.primitives import serialization
 
 from gateway import routes
 from gateway.config import load_text
@@ -397,3 +398,33 @@ def test_a_target_with_credentials_is_refused_at_load(issuer: DevIssuer, tmp_pat
     assert result.stderr == (f"{path}:17: upstreams.svc.targets[0]: a target cannot carry credentials (they are "
                              "not sent, and the target URL is a metric label and a log field); got "
                              "'http://svc:***@127.0.0.1:8081'\n")
+
+
+def _encrypted_copy(pem: str, directory: Path) -> tuple[str, str]:
+    """The certificate of a make_pki PEM, and its key encrypted with a passphrase, as two files."""
+    data = Path(pem).read_bytes()
+    key = serialization.load_pem_private_key(data, password=None)
+    cert = data[data.index(b"-----BEGIN CERTIFICATE-----"):data.index(b"-----END CERTIFICATE-----") + 25] + b"\n"
+    (directory / "enc.crt").write_bytes(cert)
+    (directory / "enc.key").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                         serialization.BestAvailableEncryption(b"passphrase")))
+    return str(directory / "enc.crt"), str(directory / "enc.key")
+
+
+async def test_an_encrypted_tls_key_is_refused_in_one_line_never_prompted_for(
+        issuer: DevIssuer, echo_upstream: EchoUpstream, gateway_factory: Any, tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    # OpenSSL prompted "Enter PEM pass phrase:" on the terminal (check and run waited there); without one the
+    # message was "Invalid argument". A reload, which now loads the certificate again, must not block either.
+    pki = make_pki(tmp_path)
+    cert, key = _encrypted_copy(pki["server"], tmp_path)
+    path = tmp_path / "enc.yaml"
+    path.write_text(_tls_config(issuer, echo_upstream, cert, key))
+    result = cli("check", "-c", str(path))
+    assert result.returncode == 2
+    assert result.stderr.endswith("the private key is encrypted; give a key file without a passphrase (none can "
+                                  "be asked for)\n") and result.stderr.count("\n") == 1, result.stderr
+    async with gateway_factory(_tls_config(issuer, echo_upstream, pki["server"], pki["server"])) as gw:
+        assert await gw.app.reload(str(path)) is False
+        assert "the private key is encrypted" in caplog.text
+        assert await _handshake(gw.app.public_port, pki["ca"])
