@@ -125,7 +125,9 @@ def admin_app(gw: GatewayApp) -> web.Application:
         try:
             await authorize_admin(request)
             try:
-                body = await request.json()
+                body = await request.json(loads=_loads_unique)
+            except _DuplicateKey as exc:
+                return _refusal(request, "invalid_request", str(exc), 400)
             # RecursionError: arrays or objects nested deeper than the json module decodes ("[[[[...").
             except (ValueError, UnicodeDecodeError, RecursionError):
                 return _refusal(request, "invalid_request", "body must be JSON", 400)
@@ -158,6 +160,25 @@ def admin_app(gw: GatewayApp) -> web.Application:
     app.router.add_post("/admin/revocations", revocations)
     app.router.add_get("/admin/routes", routes)
     return app
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(f"field {key!r} appears twice")
+        out[key] = value
+    return out
+
+
+def _loads_unique(text: str) -> Any:
+    """json.loads, refusing an object with a name twice: `{"type": "jti", ..., "type": "subject"}` would
+    otherwise revoke whatever the last one says (RFC 8259 s4 leaves it to the parser; parsers differ)."""
+    return json.loads(text, object_pairs_hook=_unique)
 
 
 def _check_revocation(body: Any, issuers: list[str]) -> str | None:

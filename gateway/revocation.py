@@ -236,6 +236,11 @@ def _plan_write(cfg: RevocationConfig, kind: str, value: str, issuer: str | None
         raise ValueError(f"a {kind} revocation needs the issuer's name")
     if issuer is not None and ":" in issuer:
         raise ValueError("issuer names cannot contain ':' (it separates the key's parts)")
+    if exp is not None and kind != "jti":
+        # Said, not ignored: a subject or session revocation covers every token issued up to now, whatever
+        # its exp, and is kept max_token_lifetime (SPEC 6).
+        raise ValueError(f"exp applies to jti revocations only; a {kind} revocation covers every token issued "
+                         "up to now and is kept max_token_lifetime")
     if exp is not None and (isinstance(exp, bool) or not isinstance(exp, int) or not 0 <= exp <= MAX_EXP):
         # Bounded so the TTL stays a number Redis takes: an int past float range would raise
         # OverflowError below, and an expiry past Redis' range would fail the write as if Redis were down.

@@ -428,3 +428,35 @@ async def test_an_encrypted_tls_key_is_refused_in_one_line_never_prompted_for(
         assert await gw.app.reload(str(path)) is False
         assert "the private key is encrypted" in caplog.text
         assert await _handshake(gw.app.public_port, pki["ca"])
+
+
+async def test_exp_on_a_subject_or_session_revocation_is_refused_not_ignored(
+        gw: RunningGateway, issuer: DevIssuer, echo_upstream: EchoUpstream, redis_server: RedisServer,
+        tmp_path: Path) -> None:
+    # Both writers took an exp for a subject or session revocation and dropped it without a word.
+    exp = int(time.time()) + 600
+    body = {"type": "subject", "value": "alice", "issuer": "dev", "exp": exp}
+    status, answer = await admin_post(gw, issuer.token(ADMIN), json.dumps(body).encode())
+    assert status == 400 and "exp applies to jti revocations only" in answer["error_description"], answer
+    path = tmp_path / "cli.yaml"
+    path.write_text(gateway_yaml(issuer, echo_upstream, redis_server.url))
+    result = cli("revoke", "session", "s-1", "--issuer", "dev", "--exp", str(exp), "-c", str(path))
+    assert result.returncode == 2 and "exp applies to jti revocations only" in result.stderr, result.stderr
+    client = aioredis.Redis.from_url(redis_server.url)
+    try:
+        assert await client.keys(f"{PREFIX}*") == []
+    finally:
+        await client.aclose()
+
+
+async def test_an_admin_body_naming_a_field_twice_is_refused(gw: RunningGateway, issuer: DevIssuer,
+                                                              redis_server: RedisServer) -> None:
+    # The last "type" won: a body a reader takes for a jti revocation revoked every token of the subject.
+    raw = b'{"type": "jti", "value": "alice", "issuer": "dev", "type": "subject"}'
+    status, answer = await admin_post(gw, issuer.token(ADMIN), raw)
+    assert status == 400 and answer["error_description"] == "field 'type' appears twice", answer
+    client = aioredis.Redis.from_url(redis_server.url)
+    try:
+        assert await client.keys(f"{PREFIX}*") == []
+    finally:
+        await client.aclose()
