@@ -66,7 +66,10 @@ async def explain(config: Config, method: str, path: str, host: str, token: str 
             verifier = TokenVerifier(config.issuers, caches, max_lifetime=config.revocation.max_token_lifetime)
             principal = await verifier.verify(token)
         except GatewayError as err:
-            print(f"  token: refused ({err.reason}) -> {err.status} {err.code}")
+            cache = caches.get(err.issuer or "")
+            why = (f"; but {cache.issuer.name}'s keys could not be fetched (see the warnings above), so no kid "
+                   "is known yet" if err.reason == "unknown_kid" and cache is not None and not cache.ready else "")
+            print(f"  token: refused ({err.reason}{why}) -> {err.status} {err.code}")
             return 1
         finally:
             for cache in caches.values():

@@ -231,6 +231,25 @@ async def test_explain_with_token_gives_each_rules_verdict(issuer: DevIssuer, tm
     assert "refused (alg_not_allowed) -> 401 invalid_token" in capsys.readouterr().out
 
 
+async def test_explain_says_when_an_unknown_kid_is_only_unfetched_keys(tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """With the issuer unreachable, explain said `unknown_kid` as if the token's key were not the issuer's;
+    it now says the keys could not be fetched."""
+    gone = DevIssuer()
+    await gone.start()
+    token = gone.token({"scope": "orders:read"})
+    path = tmp_path / "gw.yaml"
+    path.write_text(config_text(gone.url, {"svc": ["http://127.0.0.1:9"]}, """\
+  - name: orders
+    match: {path: "/orders", methods: [GET]}
+    upstream: svc
+"""))
+    await gone.stop()
+    assert await explain(load(path), "GET", "/orders", "", token) == 1
+    out = capsys.readouterr().out
+    assert "token: refused (unknown_kid; but dev's keys could not be fetched" in out, out
+
+
 async def test_run_raises_its_open_files_limit_to_the_hard_one(
         issuer: DevIssuer, gateway_processes: Any, tmp_path: Path) -> None:
     """Started with a soft RLIMIT_NOFILE of 256 (two sockets per proxied request: about 128 concurrent
