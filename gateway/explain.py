@@ -66,9 +66,9 @@ async def explain(config: Config, method: str, path: str, host: str, token: str 
             verifier = TokenVerifier(config.issuers, caches, max_lifetime=config.revocation.max_token_lifetime)
             principal = await verifier.verify(token)
         except GatewayError as err:
-            cache = caches.get(err.issuer or "")
-            why = (f"; but {cache.issuer.name}'s keys could not be fetched (see the warnings above), so no kid "
-                   "is known yet" if err.reason == "unknown_kid" and cache is not None and not cache.ready else "")
+            fetched = caches.get(getattr(err, "issuer", ""))
+            why = (f"; but {fetched.issuer.name}'s keys could not be fetched (see the warnings above), so no kid "
+                   "is known yet" if err.reason == "unknown_kid" and fetched is not None and not fetched.ready else "")
             print(f"  token: refused ({err.reason}{why}) -> {err.status} {err.code}")
             return 1
         finally:
