@@ -163,6 +163,11 @@ BAD_HEADS = {
     # RFC 9112 s3.2: no fragment in a request-target (it used to go upstream as /open/a%23frag).
     "fragment_in_path": b"GET /open/a#frag HTTP/1.1\r\nHost: x\r\n\r\n",
     "fragment_in_query": b"GET /open/a?x=1#frag HTTP/1.1\r\nHost: x\r\n\r\n",
+    # Absolute-form (a forward proxy's): its authority would replace Host for routing (RFC 9112 s3.2.2);
+    # refused rather than routed by one of two hosts (README, Departures).
+    "absolute_form": b"GET http://x/open/a HTTP/1.1\r\nHost: x\r\n\r\n",
+    "absolute_form_other_host": b"GET http://admin.example/open/a HTTP/1.1\r\nHost: x\r\n\r\n",
+    "authority_form": b"CONNECT x:80 HTTP/1.1\r\nHost: x:80\r\n\r\n",
 }
 
 
