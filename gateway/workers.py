@@ -84,8 +84,11 @@ def supervise(config_path: str, workers: int) -> int:
         signal.pthread_sigmask(signal.SIG_BLOCK, _HELD)
         try:
             for index in range(workers):
+                # Each worker in a process group of its own: a signal sent to the supervisor's group (Ctrl-C in
+                # a terminal, `kill -- -PGID`) reaches the workers once, forwarded, not also directly; twice,
+                # a worker would take the second for "cut the drain short" and cut every request in flight.
                 procs.append(subprocess.Popen(cmd, env={**env, metrics.INDEX_ENV: str(index)},  # noqa: S603 - our argv
-                                              preexec_fn=_worker_preexec))
+                                              preexec_fn=_worker_preexec, process_group=0))
         finally:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, _HELD)
         while procs:
