@@ -125,7 +125,8 @@ class GatewayApp:
         self._requests = OpenRequests(self._current)  # requests in flight, ended with their token
         self._stamp = accesslog.Stamp()
         self._scheme = "http"
-        self._server_ssl: ssl.SSLContext | None = None
+        self._server_ssl: ssl.SSLContext | None = None  # the listener's, built at start
+        self._tls_now: ssl.SSLContext | None = None  # the last reload's, switched to per handshake
         self._hosts: set[str] = set()  # Host values already found valid (_check_host)
         self.public_port = 0
         self.admin_port = 0
@@ -146,7 +147,8 @@ class GatewayApp:
                                 conn_state=ConnMemo)
         server_ssl = _server_ssl(self.config)
         # The listener is never rebuilt on reload: its scheme is fixed here, not looked up per request. A
-        # reload loads the certificate files again into this context (renewed certificates, new paths).
+        # reload builds a fresh context from the certificate files (renewed certificates, new paths) and
+        # each later handshake is switched to it (_use_current_tls).
         self._server_ssl = server_ssl
         self._scheme = "https" if server_ssl is not None else "http"
         self.public_port = await self._public.listen(cfg.host, cfg.port, ssl=server_ssl, reuse_port=self.reuse_port)
@@ -171,6 +173,12 @@ class GatewayApp:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._idle.wait(), max(0.0, self._hurry_to(deadline) - loop.time()))
         await self.stop()
+
+    def _use_current_tls(self, conn: ssl.SSLObject, server_name: str | None, ctx: ssl.SSLContext) -> None:
+        """The listener's SNI callback, which OpenSSL calls for every ClientHello (with or without a server
+        name): the handshake goes on with the last reload's context, its certificate and key alone."""
+        if self._tls_now is not None and ctx is not self._tls_now:
+            conn.context = self._tls_now
 
     def hurry(self) -> None:
         """A second SIGTERM/SIGINT while draining: cut what is in flight now, as the grace's end would, and
@@ -228,11 +236,13 @@ class GatewayApp:
             log.error("reload refused: %s", exc)
             return False
         if self._server_ssl is not None and fresh_ssl is not None:
-            tls = config.server.tls
-            assert tls is not None and tls.cert_file is not None
-            # The files loaded cleanly into a fresh context just now; the live one takes them for every
-            # handshake from here on (connections already open keep theirs).
-            self._server_ssl.load_cert_chain(tls.cert_file, tls.key_file, password=no_passphrase)
+            # The files loaded cleanly into a fresh context just now: every handshake from here on uses it
+            # (connections already open keep theirs). Not loaded into the listener's own context: OpenSSL
+            # keeps one certificate per key type there, so an RSA certificate replaced by an ECDSA one was
+            # still served (old key and all) to every client that offered RSA only; and the files would be
+            # read a second time, perhaps half rewritten by then.
+            self._tls_now = fresh_ssl
+            self._server_ssl.sni_callback = self._use_current_tls
         old = self.config
         self.config, self.gateway = config, gateway  # in-flight requests keep the Gateway they started with
         _count_reload("ok")

@@ -3,19 +3,29 @@
 from __future__ import annotations
 
 import asyncio
+import datetime
+import ipaddress
 import os
 import signal
+import ssl
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import NameOID
 
 from gateway.devissuer import DevIssuer
 from tests.support.gateway import ROOT, GatewayProcess, eventually
+from tests.support.upstreams import EchoUpstream
 from tests.test_resilience_e2e import MakeUpstream, process_ports, public_routes, upstream_yaml
 from tests.test_resilience_e2e import gateway_yaml as full_yaml
+from tests.test_review_operator import _tls_config
 
 # -- --workers N: a signal to the supervisor's whole process group --------------------------------------------
 
@@ -62,3 +72,60 @@ async def test_a_stop_signal_to_the_whole_process_group_drains_each_worker_once(
         if gw.proc.poll() is None:
             os.killpg(gw.proc.pid, signal.SIGKILL)
             gw.proc.wait()
+
+
+# -- server.tls reload: the renewed certificate alone is served -----------------------------------------------
+
+def _self_signed(path: Path, key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey, cn: str) -> str:
+    now = datetime.datetime.now(datetime.UTC)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(hours=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
+            .sign(key, hashes.SHA256()))
+    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM) + key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    return str(path)
+
+
+async def _served(port: int, *, rsa_only: bool = False, server_name: str | None = None) -> str:
+    """The common name of the certificate the listener presents (no verification: which one, is the point)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    if rsa_only:  # a client that can check RSA signatures only (TLS 1.2, an ECDHE-RSA suite)
+        ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+        ctx.set_ciphers("ECDHE-RSA-AES128-GCM-SHA256")
+    _, writer = await asyncio.open_connection("127.0.0.1", port, ssl=ctx, server_hostname=server_name)
+    try:
+        der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+        return x509.load_der_x509_certificate(der).subject.rfc4514_string()
+    finally:
+        writer.close()
+
+
+async def test_a_reload_to_a_certificate_of_another_key_type_stops_serving_the_old_one(
+        issuer: DevIssuer, echo_upstream: EchoUpstream, gateway_factory: Any, tmp_path: Path) -> None:
+    # The reload loaded the new files into the listener's SSLContext, which keeps one certificate per key
+    # type: after an RSA certificate was replaced by an ECDSA one, a client offering RSA only was still
+    # served the old certificate, with the old key (one replaced after a compromise, or expired).
+    old = _self_signed(tmp_path / "old.pem", rsa.generate_private_key(65537, 2048), "old-rsa")
+    new = _self_signed(tmp_path / "new.pem", ec.generate_private_key(ec.SECP256R1()), "new-ec")
+    async with gateway_factory(_tls_config(issuer, echo_upstream, old, old)) as gw:
+        port = gw.app.public_port
+        assert await _served(port, rsa_only=True) == "CN=old-rsa"
+        path = tmp_path / "next.yaml"
+        path.write_text(_tls_config(issuer, echo_upstream, new, new))
+        assert await gw.app.reload(str(path)) is True
+        assert await _served(port) == "CN=new-ec"
+        assert await _served(port, server_name="localhost") == "CN=new-ec"  # with SNI as without
+        with pytest.raises((ssl.SSLError, ConnectionError)):  # nothing it could check: refused, never the old one
+            await _served(port, rsa_only=True)
+        # Back to RSA: every client gets the newest certificate, whichever types it offers.
+        newer = _self_signed(tmp_path / "newer.pem", rsa.generate_private_key(65537, 2048), "newer-rsa")
+        path.write_text(_tls_config(issuer, echo_upstream, newer, newer))
+        assert await gw.app.reload(str(path)) is True
+        assert await _served(port) == "CN=newer-rsa"
+        assert await _served(port, rsa_only=True) == "CN=newer-rsa"
