@@ -43,6 +43,11 @@ class RequestView:
     __hash__ = None  # type: ignore[assignment]  # mutable, like a non-frozen dataclass
 
 
+# The longest `sub`, `sid` or `jti` a revocation can name (gateway revoke, the admin API): a token whose
+# value is longer is refused when verified (tokens.py), since nothing could ever revoke it (SPEC 6).
+MAX_REVOCABLE = 1024
+
+
 @dataclass(frozen=True, slots=True)
 class Principal:
     """A verified caller. `claims` is the raw token payload, for claim rules."""

@@ -27,7 +27,7 @@ from redis.exceptions import RedisError
 
 from gateway import errors, metrics
 from gateway.config_types import RevocationConfig
-from gateway.model import Principal
+from gateway.model import MAX_REVOCABLE, Principal
 
 log = logging.getLogger("gateway.revocation")
 
@@ -197,7 +197,7 @@ def key_for(prefix: str, kind: str, value: str, issuer: str | None) -> str:
     return f"{prefix}{_KEY_PART[kind]}:{issuer}:{value}"
 
 
-MAX_VALUE = 1024  # characters of a revoked jti, subject or session
+MAX_VALUE = MAX_REVOCABLE  # characters of a revoked jti, subject or session (longer tokens never verify)
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # C0 but HTAB, and DEL (RFC 9110 s5.5)
 
 

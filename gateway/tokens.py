@@ -17,7 +17,7 @@ import jwt
 
 from gateway import errors, metrics
 from gateway.config_types import IssuerConfig
-from gateway.model import Principal
+from gateway.model import MAX_REVOCABLE, Principal
 
 # RFC 6750 s2.1: credentials = "Bearer" 1*SP b64token; the scheme is case-insensitive (RFC 9110 s11.1).
 _BEARER = re.compile(r"(?i:bearer) +([A-Za-z0-9\-._~+/]+=*)")
@@ -403,8 +403,11 @@ UNSAFE_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f\ud800-\udfff]")
 
 
 def _unsafe_identity(p: Principal) -> bool:
-    """True when an identity value the gateway keys or forwards could not be a header field value."""
+    """True when an identity value the gateway keys or forwards could not be a header field value, or one
+    a revocation names (sub, sid, jti) is longer than any revocation can be (SPEC 6: it could not be revoked)."""
     values = (p.subject, p.tenant, p.session, p.jti, *p.roles)
+    if any(v is not None and len(v) > MAX_REVOCABLE for v in (p.subject, p.session, p.jti)):
+        return True
     return any(v is not None and UNSAFE_VALUE.search(v) is not None for v in values)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import ipaddress
+import json
 import os
 import signal
 import ssl
@@ -21,11 +22,16 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
 from gateway.devissuer import DevIssuer
+from gateway.model import MAX_REVOCABLE
 from tests.support.gateway import ROOT, GatewayProcess, eventually
+from tests.support.redis_server import RedisServer
 from tests.support.upstreams import EchoUpstream
+from tests.test_cli import gateway as cli
 from tests.test_resilience_e2e import MakeUpstream, process_ports, public_routes, upstream_yaml
 from tests.test_resilience_e2e import gateway_yaml as full_yaml
 from tests.test_review_operator import _tls_config
+from tests.test_review_ops import admin_post, gateway_yaml
+from tests.test_revocation_e2e import ADMIN, PATH, USER
 
 # -- --workers N: a signal to the supervisor's whole process group --------------------------------------------
 
@@ -129,3 +135,32 @@ async def test_a_reload_to_a_certificate_of_another_key_type_stops_serving_the_o
         assert await gw.app.reload(str(path)) is True
         assert await _served(port) == "CN=newer-rsa"
         assert await _served(port, rsa_only=True) == "CN=newer-rsa"
+
+
+# -- a token that no revocation could name ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("claim", ["jti", "sub", "sid"])
+async def test_a_token_whose_revocable_value_is_too_long_to_revoke_is_refused(
+        issuer: DevIssuer, echo_upstream: EchoUpstream, redis_server: RedisServer, gateway_factory: Any,
+        tmp_path: Path, claim: str) -> None:
+    # `gateway revoke` came to refuse values over 1,024 characters, as the admin API did: a token with a
+    # longer jti, sub or sid still verified, and then nothing could revoke it (SPEC 6).
+    kind = {"jti": "jti", "sub": "subject", "sid": "session"}[claim]
+    path = tmp_path / "cli.yaml"
+    path.write_text(gateway_yaml(issuer, echo_upstream, redis_server.url))
+    async with gateway_factory(path.read_text()) as gw:
+        longest = issuer.token({**USER, claim: "v" * MAX_REVOCABLE})
+        assert (await gw.request("GET", PATH, token=longest))[0] == 200
+        result = cli("revoke", kind, "v" * MAX_REVOCABLE, "-c", str(path))
+        assert result.returncode == 0, result.stderr
+
+        async def revoked() -> bool:
+            return (await gw.request("GET", PATH, token=longest))[0] == 401
+        await eventually(revoked, timeout=2)
+        too_long = issuer.token({**USER, claim: "w" * (MAX_REVOCABLE + 1)})
+        status, headers, body = await gw.request("GET", PATH, token=too_long)
+        assert (status, body["error"]) == (401, "invalid_token")
+        assert 'error="invalid_token"' in headers["WWW-Authenticate"]
+        status, body = await admin_post(gw, issuer.token(ADMIN),
+                                        json.dumps({"type": kind, "value": "w" * (MAX_REVOCABLE + 1)}).encode())
+        assert status == 400  # refused here too: the two rules agree
