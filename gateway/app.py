@@ -113,7 +113,7 @@ class GatewayApp:
         self._inflight = 0
         self._idle = asyncio.Event()
         self._idle.set()
-        self._hurried = False  # a second stop signal: the drain ends now (hurry)
+        self._hurried = asyncio.Event()  # a second stop signal: the drain ends now (hurry)
         # One reload at a time: two overlapping builds could each reuse, then retire, the other's parts
         # (a JWKS cache closed but still in use), and the older file could win.
         self._reloading = asyncio.Lock()
@@ -170,8 +170,16 @@ class GatewayApp:
             # Connection: close, and at the deadline cuts what remains (the process must not outlive
             # the orchestrator's patience).
             await self._public.drain(deadline)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._idle.wait(), max(0.0, self._hurry_to(deadline) - loop.time()))
+            # What the public listener no longer holds may still be running: WebSocket sessions and other
+            # Upgrade requests, served on aiohttp's server. Until they end, the deadline, or a hurry().
+            if not self._idle.is_set() and not self._hurried.is_set():
+                waits = [asyncio.ensure_future(self._idle.wait()), asyncio.ensure_future(self._hurried.wait())]
+                try:
+                    await asyncio.wait(waits, timeout=max(0.0, deadline - loop.time()),
+                                       return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    for waiting in waits:
+                        waiting.cancel()
         await self.stop()
 
     def _use_current_tls(self, conn: ssl.SSLObject, server_name: str | None, ctx: ssl.SSLContext) -> None:
@@ -183,12 +191,9 @@ class GatewayApp:
     def hurry(self) -> None:
         """A second SIGTERM/SIGINT while draining: cut what is in flight now, as the grace's end would, and
         stop in order (the access log flushed, exit 0) instead of dying of the signal's default action."""
-        self._hurried = True
+        self._hurried.set()
         if self._public is not None:
             self._public.deadline = 0.0
-
-    def _hurry_to(self, deadline: float) -> float:
-        return 0.0 if self._hurried else deadline
 
     async def stop(self) -> None:
         if self._public is not None:

@@ -11,6 +11,8 @@ import signal
 import ssl
 import subprocess
 import sys
+import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +29,17 @@ from tests.support.gateway import ROOT, GatewayProcess, eventually
 from tests.support.redis_server import RedisServer
 from tests.support.upstreams import EchoUpstream
 from tests.test_cli import gateway as cli
-from tests.test_resilience_e2e import MakeUpstream, process_ports, public_routes, upstream_yaml
+from tests.test_resilience_e2e import (
+    WS_ROUTE,
+    MakeUpstream,
+    WsUpstream,
+    process_ports,
+    public_routes,
+    start_process,
+    upstream_yaml,
+)
 from tests.test_resilience_e2e import gateway_yaml as full_yaml
-from tests.test_review_operator import _tls_config
+from tests.test_review_operator import _exit_code, _tls_config
 from tests.test_review_ops import admin_post, gateway_yaml
 from tests.test_revocation_e2e import ADMIN, PATH, USER
 
@@ -78,6 +88,40 @@ async def test_a_stop_signal_to_the_whole_process_group_drains_each_worker_once(
         if gw.proc.poll() is None:
             os.killpg(gw.proc.pid, signal.SIGKILL)
             gw.proc.wait()
+
+
+
+@pytest.fixture
+async def ws_target() -> AsyncIterator[WsUpstream]:
+    server = WsUpstream()
+    await server.start()
+    yield server
+    assert server.runner is not None
+    await server.runner.cleanup()
+
+
+async def test_a_second_sigterm_cuts_a_drain_that_waits_on_a_websocket_session(
+        issuer: DevIssuer, ws_target: WsUpstream, tmp_path: Path, gateway_processes: Any) -> None:
+    # The second signal was logged ("cutting the requests still in flight now") but the drain went on
+    # waiting for the session, on aiohttp's server, to the end of shutdown_grace.
+    ports = process_ports()
+    text = full_yaml(issuer.url, [upstream_yaml("ws", ws_target.url)], WS_ROUTE, **ports).replace(
+        "shutdown_grace: 5s", "shutdown_grace: 20s")
+    gw = start_process(gateway_processes, tmp_path, text, ports)
+    await gw.wait_ready()
+    auth = {"Authorization": f"Bearer {issuer.token({'sub': 'alice'})}"}
+    async with aiohttp.ClientSession() as session:
+        async with session.ws_connect(gw.url.replace("http://", "ws://") + "/ws/chat", headers=auth) as ws:
+            await ws.send_str("hello")
+            assert await ws.receive_str(timeout=2) == "alice:hello"
+            gw.signal(signal.SIGTERM)
+            await asyncio.sleep(0.5)
+            assert await _exit_code(gw, 0) is None  # the first one drains: the session may go on
+            gw.signal(signal.SIGTERM)
+            signalled = time.monotonic()
+            assert await _exit_code(gw, 10) == 0
+            assert time.monotonic() - signalled < 2  # not the 20 s grace
+    assert "SIGTERM while draining" in gw.err.read_text()
 
 
 # -- server.tls reload: the renewed certificate alone is served -----------------------------------------------
