@@ -61,8 +61,10 @@ def load(path: str | os.PathLike[str]) -> Config:
 
 
 def _redacted(url: str) -> str:
-    """A URL for a message with its password hidden: `${REDIS_URL}` carries one, and messages reach logs."""
-    return re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*://[^:/@]*:)[^/]*@", r"\1***@", url)
+    """A URL for a message with its password hidden: `${REDIS_URL}` carries one, and messages reach logs.
+    Up to the last `@`: a URL refused is often one whose password holds an unencoded `/`, `?` or `#` (a
+    base64 secret pasted as it is), which ends the authority early for a parser but not for the eye."""
+    return re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*://[^:/@]*:).*@", r"\1***@", url, flags=re.DOTALL)
 
 
 def default_key_store() -> str:

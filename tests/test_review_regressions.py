@@ -25,7 +25,7 @@ from cryptography.x509.oid import NameOID
 
 from gateway.devissuer import DevIssuer
 from gateway.model import MAX_REVOCABLE
-from tests.support.gateway import ROOT, GatewayProcess, eventually
+from tests.support.gateway import ROOT, GatewayProcess, config_text, eventually
 from tests.support.redis_server import RedisServer
 from tests.support.upstreams import EchoUpstream
 from tests.test_cli import gateway as cli
@@ -42,6 +42,13 @@ from tests.test_resilience_e2e import gateway_yaml as full_yaml
 from tests.test_review_operator import _exit_code, _tls_config
 from tests.test_review_ops import admin_post, gateway_yaml
 from tests.test_revocation_e2e import ADMIN, PATH, USER
+
+PUBLIC = """\
+  - name: hello
+    match: {path: /hello}
+    upstream: svc
+    auth: {required: false}
+"""
 
 # -- --workers N: a signal to the supervisor's whole process group --------------------------------------------
 
@@ -208,3 +215,26 @@ async def test_a_token_whose_revocable_value_is_too_long_to_revoke_is_refused(
         status, body = await admin_post(gw, issuer.token(ADMIN),
                                         json.dumps({"type": kind, "value": "w" * (MAX_REVOCABLE + 1)}).encode())
         assert status == 400  # refused here too: the two rules agree
+
+
+# -- a refused URL's password is never echoed -----------------------------------------------------------------
+
+@pytest.mark.parametrize("password", ["Zm9v/YmFy", "Zm9v?YmFy", "Zm9v#YmFy", "Zm9v/Ym@Fy"])
+@pytest.mark.parametrize("where", ["target", "redis_url"])
+def test_a_refused_url_whose_password_holds_a_delimiter_is_echoed_without_it(
+        issuer: DevIssuer, tmp_path: Path, password: str, where: str) -> None:
+    # A base64 secret pasted into ${REDIS_URL} as it is: its `/` ends the authority early, the URL is
+    # refused (a port that is no number), and the message echoed the password the redaction missed.
+    target, redis_url = "http://127.0.0.1:8081", "redis://127.0.0.1:6390/0"
+    if where == "target":
+        target = f"http://svc:{password}@127.0.0.1:8081"
+    else:
+        redis_url = f"redis://:{password}@127.0.0.1:6390/0"
+    revocation = f"revocation: {{backend: redis, redis_url: '{redis_url}'}}"
+    path = tmp_path / "gateway.yaml"
+    path.write_text(config_text(issuer.url, {"svc": [f"'{target}'"]}, PUBLIC, revocation=revocation))
+    result = cli("check", "-c", str(path))
+    assert result.returncode == 2, result.stdout
+    assert ":***@127.0.0.1" in result.stderr, result.stderr
+    for part in password.split("/") + password.split("?") + password.split("#") + password.split("@"):
+        assert part not in result.stderr, result.stderr
