@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import signal
 import ssl
 import sys
@@ -636,13 +637,17 @@ def _restart_only(old: Config, new: Config) -> list[str]:
     def tls(cfg: Config) -> str:
         return "on" if cfg.server.tls is not None and cfg.server.tls.cert_file is not None else "off"
 
+    # A worker of `--workers N` runs with `--workers 1`: the group's size comes from its supervisor (and
+    # `--workers` overrides the file, so the old file's value need not be what runs).
+    running = (os.environ.get(metrics.COUNT_ENV) if metrics.MULTIPROCESS else None) or "1"
     changes = [
         ("server.listen", listen(old.server.host, old.server.port), listen(new.server.host, new.server.port)),
         ("admin.listen", listen(old.admin.host, old.admin.port), listen(new.admin.host, new.admin.port)),
         ("server.workers", str(old.server.workers), str(new.server.workers)),
         ("server.tls", tls(old), tls(new)),
     ]
-    return [f"{new.path}: warning: {key}: changed from {was} to {now}, which takes a restart; still {was}"
+    return [f"{new.path}: warning: {key}: changed from {was} to {now}, which takes a restart; "
+            + (f"{running} running" if key == "server.workers" else f"still {was}")
             for key, was, now in changes if was != now]
 
 

@@ -34,6 +34,7 @@ WORKER_ENV = "GATEWAY_SUPERVISOR_PID"  # set by workers.supervise for its childr
 MULTIPROC_DIR = os.environ.get(MULTIPROC_ENV) or None
 MULTIPROCESS = MULTIPROC_DIR is not None and bool(os.environ.get(WORKER_ENV))
 INDEX_ENV = "GATEWAY_WORKER_INDEX"  # 0, 1, ... for workers.supervise's children
+COUNT_ENV = "GATEWAY_WORKER_COUNT"  # how many workers.supervise started (each child runs with --workers 1)
 # Every worker reloads on the one SIGHUP the supervisor passes on: only the first counts it, so
 # gateway_config_reloads_total summed over the workers counts reloads, not reloads times workers.
 COUNTS_RELOADS = not MULTIPROCESS or os.environ.get(INDEX_ENV, "0") == "0"

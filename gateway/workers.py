@@ -63,6 +63,7 @@ def supervise(config_path: str, workers: int) -> int:
     directory, own_dir = metrics_dir(env)
     env[metrics.MULTIPROC_ENV] = directory
     env[metrics.WORKER_ENV] = str(os.getpid())
+    env[metrics.COUNT_ENV] = str(workers)
     cmd = [sys.executable, "-m", "gateway", "run", "-c", config_path, "--workers", "1", "--reuse-port"]
     procs: list[subprocess.Popen[bytes]] = []
     stopping = False

@@ -329,12 +329,18 @@ async def test_two_workers_total_exactly_what_was_sent_and_restart_starts_from_z
             assert all("pid" not in s.labels for s in fam.samples), fam.name
         for family in SPEC_METRICS:
             assert family in m.families, family
-    # One SIGHUP reloads both workers and is counted once (it was counted once per worker).
+    # One SIGHUP reloads both workers and is counted once (it was counted once per worker). The file now
+    # asks for 3 workers: each says it takes a restart and that 2 run (each thought 1, its own --workers).
+    text = path.read_text()
+    assert "workers" not in text  # the default, 1
+    path.write_text(text.replace("server:\n", "server:\n  workers: 3\n", 1))
     os.kill(two.proc.pid, signal.SIGHUP)
 
     async def both_reloaded() -> bool:
         return two.err.read_text().count("configuration reloaded") == 2
     await eventually(both_reloaded, 10.0)
+    assert two.err.read_text().count("server.workers: changed from 1 to 3, which takes a restart; 2 running") == 2
+    path.write_text(text)  # the single run below starts from the file
     m = await scrape(two.admin_url)
     assert (m.get("gateway_config_reloads_total", result="ok"), m.get("gateway_config_reloads_total",
                                                                       result="error")) == (1, 0)

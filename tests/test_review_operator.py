@@ -217,7 +217,7 @@ async def test_a_reload_that_moves_a_listener_says_it_takes_a_restart(
         assert await gw.app.reload(str(path)) is True
         assert (f"server.listen: changed from 127.0.0.1:0 to 127.0.0.1:{moved}, which takes a restart; "
                 "still 127.0.0.1:0") in caplog.text
-        assert "server.workers: changed from 1 to 2, which takes a restart" in caplog.text
+        assert "server.workers: changed from 1 to 2, which takes a restart; 1 running" in caplog.text
         assert "admin.listen" not in caplog.text
         assert (await gw.request("GET", "/hello"))[0] == 200
 
