@@ -660,6 +660,9 @@ def _server_ssl(config: Config) -> ssl.SSLContext | None:
     return ctx
 
 
+SAME_STOP = 0.5  # seconds: a second SIGTERM/SIGINT this soon after the first is the same stop, not a hurry
+
+
 async def serve(config_path: str, *, reuse_port: bool = False, stop: asyncio.Event | None = None) -> int:
     """Run until SIGTERM/SIGINT; SIGHUP reloads. Returns the process exit code.
 
@@ -696,7 +699,15 @@ async def serve(config_path: str, *, reuse_port: bool = False, stop: asyncio.Eve
     try:
         await done.wait()
     finally:
+        stopping_since = loop.time()
+
         def again(name: str) -> None:
+            if loop.time() - stopping_since < SAME_STOP:
+                # The same stop reaching this process twice: systemd's default KillMode (control-group)
+                # signals every worker directly and the supervisor passes it on too; a human's second
+                # Ctrl-C comes later than this.
+                log.info("%s again within %.1f s of the first: the same stop, drain goes on", name, SAME_STOP)
+                return
             log.warning("%s while draining: cutting the requests still in flight now", name)
             app.hurry()
 

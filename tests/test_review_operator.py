@@ -119,7 +119,7 @@ async def test_a_second_sigterm_while_draining_cuts_at_once_and_exits_0(
         request = asyncio.ensure_future(session.get(gw.url + "/stuck/x"))
         await eventually(lambda: asyncio.sleep(0, stuck.hits == 1), timeout=3)
         gw.signal(signal.SIGTERM)
-        await asyncio.sleep(0.3)
+        await asyncio.sleep(0.8)  # later than app.SAME_STOP: a second stop, not the first one twice
         gw.signal(signal.SIGTERM)
         signalled = time.monotonic()
         assert await _exit_code(gw, 5) == 0
@@ -128,6 +128,29 @@ async def test_a_second_sigterm_while_draining_cuts_at_once_and_exits_0(
             async with await request:
                 pass
     assert "SIGTERM while draining" in gw.err.read_text()
+
+
+async def test_the_same_stop_signalled_twice_at_once_still_drains(
+        issuer: DevIssuer, make_upstream: MakeUpstream, tmp_path: Path, gateway_processes: Any) -> None:
+    # systemd's default KillMode signals every worker directly and the supervisor passes the signal on:
+    # two SIGTERMs a few milliseconds apart, taken for "cut the drain short", cut every request in flight.
+    slow = await make_upstream()
+    slow.set_mode("slow", delay=1.5)
+    ports = process_ports()
+    gw = start_process(gateway_processes, tmp_path,
+                       full_yaml(issuer.url, [upstream_yaml("slow", slow.url)], public_routes("slow"), **ports), ports)
+    await gw.wait_ready()
+    async with aiohttp.ClientSession() as session:
+        request = asyncio.ensure_future(session.get(gw.url + "/slow/x"))
+        await eventually(lambda: asyncio.sleep(0, slow.hits == 1), timeout=3)
+        gw.signal(signal.SIGTERM)
+        await asyncio.sleep(0.05)
+        gw.signal(signal.SIGTERM)
+        async with await request as r:
+            assert r.status == 200
+    assert await _exit_code(gw, 10) == 0
+    err = gw.err.read_text()
+    assert "the same stop, drain goes on" in err and "while draining" not in err
 
 
 async def test_a_sighup_while_starting_reloads_once_started(
