@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from gateway.devissuer import DEFAULT_AUDIENCE, DevIssuer
-from tests.support.gateway import config_text, logged
+from tests.support.gateway import config_text, logged, raw_exchange
 
 ROUTES = """\
   - name: raw
@@ -177,14 +177,7 @@ async def test_small_body_cut_short_is_an_honest_502(gw: Any, raw: RawUpstream,
 
 
 async def _raw_request(port: int, target: bytes) -> bytes:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        writer.write(b"GET " + target + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        await writer.drain()
-        async with asyncio.timeout(5):
-            return await reader.read()
-    finally:
-        writer.close()
+    return await raw_exchange(port, b"GET " + target + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
 
 
 @pytest.mark.parametrize("target", [b'/raw/q"uote', b"/raw/back\\slash", "/raw/caf\u00e9/\u2028".encode(),

@@ -16,7 +16,7 @@ from gateway.config_types import BreakerConfig, RetryConfig, UpstreamConfig
 from gateway.devissuer import DevIssuer
 from gateway.errors import UpstreamTimeout
 from gateway.upstream import UpstreamResponse, Upstreams
-from tests.support.gateway import config_text
+from tests.support.gateway import config_text, raw_exchange
 from tests.support.upstreams import Answer, MakeRaw
 
 ROUTES = """\
@@ -215,16 +215,6 @@ async def test_status_outside_200_599_or_an_unasked_101_is_a_bad_response(
 # --- whitespace between a field name and its colon ------------------------------------------------------
 
 
-async def _raw_exchange(port: int, request: bytes) -> bytes:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        writer.write(request)
-        async with asyncio.timeout(5):
-            return await reader.read()
-    finally:
-        writer.close()
-
-
 @pytest.mark.parametrize("field", [b"Content-Length : 5", b"Transfer-Encoding : chunked"])
 async def test_whitespace_before_the_colon_is_removed_before_relaying(
     issuer: DevIssuer, make_raw_upstream: MakeRaw, gateway_factory: Any, field: bytes
@@ -236,7 +226,7 @@ async def test_whitespace_before_the_colon_is_removed_before_relaying(
     body = b"hello" if field.startswith(b"Content") else b"5\r\nhello\r\n0\r\n\r\n"
     target = await make_raw_upstream(lambda head, i: b"HTTP/1.1 200 OK\r\n" + field + b"\r\n\r\n" + body)
     async with gateway_factory(config_text(issuer.url, {"raw": [target.url]}, ROUTES)) as gw:
-        reply = await _raw_exchange(gw.app.public_port,
+        reply = await raw_exchange(gw.app.public_port,
                                     b"GET /raw/x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     head, _, rest = reply.partition(b"\r\n\r\n")
     names = [line.split(b":", 1)[0].lower() for line in head.split(b"\r\n")[1:]]
@@ -350,7 +340,7 @@ async def test_a_204_is_relayed_without_the_content_length_the_target_put_on_it(
     answer = b"HTTP/1.1 204 No Content\r\nContent-Length: 7\r\nX-Kept: 1\r\n\r\n"
     target = await make_raw_upstream(lambda head, i: answer)
     async with gateway_factory(config_text(issuer.url, {"raw": [target.url]}, ROUTES)) as gw:
-        reply = await _raw_exchange(gw.app.public_port, b"GET /raw/x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        reply = await raw_exchange(gw.app.public_port, b"GET /raw/x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     head, _, rest = reply.partition(b"\r\n\r\n")
     lines = head.lower().split(b"\r\n")
     assert lines[0].startswith(b"http/1.1 204") and b"x-kept: 1" in lines, head

@@ -10,7 +10,7 @@ import pytest
 
 from gateway.breaker import OPEN
 from gateway.devissuer import DevIssuer
-from tests.support.gateway import config_text
+from tests.support.gateway import config_text, raw_exchange
 from tests.support.upstreams import EchoUpstream, MakeRaw
 
 ROUTES = """\
@@ -20,17 +20,6 @@ ROUTES = """\
     auth: {required: false}
     forward: {identity: none}
 """
-
-
-async def exchange(port: int, request: bytes) -> bytes:
-    """`request` on a fresh connection; everything the gateway sends until it closes."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        writer.write(request)
-        async with asyncio.timeout(5):
-            return await reader.read()
-    finally:
-        writer.close()
 
 
 # --- a control character in a field value of the target's answer -----------------------------------------
@@ -54,7 +43,7 @@ async def test_a_control_character_in_an_answers_field_is_a_502(
     text = config_text(issuer.url, {"raw": [target.url]}, ROUTES).replace(
         "read: 5s}", "read: 5s}\n    circuit_breaker: {failures: 1}")
     async with gateway_factory(text) as gw:
-        reply = await exchange(gw.app.public_port,
+        reply = await raw_exchange(gw.app.public_port,
                                b"GET /raw/x HTTP/1.1\r\nHost: x\r\n%bConnection: close\r\n\r\n" % upgrade)
         assert gw.app.gateway.upstreams.state("raw", target.url) == OPEN
     head, _, body = reply.partition(b"\r\n\r\n")

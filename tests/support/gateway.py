@@ -200,6 +200,17 @@ async def eventually(check: Callable[[], Awaitable[bool]], timeout: float, inter
         await asyncio.sleep(interval)
 
 
+async def raw_exchange(port: int, request: bytes) -> bytes:
+    """`request` as bytes on a fresh connection to 127.0.0.1:`port`; everything sent back until the close."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(request)
+        async with asyncio.timeout(5):
+            return await reader.read()
+    finally:
+        writer.close()
+
+
 def logged(capsys: pytest.CaptureFixture[str]) -> str:
     """What the in-process gateway wrote to stdout so far: its pending access-log lines (written in
     batches every 0.5 s, gateway.accesslog) flushed first."""
