@@ -13,7 +13,6 @@ import itertools
 import json
 import logging
 import math
-import re
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from redis.exceptions import RedisError
 from gateway import errors, metrics
 from gateway.config_types import RevocationConfig
 from gateway.model import MAX_REVOCABLE, Principal
+from gateway.tokens import UNSAFE_VALUE
 
 log = logging.getLogger("gateway.revocation")
 
@@ -198,7 +198,6 @@ def key_for(prefix: str, kind: str, value: str, issuer: str | None) -> str:
 
 
 MAX_VALUE = MAX_REVOCABLE  # characters of a revoked jti, subject or session (longer tokens never verify)
-_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # C0 but HTAB, and DEL (RFC 9110 s5.5)
 
 
 def _cause(exc: BaseException) -> str:
@@ -228,7 +227,7 @@ def _plan_write(cfg: RevocationConfig, kind: str, value: str, issuer: str | None
         raise ValueError("the revoked value and issuer must be UTF-8 text")
     if len(value) > MAX_VALUE:
         raise ValueError(f"the revoked value is longer than {MAX_VALUE} characters")
-    if _CONTROL.search(value):
+    if UNSAFE_VALUE.search(value):  # what tokens.py refuses in an identity (surrogates are refused above)
         # No token carrying one verifies either (tokens.py): such a key would revoke nothing, and the CLI
         # and the admin API say so alike.
         raise ValueError("the revoked value must not hold control characters (CR, LF, NUL, DEL, ...)")
