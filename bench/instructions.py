@@ -11,6 +11,7 @@ calls) is not in it, so it complements bench/run.py and does not replace it.
 
     .venv/bin/python bench/instructions.py                      # public, headers, token: 2000 requests each
     .venv/bin/python bench/instructions.py --compare /tmp/other  # the same for another checkout (A/B)
+    .venv/bin/python bench/instructions.py --as-worker           # as a `--workers N` worker (metrics in files)
 
 Needs valgrind, nginx and redis-server (`apt-get install valgrind nginx redis-server`).
 """
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import os
 import re
 import shutil
 import subprocess
@@ -84,11 +86,16 @@ def count_route(world: bench.World, pid: int, out: Path, route: str, requests: i
     raise RuntimeError("callgrind wrote no dump")
 
 
-def measure(world: bench.World, routes: list[str], requests: int) -> dict[str, float]:
+def measure(world: bench.World, routes: list[str], requests: int, *, as_worker: bool = False) -> dict[str, float]:
     out = world.tmp / f"callgrind-{world.gateway_cfg.stem}.out"
     wrapper = ("valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", "--dump-instr=no",
                "--compress-strings=no", "--compress-pos=no")
-    with bench.gateway(world, 1, None, wrapper=wrapper, ready_within=600) as proc:
+    env = None
+    if as_worker:  # what workers.supervise gives each of its children: metrics in files, aggregated on scrape
+        metrics_dir = world.tmp / f"metrics-{world.gateway_cfg.stem}"
+        metrics_dir.mkdir()
+        env = {"PROMETHEUS_MULTIPROC_DIR": str(metrics_dir), "GATEWAY_SUPERVISOR_PID": str(os.getpid())}
+    with bench.gateway(world, 1, None, wrapper=wrapper, ready_within=600, extra_env=env) as proc:
         return {route: count_route(world, proc.pid, out, route, requests) for route in routes}
 
 
@@ -97,6 +104,8 @@ def main() -> int:
     p.add_argument("--requests", type=int, default=2000, help="requests counted per route")
     p.add_argument("--routes", nargs="+", default=list(bench.PATHS), choices=list(bench.PATHS))
     p.add_argument("--compare", metavar="DIR", help="also count another checkout's gateway (A/B)")
+    p.add_argument("--as-worker", action="store_true", help="count a `--workers N` worker: metrics "
+                   "in files (PROMETHEUS_MULTIPROC_DIR), as the supervisor's children keep them")
     p.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (callgrind dumps, one per route "
                    "in --routes order, for callgrind_annotate)")
     args = p.parse_args()
@@ -113,7 +122,8 @@ def main() -> int:
             other = dataclasses.replace(world, root=Path(args.compare).resolve())
             bench.write_gateway_config(other, "gateway-compare")
             trees[f"compare: {args.compare}"] = other
-        results = {name: measure(w, args.routes, args.requests) for name, w in trees.items()}
+        results = {name: measure(w, args.routes, args.requests, as_worker=args.as_worker)
+                   for name, w in trees.items()}
     finally:
         procs.stop_all()
         if args.keep_tmp:
@@ -121,7 +131,7 @@ def main() -> int:
         else:
             shutil.rmtree(tmp, ignore_errors=True)
     print(f"\nInstructions per request (callgrind, {args.requests} requests per route, "
-          f"{CONNECTIONS} keep-alive connections)\n")
+          f"{CONNECTIONS} keep-alive connections{', as a --workers N worker' if args.as_worker else ''})\n")
     print("| tree | " + " | ".join(args.routes) + " | " +
           " | ".join(f"{r}/public" for r in args.routes if r != "public") + " |")
     print("|---|" + "---:|" * (2 * len(args.routes) - ("public" in args.routes)))

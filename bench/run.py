@@ -406,14 +406,16 @@ routes:
 
 @contextlib.contextmanager
 def gateway(world: World, workers: int, log: Path | None, *, wrapper: tuple[str, ...] = (),
-            ready_within: float = 30.0, pin: bool | None = None) -> Iterator[subprocess.Popen[bytes]]:
+            ready_within: float = 30.0, pin: bool | None = None,
+            extra_env: dict[str, str] | None = None) -> Iterator[subprocess.Popen[bytes]]:
     """`gateway run` with the bench config: one worker pinned to the proxy core, or N on every core
-    (`pin=True`: N on the proxy core). `wrapper`: a command the gateway runs under (instructions.py)."""
+    (`pin=True`: N on the proxy core). `wrapper`: a command the gateway runs under (instructions.py);
+    `extra_env`: added to its environment."""
     cmd = [*wrapper, sys.executable, "-m", "gateway", "run", "-c", str(world.gateway_cfg), "--workers", str(workers)]
     if pin or (pin is None and workers == 1):
         cmd = ["taskset", "-c", PROXY_CORE, *cmd]
     out: Any = open(log, "ab") if log is not None else subprocess.DEVNULL  # noqa: SIM115
-    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"} | (extra_env or {})
     try:
         proc = world.procs.start(f"gateway-w{workers}", cmd, stdout=out,
                                  log=world.tmp / f"gateway-w{workers}.err", env=env, cwd=world.root)
