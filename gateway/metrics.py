@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import glob
 import os
+import struct
 from bisect import bisect_left
 from collections.abc import Callable
 from typing import Any
@@ -137,7 +138,35 @@ def incrementer(metric: Any) -> Callable[[float], None]:
     (`dec` is `incrementer(g)(-1)`.) Same value object, so scrapes and the multiprocess files see it.
     """
     metric._raise_if_not_observable()  # labels resolved: what prometheus_client would check per call
-    return metric._value.inc  # type: ignore[no-any-return]
+    return _lean_inc(metric._value)
+
+
+_PACK_DOUBLE = struct.Struct("d").pack
+
+
+def _lean_inc(value: Any) -> Callable[[float], None]:
+    """`value.inc`, and for a supervised worker's file-backed value the same write without its overhead.
+
+    prometheus_client's MmapedValue.inc takes a process-wide threading.Lock, calls os.getpid() to notice a
+    fork, and writes the value and a zero timestamp through two more Python calls: about 450 ns, nine
+    times a request in headers mode, against 80 ns for this. Neither guard has work here: only the
+    event-loop thread updates a metric (see LoopValue), and a worker is exec'd by the supervisor, never
+    forked once its metrics exist. So this writes the value's 8 bytes where the library keeps them. A
+    key's place in the file never moves; the map object does when the file grows (a new label value),
+    so it is read on every call. A library whose value lacks these parts gets its own inc()."""
+    if not MULTIPROCESS:
+        return value.inc  # type: ignore[no-any-return]  # LoopValue: already one addition
+    mapped = getattr(value, "_file", None)
+    if not (hasattr(mapped, "_m") and isinstance(getattr(mapped, "_positions", None), dict)):
+        return value.inc  # type: ignore[no-any-return]
+    value.inc(0)  # the library gives the key its place in the file (and a timestamp of 0, as inc() keeps)
+    pos = mapped._positions[value._key]  # type: ignore[union-attr]
+
+    def inc(amount: float) -> None:
+        value._value = total = value._value + amount
+        mapped._m[pos:pos + 8] = _PACK_DOUBLE(total)  # type: ignore[union-attr]
+
+    return inc
 
 
 def observer(histogram: Any) -> Callable[[float], None]:
@@ -146,8 +175,8 @@ def observer(histogram: Any) -> Callable[[float], None]:
     non-cumulative as prometheus_client stores them: the first bucket whose upper bound is >= amount."""
     histogram._raise_if_not_observable()
     bounds = tuple(histogram._upper_bounds)
-    buckets = tuple(b.inc for b in histogram._buckets)
-    add_sum = histogram._sum.inc
+    buckets = tuple(_lean_inc(b) for b in histogram._buckets)
+    add_sum = _lean_inc(histogram._sum)
 
     def observe(amount: float) -> None:
         add_sum(amount)

@@ -9,6 +9,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 from collections import Counter as Tally
 from pathlib import Path
 from typing import Any
@@ -473,6 +474,63 @@ def test_lean_updates_leave_exactly_what_prometheus_client_would() -> None:
     assert generate_latest(fast) == generate_latest(slow)
     assert b'h_seconds_bucket{le="0.0005",r="x"} 3.0' in generate_latest(fast)  # 0.0005 itself is <= 0.0005
     assert b'h_seconds_bucket{le="+Inf",r="x"} 11.0' in generate_latest(fast)
+
+
+_WORKER_UPDATES = """
+import sys
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
+from gateway import metrics
+
+assert metrics.MULTIPROCESS, "not a supervised worker's environment"
+lean = sys.argv[1] == "lean"
+c = Counter("c_total", "c", ["r"]).labels(r="x")
+g = Gauge("g", "g", multiprocess_mode="livesum")
+h = Histogram("h_seconds", "h", ["r"], buckets=metrics.LATENCY_BUCKETS).labels(r="x")
+inc, add, observe = (metrics.incrementer(c), metrics.incrementer(g), metrics.observer(h)) if lean else (
+    c.inc, g.inc, h.observe)
+dec = (lambda: add(-1)) if lean else g.dec
+amounts = [0.0, 0.0001, 0.0005, 0.00050001, 0.001, 0.3, 1.0, 59.9, 60.0, 61.0, 1e9]
+many = Counter("many_total", "label values that outgrow the file's first megabyte", ["v"])
+for round_ in range(2):
+    for amount in amounts:
+        inc(1)
+        add(1)
+        dec()
+        add(1)
+        observe(amount)
+    if round_ == 0:  # the file grows and is mapped anew: the lean updates must follow the new map
+        for i in range(4000):
+            many.labels(v=f"{i:04d}" + "v" * 300).inc()
+capacity = c._value._file._capacity
+assert capacity > 1 << 20, capacity
+registry = CollectorRegistry()
+multiprocess.MultiProcessCollector(registry)
+sys.stdout.buffer.write(generate_latest(registry))
+"""
+
+
+def test_lean_updates_in_a_worker_leave_what_prometheus_client_would(tmp_path: Path) -> None:
+    """A supervised worker's metrics are file-backed: the request path writes the value's bytes itself
+    (metrics._lean_inc). The aggregate that any worker serves must be what the library's own inc and
+    observe leave, also after the file outgrew its first map."""
+    out: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
+    for mode in ("lean", "library"):
+        directory = tmp_path / mode
+        directory.mkdir()
+        env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(directory), "GATEWAY_SUPERVISOR_PID": "1"}
+        done = subprocess.run([sys.executable, "-c", _WORKER_UPDATES, mode], env=env, capture_output=True,
+                              timeout=60, check=False)
+        assert done.returncode == 0, done.stderr.decode()[-2000:]
+        out[mode] = {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+                     for family in text_string_to_metric_families(done.stdout.decode())
+                     for sample in family.samples}
+    assert out["lean"] == out["library"]
+    lean = out["lean"]
+    assert lean[("c_total", (("r", "x"),))] == 22.0
+    assert lean[("g", ())] == 22.0
+    assert lean[("h_seconds_bucket", (("le", "0.0005"), ("r", "x")))] == 6.0
+    assert lean[("h_seconds_bucket", (("le", "+Inf"), ("r", "x")))] == 22.0
+    assert lean[("h_seconds_count", (("r", "x"),))] == 22.0
 
 
 def test_lean_updates_refuse_a_family_without_its_labels() -> None:
