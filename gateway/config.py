@@ -565,8 +565,16 @@ class _RouteBuilder:
             if any(rule.claim == claim for rule in rules):
                 r.error(k_node, ck, "duplicate key")  # as Reader.mapping() says for every other mapping
                 continue
-            raw: Any = r.field(r.scalar, v_node, ck, None) if isinstance(v_node, yaml.ScalarNode) \
-                else r.strs(v_node, ck)
+            if isinstance(v_node, yaml.SequenceNode):
+                # Each item read as one value is (`[2, 3]` as `3` is, not as strings only); a bad item is
+                # its own problem, said once.
+                before = len(r.problems)
+                raw: Any = tuple(r.field(r.scalar, item, f"{ck}[{i}]", None) for i, item in enumerate(v_node.value))
+                if len(r.problems) > before:
+                    continue
+            else:
+                raw = r.field(r.scalar, v_node, ck, None) if isinstance(v_node, yaml.ScalarNode) \
+                    else r.strs(v_node, ck)
             values = (raw,) if not isinstance(raw, tuple) else raw
             if not values or any(v is None or isinstance(v, (dict, list)) for v in values):
                 r.error(v_node, ck, "expected a value or a list of values")

@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from gateway.authz import Rules
 from gateway.config import load, load_text, parse_duration, warnings
-from gateway.errors import ConfigError
+from gateway.errors import ConfigError, InsufficientScope
+from gateway.model import Principal
 
 MINIMAL = """\
 issuers:
@@ -126,6 +128,26 @@ def test_claim_binding_must_name_a_path_parameter() -> None:
     found = problems(MINIMAL + '    auth: {claims: {tenant: "{path.tenant}"}}\n')
     assert found == ["gw.yaml:12: routes[0].auth.claims.tenant: path parameter 'tenant' is not defined by "
                      "the route's path; defined: id"]
+
+
+def test_a_claim_rule_takes_a_list_of_numbers_as_it_takes_one_number() -> None:
+    """`level: 3` loaded, `level: [2, 3]` ("one of", README) was refused item by item as "not a string" plus
+    a third line for the rule; numeric claims (tenant ids, levels) are common. A nested list stays refused,
+    once."""
+    c = load_text(MINIMAL + "    auth: {claims: {org.level: [2, 3], email_verified: [true], tenant: 42}}\n", "gw.yaml")
+    rules = {rule.claim: rule.values for rule in c.routes[0].auth.claims}
+    assert rules == {"org.level": ("2", "3"), "email_verified": ("true",), "tenant": ("42",)}
+    check = Rules(c.routes[0].auth).check
+    check(_principal({"org": {"level": 3}, "email_verified": True}), {})
+    with pytest.raises(InsufficientScope):
+        check(_principal({"org": {"level": 1}, "email_verified": True}), {})
+    assert problems(MINIMAL + "    auth: {claims: {org.level: [2, [3]]}}\n") == [
+        "gw.yaml:12: routes[0].auth.claims.org.level[1]: expected a single value, not a list"]
+
+
+def _principal(claims: dict[str, object]) -> Principal:
+    return Principal(issuer="customers", iss="https://login.example.com", subject="alice", scopes=frozenset(),
+                     roles=(), tenant="42", session=None, jti=None, iat=None, exp=None, aud=("api",), claims=claims)
 
 
 def test_the_specs_own_example_loads_as_written() -> None:
