@@ -310,7 +310,7 @@ def identity_headers(p: Principal) -> dict[str, str]:
     if p.scopes:
         if not all(SCOPE_TOKEN.fullmatch(s) for s in p.scopes):  # RFC 6749 s3.3, as tokens.py reads them
             raise InvalidToken("malformed")  # would read as two scopes upstream (RFC 6749 s3.3)
-        out["X-Auth-Scopes"] = _safe(" ".join(sorted(p.scopes)))
+        out["X-Auth-Scopes"] = _safe(" ".join(p.ordered_scopes))  # as the token lists them
     if p.roles:
         if any("," in r or r != r.strip(_OWS) for r in p.roles):
             # "user,admin" would read as two roles upstream, " admin" as "admin" (RFC 9110 s5.6.1 OWS)
@@ -379,10 +379,11 @@ class TokenMinter:
             if hit is not None and now < hit.exp and (hit.capped or hit.exp - now > self._min_remaining):
                 return hit.token
         if forward.scopes is None:
-            scopes = tuple(sorted(p.scopes))
+            scopes = p.ordered_scopes
         else:
-            # Down-scoping: the intersection, so a route can narrow the user's scopes but never widen them.
-            scopes = tuple(sorted(p.scopes.intersection(forward.scopes)))
+            # Down-scoping: the intersection, so a route can narrow the user's scopes but never widen them
+            # (in the token's order, as X-Auth-Scopes).
+            scopes = tuple(s for s in p.ordered_scopes if s in forward.scopes)
         exp = now + self._cfg.ttl
         capped = p.exp is not None and p.exp <= exp
         if p.exp is not None and capped:

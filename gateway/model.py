@@ -55,7 +55,7 @@ class Principal:
     issuer: str  # the issuer's configured `name`
     iss: str  # the `iss` claim (issuer URL)
     subject: str | None
-    scopes: frozenset[str]
+    scopes: frozenset[str]  # for the rules; scope_list keeps the token's order for what is forwarded
     roles: tuple[str, ...]
     tenant: str | None
     session: str | None
@@ -65,6 +65,13 @@ class Principal:
     aud: tuple[str, ...]
     claims: Mapping[str, Any] = field(default_factory=dict)
     token_hash: str = ""  # sha256 of the raw token: a stable cache key that never holds the token
+    scope_list: tuple[str, ...] = ()  # `scopes` in the token's order, each once (tokens.py fills both)
+
+    @property
+    def ordered_scopes(self) -> tuple[str, ...]:
+        """The scopes as the token lists them (X-Auth-Scopes, the minted `scope`); sorted for a Principal
+        built without scope_list, since a set has no order of its own."""
+        return self.scope_list or tuple(sorted(self.scopes))
 
 
 @dataclass(frozen=True, slots=True)

@@ -122,14 +122,15 @@ SCOPE_TOKEN = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+")
 _SCOPE_SEP = re.compile(r"[ \t\r\n]+")
 
 
-def _scopes(value: Any) -> frozenset[str]:
+def _scopes(value: Any) -> tuple[str, ...]:
+    """The valid scopes in the token's order, each once: an upstream is told them as the issuer wrote them."""
     if isinstance(value, str):
         words: Any = _SCOPE_SEP.split(value)
     elif isinstance(value, list | tuple):
         words = value
     else:
-        return frozenset()
-    return frozenset(w for w in words if isinstance(w, str) and SCOPE_TOKEN.fullmatch(w))
+        return ()
+    return tuple(dict.fromkeys(w for w in words if isinstance(w, str) and SCOPE_TOKEN.fullmatch(w)))
 
 
 def _number(payload: Mapping[str, Any], name: str) -> int | None:
@@ -380,11 +381,13 @@ class TokenVerifier:
     @staticmethod
     def _principal(issuer: _Issuer, claims: dict[str, Any], exp: int, iat: int | None, token_hash: str) -> Principal:
         aud = claims.get("aud")
+        scopes = _scopes(_lookup(claims, issuer.scopes))
         return Principal(
             issuer=issuer.config.name,
             iss=issuer.config.issuer,
             subject=_text(_lookup(claims, issuer.subject)),
-            scopes=_scopes(_lookup(claims, issuer.scopes)),
+            scopes=frozenset(scopes),
+            scope_list=scopes,
             roles=_words(_lookup(claims, issuer.roles), r"[\s,]+"),
             tenant=_text(_lookup(claims, issuer.tenant)),
             session=_text(_lookup(claims, issuer.session)),

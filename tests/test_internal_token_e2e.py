@@ -349,3 +349,12 @@ async def test_readme_snippet_verifies_with_pyjwks_client(issuer: DevIssuer, ech
 
         claims = await asyncio.to_thread(verify, authorization)
         assert claims["sub"] == "alice" and claims["scope"] == "orders:read"
+
+
+async def test_scopes_reach_the_upstream_in_the_tokens_order(issuer: DevIssuer, echo_upstream: EchoUpstream,
+                                                              gateway_factory: Any, tmp_path: Path) -> None:
+    """The minted `scope` keeps the order the issuer wrote (each scope once), down-scoped or not."""
+    async with gateway_factory(gateway_yaml(issuer, echo_upstream, tmp_path / "keys.json")) as gw:
+        token = issuer.token({**USER, "scope": "profile orders:read zeta orders:admin orders:read"})
+        internal = await call(gw.session, gw.url, token, echo_upstream)
+        assert unverified(internal, 1)["scope"] == "orders:read orders:admin"  # ∩ [orders:read, orders:admin]

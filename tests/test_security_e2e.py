@@ -58,6 +58,14 @@ def _received(up: EchoUpstream) -> dict[str, str]:
     return {k.lower(): v for k, v in up.requests[-1][2].items()}
 
 
+async def test_x_auth_scopes_keeps_the_tokens_order(gw: Any, issuer: DevIssuer) -> None:
+    """Space-separated as the issuer wrote them, each once: not re-sorted, so the header reads as the token."""
+    token = issuer.token({**GOOD, "scope": "zeta orders:read alpha orders:read"})
+    status, _, _ = await gw.request("GET", "/api/tenants/acme/orders/1", token=token)
+    assert status == 200
+    assert _received(gw.orders)["x-auth-scopes"] == "zeta orders:read alpha"
+
+
 async def test_valid_token_passes_with_identity(gw: Any, issuer: DevIssuer) -> None:
     status, headers, _ = await gw.request("GET", "/api/tenants/acme/orders/1", token=issuer.token(GOOD))
     assert status == 200
