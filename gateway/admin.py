@@ -116,7 +116,7 @@ def admin_app(gw: GatewayApp) -> web.Application:
         principal = await gateway.verifier.verify(bearer_token(request.headers.get("Authorization")))
         await gateway.revocations.check(principal)
         admin = gw.config.admin
-        if admin.issuer is not None and principal.issuer != admin.issuer:
+        if principal.issuer != admin.issuer:
             raise InvalidToken("wrong_issuer", issuer=principal.issuer)
         if admin.scope not in principal.scopes:
             raise InsufficientScope((admin.scope,), issuer=principal.issuer)

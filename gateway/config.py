@@ -111,11 +111,12 @@ def warnings(config: Config) -> list[str]:
     """What loads but is probably not meant, as `FILE: warning: key: message` lines (`check` and `run` say them)."""
     out: list[str] = []
     admin = config.admin.issuer
-    if admin is not None and admin not in {i.name for i in config.issuers}:
+    if admin not in {i.name for i in config.issuers}:
         # Accepted, as SPEC 3's own example writes it (`employees` beside a lone `customers` issuer): no token
         # can come from an issuer that is not configured, so the admin API refuses every one (fail closed).
+        unset = " (admin.issuer is 'employees' when unset)" if admin == "employees" else ""
         out.append(f"{config.path}: warning: admin.issuer: {admin!r} is not a configured issuer; the admin API "
-                   f"refuses every token")
+                   f"refuses every token{unset}")
     for i, route in enumerate(config.routes):
         if route.forward.scopes is not None and route.forward.identity != "token":
             # Accepted beside `identity: headers` (SPEC 3 writes it so), but it down-scopes nothing there.
@@ -164,7 +165,7 @@ class _Builder:
         server = self.server(top.get("server"))
         issuers = self.issuers(top.get("issuers"))
         names = tuple(i.name for i in issuers)
-        admin = self.admin(top.get("admin"), names)
+        admin = self.admin(top.get("admin"))
         hosts = {server.host, admin.host}
         if server.port and server.port == admin.port and (len(hosts) == 1 or hosts & {"0.0.0.0", "::"}):
             r.error(top.get("admin"), "admin.listen", f"same address as server.listen ({admin.host}:{admin.port}); "
@@ -213,13 +214,14 @@ class _Builder:
             tls=tls,
         )
 
-    def admin(self, node: Node | None, issuers: tuple[str, ...]) -> AdminConfig:
+    def admin(self, node: Node | None) -> AdminConfig:
         r, d = self.r, AdminConfig()
         m = r.mapping(node, "admin", ("listen", "issuer", "scope"))
         host, port = r.field(r.listen, m.get("listen"), "admin.listen", (d.host, d.port))
-        issuer = r.field(r.opt_str, m.get("issuer"), "admin.issuer", None)
-        if issuer is None and "employees" in issuers:
-            issuer = "employees"  # SPEC 3's default; without such an issuer, every issuer's tokens (scope decides)
+        # SPEC 3's default, `employees`, also when no issuer has that name: the admin API then refuses every
+        # token (fail closed, habit 6). It used to take any issuer's token that carried admin.scope, so a
+        # customer token given that scope could revoke other people's sessions.
+        issuer = r.field(r.opt_str, m.get("issuer"), "admin.issuer", None) or d.issuer
         return AdminConfig(host=host, port=port, issuer=issuer,
                            scope=r.field(r.str_, m.get("scope"), "admin.scope", d.scope))
 

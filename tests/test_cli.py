@@ -56,7 +56,8 @@ def test_check_loads_the_specs_example_and_warns_of_its_admin_issuer() -> None:
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok: 1 routes, 1 upstreams, 1 issuers"
     assert result.stderr.strip().splitlines() == [
-        f"{spec}: warning: admin.issuer: 'employees' is not a configured issuer; the admin API refuses every token",
+        f"{spec}: warning: admin.issuer: 'employees' is not a configured issuer; the admin API refuses every token "
+        "(admin.issuer is 'employees' when unset)",
         f"{spec}: warning: routes[0].forward.scopes: read in token mode only; with identity: headers the upstream "
         "is told the token's own scopes"]
 

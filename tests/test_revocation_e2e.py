@@ -238,6 +238,17 @@ async def test_admin_api_needs_an_admin_token_and_refuses_garbage(gw: RunningGat
     assert "orders" in json.dumps(answer)
 
 
+async def test_admin_api_unset_issuer_refuses_a_token_of_any_other_issuer(
+        issuer: DevIssuer, echo_upstream: EchoUpstream, redis_server: RedisServer, gateway_factory: Any) -> None:
+    """admin.issuer unset is SPEC 3's `employees`: with the lone issuer `dev` configured, a dev token that
+    carries gateway:admin is refused (it used to be taken: the scope alone decided)."""
+    text = gateway_yaml(issuer, echo_upstream, redis_server.url)
+    assert text.count("\n  issuer: dev\n") == 1
+    async with gateway_factory(text.replace("\n  issuer: dev\n", "\n", 1)) as gw:
+        status, body = await admin_post(gw.session, gw.admin_url, issuer.token(ADMIN), {"type": "jti", "value": "x-1"})
+    assert status == 401 and body["error"] == "invalid_token", body
+
+
 async def test_admin_refusals_carry_a_request_id(gw: RunningGateway, issuer: DevIssuer) -> None:
     """SPEC 5's body on the admin listener too: `request_id` equal to X-Request-Id (the client's if valid)."""
     s, url = gw.session, gw.admin_url + "/admin/revocations"
