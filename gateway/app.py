@@ -104,6 +104,9 @@ class GatewayApp:
 
     def __init__(self, config: Config, *, reuse_port: bool = False) -> None:
         self.config = config
+        # The config the listeners were bound and the workers started with: what a reload cannot change is
+        # compared with it, not with the last file loaded (which may have asked for a change not applied).
+        self._bound = config
         self.services = Services()
         self.gateway: Gateway | None = None
         self.reuse_port = reuse_port
@@ -134,6 +137,7 @@ class GatewayApp:
 
     # -- lifecycle ----------------------------------------------------------------------------------
     async def start(self) -> None:
+        self._bound = self.config
         self.gateway = await self.services.build(self.config)
         from gateway.admin import admin_app
 
@@ -249,11 +253,10 @@ class GatewayApp:
             # read a second time, perhaps half rewritten by then.
             self._tls_now = fresh_ssl
             self._server_ssl.sni_callback = self._use_current_tls
-        old = self.config
         self.config, self.gateway = config, gateway  # in-flight requests keep the Gateway they started with
         _count_reload("ok")
         log.info("configuration reloaded from %s", path)
-        for line in _restart_only(old, config):
+        for line in _restart_only(self._bound, config):
             log.warning("%s", line)
         for line in warnings(config):
             log.warning("%s", line)
@@ -629,7 +632,7 @@ def _bound_port(runner: web.BaseRunner) -> int:
     return 0
 
 
-def _restart_only(old: Config, new: Config) -> list[str]:
+def _restart_only(bound: Config, new: Config) -> list[str]:
     """What a reload cannot apply: the listeners are bound, and their processes started, once."""
     def listen(host: str, port: int) -> str:
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -641,10 +644,10 @@ def _restart_only(old: Config, new: Config) -> list[str]:
     # `--workers` overrides the file, so the old file's value need not be what runs).
     running = (os.environ.get(metrics.COUNT_ENV) if metrics.MULTIPROCESS else None) or "1"
     changes = [
-        ("server.listen", listen(old.server.host, old.server.port), listen(new.server.host, new.server.port)),
-        ("admin.listen", listen(old.admin.host, old.admin.port), listen(new.admin.host, new.admin.port)),
-        ("server.workers", str(old.server.workers), str(new.server.workers)),
-        ("server.tls", tls(old), tls(new)),
+        ("server.listen", listen(bound.server.host, bound.server.port), listen(new.server.host, new.server.port)),
+        ("admin.listen", listen(bound.admin.host, bound.admin.port), listen(new.admin.host, new.admin.port)),
+        ("server.workers", str(bound.server.workers), str(new.server.workers)),
+        ("server.tls", tls(bound), tls(new)),
     ]
     return [f"{new.path}: warning: {key}: changed from {was} to {now}, which takes a restart; "
             + (f"{running} running" if key == "server.workers" else f"still {was}")

@@ -245,6 +245,29 @@ async def test_a_reload_that_moves_a_listener_says_it_takes_a_restart(
         assert (await gw.request("GET", "/hello"))[0] == 200
 
 
+async def test_a_reload_compares_the_listeners_with_where_they_are_bound_not_with_the_last_file(
+        issuer: DevIssuer, echo_upstream: EchoUpstream, gateway_factory: Any, tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    # A reload that moved server.listen (refused: "still A"), then one that put A back, logged "changed from
+    # B to A, which takes a restart; still B", though the listener had never left A; a third reload with B
+    # again said nothing, though B was still not where it listened.
+    text = config_text(issuer.url, {"svc": [echo_upstream.url]}, TLS_ROUTES)
+    async with gateway_factory(text) as gw:
+        moved = free_port()
+        path = tmp_path / "next.yaml"
+        path.write_text(text.replace("  listen: 127.0.0.1:0", f"  listen: 127.0.0.1:{moved}", 1))
+        assert await gw.app.reload(str(path)) is True
+        path.write_text(text)
+        caplog.clear()
+        assert await gw.app.reload(str(path)) is True
+        assert "takes a restart" not in caplog.text
+        path.write_text(text.replace("  listen: 127.0.0.1:0", f"  listen: 127.0.0.1:{moved}", 1))
+        assert await gw.app.reload(str(path)) is True
+        assert (f"server.listen: changed from 127.0.0.1:0 to 127.0.0.1:{moved}, which takes a restart; "
+                "still 127.0.0.1:0") in caplog.text
+        assert (await gw.request("GET", "/hello"))[0] == 200
+
+
 # -- gateway revoke and the admin API refuse the same values ---------------------------------------------------
 
 @pytest.mark.parametrize("value", ["a\nb", "a\x01b", "a\x7fb", "x" * 1025])
