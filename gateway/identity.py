@@ -311,11 +311,14 @@ def identity_headers(p: Principal) -> dict[str, str]:
         if not all(SCOPE_TOKEN.fullmatch(s) for s in p.scopes):  # RFC 6749 s3.3, as tokens.py reads them
             raise InvalidToken("malformed")  # would read as two scopes upstream (RFC 6749 s3.3)
         out["X-Auth-Scopes"] = _safe(" ".join(p.ordered_scopes))  # as the token lists them
-    if p.roles:
-        if any("," in r or r != r.strip(_OWS) for r in p.roles):
-            # "user,admin" would read as two roles upstream, " admin" as "admin" (RFC 9110 s5.6.1 OWS)
-            raise InvalidToken("malformed")
-        out["X-Auth-Roles"] = _safe(",".join(p.roles))
+    # A role the comma-separated list cannot carry as itself is left out of the header, as tokens.py leaves
+    # out a scope the space-separated one cannot: "user,admin" would read as two roles upstream, " admin"
+    # as "admin" (RFC 9110 s5.6.1 OWS). Fewer roles, never others. Refusing the token instead locked out
+    # every user of an IdP whose group claims are LDAP DNs ("cn=admins,ou=groups"); the route's own
+    # role rules still see every role, and a minted token carries them all as a JSON list.
+    roles = [r for r in p.roles if "," not in r and r == r.strip(_OWS)]
+    if roles:
+        out["X-Auth-Roles"] = _safe(",".join(roles))
     if p.tenant:
         out["X-Auth-Tenant"] = _safe(p.tenant)
     if p.jti:

@@ -58,6 +58,18 @@ def _received(up: EchoUpstream) -> dict[str, str]:
     return {k.lower(): v for k, v in up.requests[-1][2].items()}
 
 
+async def test_a_token_with_an_ldap_dn_role_passes_without_that_role_in_x_auth_roles(
+        gw: Any, issuer: DevIssuer) -> None:
+    """Group claims that are LDAP DNs hold commas: the token passes, the header lists the other roles, and
+    a role rule still sees the DN itself (here: admin, which the DN is not)."""
+    token = issuer.token({**GOOD, "roles": ["cn=admins,ou=groups", "user"]})
+    status, _, _ = await gw.request("GET", "/api/tenants/acme/orders/1", token=token)
+    assert status == 200
+    assert _received(gw.orders)["x-auth-roles"] == "user"
+    status, _, _ = await gw.request("GET", "/staff/x", token=token)
+    assert status == 403
+
+
 async def test_x_auth_scopes_keeps_the_tokens_order(gw: Any, issuer: DevIssuer) -> None:
     """Space-separated as the issuer wrote them, each once: not re-sorted, so the header reads as the token."""
     token = issuer.token({**GOOD, "scope": "zeta orders:read alpha orders:read"})
