@@ -14,7 +14,7 @@ import glob
 import os
 import struct
 from bisect import bisect_left
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from prometheus_client import (
@@ -28,6 +28,8 @@ from prometheus_client import (
 )
 from prometheus_client import multiprocess as _mp
 from prometheus_client import values as _values
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 WORKER_ENV = "GATEWAY_SUPERVISOR_PID"  # set by workers.supervise for its children only
@@ -128,6 +130,12 @@ inflight_requests = Gauge(
     "gateway_inflight_requests", "Requests being answered now.", multiprocess_mode="livesum"
 )
 
+_DECLARED = (
+    requests_total, request_duration_seconds, upstream_duration_seconds, auth_failures_total, circuit_state,
+    jwks_refresh_total, jwks_keys, revocation_checks_total, revocation_backend_up, internal_tokens_minted_total,
+    token_cache_hits_total, config_reloads_total, inflight_requests,
+)
+
 
 def incrementer(metric: Any) -> Callable[[float], None]:
     """`metric.inc` (a Counter's or Gauge's series) for the request path: its value's own `inc`.
@@ -185,11 +193,29 @@ def observer(histogram: Any) -> Callable[[float], None]:
     return observe
 
 
+class _Aggregate(Collector):
+    """Every worker's samples, summed, plus an empty family for each metric no worker has a sample of
+    yet: the multiprocess collector knows only the files, so `gateway_requests_total` and
+    `gateway_request_duration_seconds` were missing from a fresh `--workers N` scrape, where one worker
+    already names and types them (SPEC 7: every metric, correct with --workers > 1)."""
+
+    def __init__(self, directory: str) -> None:
+        self._files = _mp.MultiProcessCollector(None, directory)  # type: ignore[no-untyped-call]
+
+    def collect(self) -> Iterable[Metric]:
+        found: list[Metric] = list(self._files.collect())  # type: ignore[no-untyped-call]
+        names = {family.name for family in found}
+        yield from found
+        for metric in _DECLARED:
+            yield from (family for family in metric.describe() if family.name not in names)
+
+
 def render() -> tuple[bytes, str]:
     """The exposition text for /metrics and its content type; the aggregate of all workers when supervised."""
     if MULTIPROCESS:
+        assert MULTIPROC_DIR is not None  # MULTIPROCESS says so
         registry = CollectorRegistry()
-        _mp.MultiProcessCollector(registry, MULTIPROC_DIR)  # type: ignore[no-untyped-call]
+        registry.register(_Aggregate(MULTIPROC_DIR))
         return generate_latest(registry), CONTENT_TYPE
     return generate_latest(REGISTRY), CONTENT_TYPE
 

@@ -377,6 +377,10 @@ async def test_two_workers_total_exactly_what_was_sent_and_restart_starts_from_z
     await _both_workers_up(again.admin_url)
     m = await scrape(again.admin_url)
     assert m.total("gateway_requests_total") == 0
+    # Before any request every SPEC family is there, named and typed, as one worker shows it (the
+    # multiprocess collector alone left out the families no worker had a sample of yet).
+    for family, (kind, _) in SPEC_METRICS.items():
+        assert family in m.families and m.families[family].type == kind, family
     await _send(again.url, ok=7, missing=3)
     m = await scrape(again.admin_url)
     assert m.total("gateway_requests_total") == 10
