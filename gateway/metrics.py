@@ -200,14 +200,26 @@ class _Aggregate(Collector):
     already names and types them (SPEC 7: every metric, correct with --workers > 1)."""
 
     def __init__(self, directory: str) -> None:
-        self._files = _mp.MultiProcessCollector(None, directory)  # type: ignore[no-untyped-call]
+        self._directory = directory
 
     def collect(self) -> Iterable[Metric]:
-        found: list[Metric] = list(self._files.collect())  # type: ignore[no-untyped-call]
+        files = glob.glob(os.path.join(glob.escape(self._directory), "*.db"))
+        # prometheus-client creates a worker's file, then sizes it: read in between, a 0-byte file raised
+        # struct.error and made the whole scrape a 500 (prometheus/client_python#1199). It holds no sample
+        # yet. (A live gauge's file deleted meanwhile by mark_process_dead is skipped by merge itself.)
+        files = [f for f in files if _has_header(f)]
+        found: list[Metric] = list(_mp.MultiProcessCollector.merge(files))  # type: ignore[no-untyped-call]
         names = {family.name for family in found}
         yield from found
         for metric in _DECLARED:
             yield from (family for family in metric.describe() if family.name not in names)
+
+
+def _has_header(path: str) -> bool:
+    try:
+        return os.path.getsize(path) >= 8  # the used-bytes header; a sized file is zeros, then samples
+    except FileNotFoundError:
+        return False
 
 
 def render() -> tuple[bytes, str]:
