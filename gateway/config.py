@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import ipaddress
 import os
 import re
@@ -567,16 +568,17 @@ class _RouteBuilder:
             if any(rule.claim == claim for rule in rules):
                 r.error(k_node, ck, "duplicate key")  # as Reader.mapping() says for every other mapping
                 continue
+            before = len(r.problems)
             if isinstance(v_node, yaml.SequenceNode):
                 # Each item read as one value is (`[2, 3]` as `3` is, not as strings only); a bad item is
                 # its own problem, said once.
-                before = len(r.problems)
-                raw: Any = tuple(r.field(r.scalar, item, f"{ck}[{i}]", None) for i, item in enumerate(v_node.value))
-                if len(r.problems) > before:
-                    continue
+                raw: Any = tuple(r.field(self.claim_value, item, f"{ck}[{i}]", None)
+                                 for i, item in enumerate(v_node.value))
             else:
-                raw = r.field(r.scalar, v_node, ck, None) if isinstance(v_node, yaml.ScalarNode) \
+                raw = r.field(self.claim_value, v_node, ck, None) if isinstance(v_node, yaml.ScalarNode) \
                     else r.strs(v_node, ck)
+            if len(r.problems) > before:
+                continue
             values = (raw,) if not isinstance(raw, tuple) else raw
             if not values or any(v is None or isinstance(v, (dict, list)) for v in values):
                 r.error(v_node, ck, "expected a value or a list of values")
@@ -591,6 +593,20 @@ class _RouteBuilder:
                     r.error(v_node, ck, f"{v!r}: a binding is written \"{{path.NAME}}\"")
             rules.append(ClaimRule(claim=claim, values=strs))
         return tuple(rules)
+
+    def claim_value(self, node: Node, key: str) -> Any:
+        """One value of a claim rule, as YAML types it (compared as text later). A plain scalar whose text
+        YAML changes is refused: `010` is 8 and `no` is false, so the rule would admit tokens carrying
+        8 or false and refuse the ones meant (department 010, Norway)."""
+        value = self.r.scalar(node, key)
+        plain = isinstance(node, yaml.ScalarNode) and node.style is None  # a quoted one is text as written
+        if plain and isinstance(value, (bool, int, float, datetime.date)):
+            reads = str(value).lower() if isinstance(value, bool) else str(value)
+            written = self.r.written(node)
+            if (written.lower() if isinstance(value, bool) else written) != reads:
+                raise Invalid(f"{written!r} reads as {reads} in YAML; quote it to compare the text {written!r}, "
+                              f"or write {reads}")
+        return value
 
     def forward(self, node: Node | None, auth: AuthConfig, upstream: str) -> ForwardConfig:
         r, key = self.r, f"{self.key}.forward"

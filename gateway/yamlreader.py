@@ -107,6 +107,10 @@ class Reader:
                 raise Invalid(f"{value!r} is not valid Unicode text (a lone surrogate)") from None
         return value
 
+    def written(self, node: Node) -> str:
+        """A scalar's text before YAML types it: as written, or (plain) as its ${VAR} substitution reads."""
+        return self._substitute(node.value).strip() if "${" in node.value else str(node.value)
+
     def _substitute(self, text: str) -> str:
         def repl(m: re.Match[str]) -> str:
             value = os.environ.get(m.group(1))

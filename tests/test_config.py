@@ -148,6 +148,26 @@ def test_a_claim_rule_takes_a_list_of_numbers_as_it_takes_one_number() -> None:
         "gw.yaml:12: routes[0].auth.claims.org.level[1]: expected a single value, not a list"]
 
 
+@pytest.mark.parametrize(("written", "reads"), [
+    ("[010, 20]", "8"),        # YAML 1.1 octal: department 010 would admit department 8
+    ("[no, se, dk]", "false"),  # a country code read as a boolean
+    ("[0x1F]", "31"),
+    ("[1_000]", "1000"),
+    ("010", "8"),              # a single value likewise
+    ("yes", "true"),
+])
+def test_a_claim_value_yaml_would_retype_is_refused(written: str, reads: str) -> None:
+    """A claim value is compared as text: a plain scalar that YAML turns into another text (`010` is 8,
+    `no` is false) would admit tokens carrying that other value and refuse the ones meant. Refused with
+    the way out (quote it, or write the value it reads as), not loaded as something never written."""
+    found = problems(MINIMAL + f"    auth: {{claims: {{org.dept: {written}}}}}\n")
+    assert len(found) == 1, found
+    assert found[0].startswith("gw.yaml:12: routes[0].auth.claims.org.dept")
+    assert f"reads as {reads} in YAML" in found[0] and "quote it" in found[0]
+    ok = load_text(MINIMAL + "    auth: {claims: {org.dept: ['010', 8, 1.5, true, False, 2020-01-01]}}\n", "gw.yaml")
+    assert ok.routes[0].auth.claims[0].values == ("010", "8", "1.5", "true", "false", "2020-01-01")
+
+
 def _principal(claims: dict[str, object]) -> Principal:
     return Principal(issuer="customers", iss="https://login.example.com", subject="alice", scopes=frozenset(),
                      roles=(), tenant="42", session=None, jti=None, iat=None, exp=None, aud=("api",), claims=claims)
