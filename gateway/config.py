@@ -241,7 +241,7 @@ class _Builder:
                 continue
             if any(o.name == issuer.name for o in out):
                 r.error(item, f"issuers[{i}].name", f"duplicate issuer name {issuer.name!r}")
-            elif any(o.issuer == issuer.issuer for o in out):
+            elif issuer.issuer and any(o.issuer == issuer.issuer for o in out):
                 r.error(item, f"issuers[{i}].issuer", f"issuer URL {issuer.issuer!r} is configured twice")
             out.append(issuer)
         return tuple(out)
@@ -266,8 +266,8 @@ class _Builder:
         dc = ClaimsMap()
         claims = ClaimsMap(**{n: r.field(r.str_, c.get(n), f"{key}.claims.{n}", getattr(dc, n))
                               for n in CLAIM_NAMES})
-        if not (name and url):
-            return None
+        if not name:
+            return None  # an issuer with a bad URL keeps its name (its error is said): routes naming it say nothing
         return IssuerConfig(
             name=name, issuer=url, audiences=audiences, jwks_uri=jwks_uri, algorithms=algs,
             leeway=r.field(r.duration, m.get("leeway"), f"{key}.leeway", d.leeway),

@@ -112,6 +112,19 @@ def test_unknown_issuer_in_route() -> None:
     assert found == ["gw.yaml:12: routes[0].auth.issuers[0]: unknown issuer 'staff'; known: customers"]
 
 
+def test_an_issuer_with_a_bad_url_is_one_problem_not_a_cascade(monkeypatch: pytest.MonkeyPatch) -> None:
+    # `${ISSUER_URL}` unset used to add "routes[0].auth.issuers[0]: unknown issuer 'customers'; known: none
+    # defined" for a route that names the issuer correctly: the issuer was dropped with its URL.
+    monkeypatch.delenv("NOPE", raising=False)
+    text = MINIMAL + "    auth: {issuers: [customers]}\n"
+    assert problems(text.replace("https://login.example.com", '"${NOPE}"')) == [
+        "gw.yaml:3: issuers[0].issuer: environment variable NOPE is not set (write ${NOPE:-default})"]
+    two = text.replace("upstreams:", "  - name: staff\n    issuer: ftp://x\n    audiences: [api]\nupstreams:", 1)
+    two = two.replace("issuers:\n", "issuers:\n  - name: partners\n    issuer: ftp://y\n    audiences: [api]\n", 1)
+    found = problems(two.replace("https://login.example.com", "ftp://z"))
+    assert len(found) == 3 and all(": expected an http(s) URL" in p for p in found), found
+
+
 @pytest.mark.parametrize("alg", ["none", "HS256", "hs512"])
 def test_none_and_hmac_algorithms_refused(alg: str) -> None:
     found = problems(MINIMAL.replace("audiences: [api]", f"audiences: [api]\n    algorithms: [RS256, {alg}]"))
