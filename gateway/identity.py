@@ -66,7 +66,6 @@ _UNTRUSTED_DROP = frozenset({
 _AUTH_PREFIX = "x-auth-"
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _FIELD_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 s5.1: a token
-_OWS = " \t"  # RFC 9110 s5.5/s5.6.1: stripped around a field value and around each list member
 
 
 @functools.lru_cache(maxsize=4096)
@@ -274,9 +273,10 @@ def _request_keeps(lower: str, drop: frozenset[str]) -> bool:
 
 
 def _safe(value: str) -> str:
-    if UNSAFE_VALUE.search(value) or value != value.strip(_OWS):
+    if UNSAFE_VALUE.search(value) or value != value.strip():
         # A claim that would split or end the header block (response splitting, RFC 9110 s5.5), or whose
-        # leading/trailing space the upstream's parser strips ("admin " would arrive as "admin"):
+        # leading/trailing space the upstream's parser strips ("admin " would arrive as "admin"; an
+        # application's str.strip() also trims NO-BREAK SPACE and the other Unicode spaces):
         # refuse the request rather than forward a rewritten identity.
         raise InvalidToken("malformed")
     return value
@@ -313,10 +313,11 @@ def identity_headers(p: Principal) -> dict[str, str]:
         out["X-Auth-Scopes"] = _safe(" ".join(p.ordered_scopes))  # as the token lists them
     # A role the comma-separated list cannot carry as itself is left out of the header, as tokens.py leaves
     # out a scope the space-separated one cannot: "user,admin" would read as two roles upstream, " admin"
-    # as "admin" (RFC 9110 s5.6.1 OWS). Fewer roles, never others. Refusing the token instead locked out
-    # every user of an IdP whose group claims are LDAP DNs ("cn=admins,ou=groups"); the route's own
-    # role rules still see every role, and a minted token carries them all as a JSON list.
-    roles = [r for r in p.roles if "," not in r and r == r.strip(_OWS)]
+    # as "admin" (RFC 9110 s5.6.1 OWS; "admin\u00a0" after an application's str.strip()). Fewer roles,
+    # never others. Refusing the token instead locked out every user of an IdP whose group claims are LDAP
+    # DNs ("cn=admins,ou=groups"); the route's own role rules still see every role, and a minted token
+    # carries them all as a JSON list.
+    roles = [r for r in p.roles if "," not in r and r == r.strip()]  # strip(): Unicode spaces too, see _safe
     if roles:
         out["X-Auth-Roles"] = _safe(",".join(roles))
     if p.tenant:

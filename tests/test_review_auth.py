@@ -142,7 +142,7 @@ def _principal(**kw: Any) -> Principal:
 @pytest.mark.parametrize(
     "kw",
     [{"subject": "alice "}, {"subject": " alice"}, {"subject": "alice\t"}, {"tenant": "acme "},
-     {"jti": " j-1"},
+     {"jti": " j-1"}, {"subject": "alice\u00a0"}, {"tenant": "\u3000acme"},
      {"scopes": frozenset({"orders:read\u00a0admin"})}, {"scopes": frozenset({"orders:read\u2028admin"})},
      {"scopes": frozenset({"orders:read\x85admin"})}],
 )
@@ -156,6 +156,7 @@ def test_a_padded_role_is_left_out_of_x_auth_roles_not_trimmed() -> None:
     """" admin" would read as "admin" upstream: the header lists only the roles it carries as they are."""
     assert identity_headers(_principal(roles=("user", " admin")))["X-Auth-Roles"] == "user"
     assert "X-Auth-Roles" not in identity_headers(_principal(roles=("admin\t",)))
+    assert identity_headers(_principal(roles=("admin\u00a0", "user")))["X-Auth-Roles"] == "user"  # str.strip() trims it
 
 
 async def test_padded_subject_never_reaches_the_upstream_as_another_user(issuer: DevIssuer, one_route: Any) -> None:
