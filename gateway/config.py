@@ -176,7 +176,12 @@ class _Builder:
         revocation = dataclasses.replace(revocation, grace=max((i.leeway for i in issuers), default=0.0))
         internal = self.internal_token(top["internal_token"]) if "internal_token" in top else None
         upstreams = self.upstreams(top.get("upstreams"))
-        route_list = self.routes(top.get("routes"), names, upstreams, internal is not None)
+        route_list = self.routes(top.get("routes"), names, upstreams)
+        if internal is None and any(route.forward.identity == "token" for route in route_list):
+            # SPEC 3: every key but issuers, upstreams and routes has its default, and the section is needed
+            # only by routes that forward a token; with such a route and no section, its defaults apply (the
+            # key store: GATEWAY_KEY_STORE, else var/signing-keys.json, created if absent), as `{}` would.
+            internal = self.internal_token(None)
         return Config(
             path=filename, issuers=issuers, upstreams=upstreams, routes=route_list, server=server,
             admin=admin, revocation=revocation, internal_token=internal,
@@ -326,7 +331,7 @@ class _Builder:
                                        "revocation.max_token_lifetime", d.max_token_lifetime),
         )
 
-    def internal_token(self, node: Node) -> InternalTokenConfig:
+    def internal_token(self, node: Node | None) -> InternalTokenConfig:
         r, d = self.r, InternalTokenConfig()
         m = r.mapping(node, "internal_token", ("issuer", "algorithm", "ttl", "key_store", "rotate_every"))
         key_store = r.field(r.str_, m.get("key_store"), "internal_token.key_store", None)
@@ -433,8 +438,8 @@ class _Builder:
         )
 
     # -- routes -------------------------------------------------------------------------------------
-    def routes(self, node: Node | None, issuers: tuple[str, ...], upstreams: dict[str, UpstreamConfig],
-               has_internal: bool) -> tuple[RouteConfig, ...]:
+    def routes(self, node: Node | None, issuers: tuple[str, ...],
+               upstreams: dict[str, UpstreamConfig]) -> tuple[RouteConfig, ...]:
         r = self.r
         if node is None:
             return ()
@@ -445,7 +450,7 @@ class _Builder:
         nodes: list[Node] = []
         names: set[str] = set()
         for i, item in enumerate(node.value):
-            route = _RouteBuilder(r, item, f"routes[{i}]", issuers, upstreams, has_internal).build()
+            route = _RouteBuilder(r, item, f"routes[{i}]", issuers, upstreams).build()
             if route is None:
                 continue
             if route.name in names:
@@ -462,9 +467,9 @@ class _Builder:
 
 class _RouteBuilder:
     def __init__(self, r: Reader, node: Node, key: str, issuers: tuple[str, ...],
-                 upstreams: dict[str, UpstreamConfig], has_internal: bool) -> None:
+                 upstreams: dict[str, UpstreamConfig]) -> None:
         self.r, self.node, self.key = r, node, key
-        self.issuers, self.upstreams, self.has_internal = issuers, upstreams, has_internal
+        self.issuers, self.upstreams = issuers, upstreams
 
     def build(self) -> RouteConfig | None:
         r, key = self.r, self.key
@@ -616,9 +621,6 @@ class _RouteBuilder:
         scopes = r.field(r.str_list, m.get("scopes"), f"{key}.scopes", None) if "scopes" in m else None
         if not auth.required:
             identity = "none"  # SPEC 3: a public route has no token, so none is forwarded, whatever is written
-        if identity == "token" and not self.has_internal:
-            r.error(m.get("identity"), f"{key}.identity",
-                    "identity: token needs the internal_token section (the gateway's signing key)")
         # `audience` and `scopes` are read in token mode only; SPEC 3 writes them beside `identity: headers`.
         return ForwardConfig(identity=identity,
                              audience=r.field(r.str_, m.get("audience"), f"{key}.audience", upstream or None),

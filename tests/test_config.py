@@ -9,6 +9,7 @@ import pytest
 
 from gateway.authz import Rules
 from gateway.config import load, load_text, parse_duration, warnings
+from gateway.config_types import InternalTokenConfig
 from gateway.errors import ConfigError, InsufficientScope
 from gateway.model import Principal
 
@@ -211,9 +212,15 @@ def test_a_public_route_forwards_nothing_and_may_write_empty_rules() -> None:
                      "remove it or set required: true"]
 
 
-def test_token_forwarding_needs_internal_token() -> None:
-    found = problems(MINIMAL + "    forward: {identity: token, audience: orders}\n")
-    assert len(found) == 1 and "needs the internal_token section" in found[0]
+def test_token_forwarding_without_internal_token_takes_its_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    """SPEC 3: every key but issuers, upstreams and routes has its default, and internal_token is needed
+    only by token routes: with one and no section, the section's defaults apply, as `{}` would give."""
+    monkeypatch.delenv("GATEWAY_KEY_STORE", raising=False)
+    c = load_text(MINIMAL + "    forward: {identity: token, audience: orders}\n", "gw.yaml")
+    assert c.internal_token == InternalTokenConfig()
+    assert c.internal_token == load_text(MINIMAL + "    forward: {identity: token, audience: orders}\n"
+                                         "internal_token: {}\n", "gw.yaml").internal_token
+    assert load_text(MINIMAL, "gw.yaml").internal_token is None  # no token route: no key store at all
 
 
 def test_several_problems_reported_together_and_required_sections() -> None:

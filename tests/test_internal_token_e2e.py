@@ -358,3 +358,20 @@ async def test_scopes_reach_the_upstream_in_the_tokens_order(issuer: DevIssuer, 
         token = issuer.token({**USER, "scope": "profile orders:read zeta orders:admin orders:read"})
         internal = await call(gw.session, gw.url, token, echo_upstream)
         assert unverified(internal, 1)["scope"] == "orders:read orders:admin"  # ∩ [orders:read, orders:admin]
+
+
+async def test_a_token_route_without_an_internal_token_section_signs_on_the_defaults(
+        issuer: DevIssuer, echo_upstream: EchoUpstream, gateway_factory: Any, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """SPEC 3's defaults for the whole section: issuer https://gateway.internal, ES256, a key store created
+    where GATEWAY_KEY_STORE says (else var/signing-keys.json), published on the admin listener."""
+    store = tmp_path / "default-store.json"
+    monkeypatch.setenv("GATEWAY_KEY_STORE", str(store))
+    text = config_text(issuer.url, {"orders": [echo_upstream.url]}, ROUTES)
+    assert "internal_token" not in text
+    async with gateway_factory(text) as gw:
+        internal = await call(gw.session, gw.url, issuer.token(USER), echo_upstream)
+        jwks, _ = await fetch_jwks(gw.session, gw.admin_url)
+        header, claims = jose_verify(internal, jwks)
+    assert header["alg"] == "ES256" and claims["iss"] == INTERNAL_ISS and claims["exp"] - claims["iat"] == 60
+    assert store.exists() and store.stat().st_mode & 0o777 == 0o600
