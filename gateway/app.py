@@ -651,7 +651,8 @@ def _restart_only(bound: Config, new: Config) -> list[str]:
     ]
     return [f"{new.path}: warning: {key}: changed from {was} to {now}, which takes a restart; "
             + (f"{running} running" if key == "server.workers" else f"still {was}")
-            for key, was, now in changes if was != now]
+            for key, was, now in changes
+            if was != now and not (key == "server.workers" and now == running)]  # asks for what runs already
 
 
 def _server_ssl(config: Config) -> ssl.SSLContext | None:

@@ -245,6 +245,23 @@ async def test_a_reload_that_moves_a_listener_says_it_takes_a_restart(
         assert (await gw.request("GET", "/hello"))[0] == 200
 
 
+async def test_a_reload_asking_for_as_many_workers_as_run_says_nothing_of_a_restart(
+        issuer: DevIssuer, echo_upstream: EchoUpstream, gateway_factory: Any, tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    # Started from a file saying 2 while 1 runs (as `--workers` overriding the file does): a reload to 1
+    # said "changed from 2 to 1, which takes a restart; 1 running".
+    text = config_text(issuer.url, {"svc": [echo_upstream.url]}, TLS_ROUTES).replace(
+        "server:\n", "server:\n  workers: 2\n", 1)
+    async with gateway_factory(text) as gw:
+        path = tmp_path / "next.yaml"
+        moved = free_port()
+        path.write_text(text.replace("  workers: 2\n", "  workers: 1\n", 1)
+                        .replace("  listen: 127.0.0.1:0", f"  listen: 127.0.0.1:{moved}", 1))
+        assert await gw.app.reload(str(path)) is True
+        assert "server.listen: changed from 127.0.0.1:0" in caplog.text  # the warnings are heard here
+        assert "server.workers" not in caplog.text
+
+
 async def test_a_reload_compares_the_listeners_with_where_they_are_bound_not_with_the_last_file(
         issuer: DevIssuer, echo_upstream: EchoUpstream, gateway_factory: Any, tmp_path: Path,
         caplog: pytest.LogCaptureFixture) -> None:
