@@ -169,6 +169,8 @@ def _lean_inc(value: Any) -> Callable[[float], None]:
         return value.inc  # type: ignore[no-any-return]
     value.inc(0)  # the library gives the key its place in the file (and a timestamp of 0, as inc() keeps)
     pos = mapped._positions[value._key]  # type: ignore[union-attr]
+    if mapped._m[pos:pos + 8] != _PACK_DOUBLE(value._value):  # type: ignore[union-attr]
+        return value.inc  # type: ignore[no-any-return]  # not the layout this was written for: the library's way
 
     def inc(amount: float) -> None:
         value._value = total = value._value + amount

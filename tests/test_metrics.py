@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 from collections import Counter as Tally
@@ -535,6 +536,36 @@ def test_lean_updates_in_a_worker_leave_what_prometheus_client_would(tmp_path: P
     assert lean[("h_seconds_bucket", (("le", "0.0005"), ("r", "x")))] == 6.0
     assert lean[("h_seconds_bucket", (("le", "+Inf"), ("r", "x")))] == 22.0
     assert lean[("h_seconds_count", (("r", "x"),))] == 22.0
+
+
+def test_lean_updates_fall_back_to_the_librarys_inc_on_a_file_layout_they_do_not_know(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """_lean_inc writes where prometheus_client 0.2x keeps a value: if the bytes there are not the value
+    just written (another layout), it must use the library's own inc, not write somewhere wrong."""
+    from gateway import metrics
+
+    class File:
+        def __init__(self) -> None:
+            self._m, self._positions = bytearray(64), {"k": 8}
+
+    class Value:
+        def __init__(self, file: File) -> None:
+            self._file, self._key, self._value = file, "k", 0.0
+
+        def inc(self, amount: float) -> None:  # where this layout keeps it: 8 bytes further on
+            self._value += amount
+            self._file._m[16:24] = struct.pack("d", self._value)
+
+    monkeypatch.setattr(metrics, "MULTIPROCESS", True)
+    odd = Value(File())
+    odd._value = 2.0
+    assert metrics._lean_inc(odd) == odd.inc  # bytes at 8 are 0.0, not 2.0: not the layout it knows
+    known = Value(File())
+    known.inc = lambda amount: known._file._m.__setitem__(slice(8, 16), struct.pack("d", known._value))  # type: ignore[method-assign]
+    lean = metrics._lean_inc(known)
+    assert lean != known.inc
+    lean(3)
+    assert known._value == 3.0 and struct.unpack_from("d", known._file._m, 8)[0] == 3.0
 
 
 def test_lean_updates_refuse_a_family_without_its_labels() -> None:
