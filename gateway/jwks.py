@@ -135,6 +135,7 @@ class JwksCache:
         self._ok_counter = metrics.jwks_refresh_total.labels(issuer=issuer.name, result="ok")
         self._error_counter = metrics.jwks_refresh_total.labels(issuer=issuer.name, result="error")
         self._keys_gauge = metrics.jwks_keys.labels(issuer=issuer.name)
+        self._forgotten = False  # forget_issuer(): the gauge is no longer this cache's to set
         self.ready = False  # a fetch gave at least one usable key
         self.next_refresh_in = issuer.jwks_refresh  # seconds until the background refresher runs again
 
@@ -231,8 +232,19 @@ class JwksCache:
             self.issuer.jwks_refresh if max_age is None else min(max(max_age, MAX_AGE_MIN), MAX_AGE_MAX)
         )
         self._ok_counter.inc()
-        self._keys_gauge.set(len(keys))
+        if not self._forgotten:
+            self._keys_gauge.set(len(keys))
         return True
+
+    def forget_issuer(self) -> None:
+        """The issuer left the configuration (a reload): its gateway_jwks_keys series goes, or it showed the
+        last count until restart. Set to 0 first: with --workers the value lives in the worker's file,
+        which remove() does not touch (a livemax gauge of 0 adds nothing). A fetch still running until
+        this cache is closed does not set it again."""
+        self._forgotten = True
+        self._keys_gauge.set(0)
+        with contextlib.suppress(KeyError):
+            metrics.jwks_keys.remove(self.issuer.name)
 
     async def _fetch(self) -> tuple[list[jwt.PyJWK], float | None]:
         if self._jwks_uri is None:

@@ -88,6 +88,8 @@ class Services:
             raise
         # Commit: swap in, retire what was replaced (closed after in-flight requests had time to finish).
         self._retired.extend(c for n, c in self.jwks.items() if jwks.get(n) is not c)
+        for name in self.jwks.keys() - jwks.keys():
+            self.jwks[name].forget_issuer()
         self.jwks, self._jwks_cfg = jwks, {i.name: i for i in config.issuers}
         if self.upstreams is not None and self.upstreams is not upstreams:
             self.upstreams.retire(upstreams)  # its gauges belong to the new one from here on

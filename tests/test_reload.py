@@ -102,3 +102,24 @@ async def test_a_reload_that_changes_an_issuers_claims_map_is_seen_in_minted_tok
                                     issuer_extra="    claims: {tenant: org}"))
         assert await gw.app.reload(str(path)) is True
         assert await tenant_seen() == "globex"
+
+
+async def test_an_issuer_removed_by_a_reload_leaves_no_jwks_keys_series(
+        issuer: DevIssuer, echo_upstream: EchoUpstream, gateway_factory: Any, tmp_path: Path) -> None:
+    """gateway_jwks_keys{issuer} of an issuer a reload removed kept its last count until restart."""
+    text = config_text(issuer.url, {"svc": [echo_upstream.url]}, ONE)
+    renamed = "admin:\n  listen: 127.0.0.1:0\n  issuer: kept\n"
+    assert text.count("  - name: dev\n") == 1 and "admin:\n  listen: 127.0.0.1:0\n  issuer: dev\n" in text
+
+    async def series() -> str:
+        async with gw.session.get(gw.admin_url + "/metrics") as r:
+            return "\n".join(line for line in (await r.text()).splitlines() if line.startswith("gateway_jwks_keys{"))
+
+    async with gateway_factory(text) as gw:
+        assert 'gateway_jwks_keys{issuer="dev"} ' in await series()
+        path = tmp_path / "next.yaml"
+        path.write_text(text.replace("  - name: dev\n", "  - name: kept\n", 1)
+                        .replace("admin:\n  listen: 127.0.0.1:0\n  issuer: dev\n", renamed, 1))
+        assert await gw.app.reload(str(path)) is True
+        lines = await series()
+        assert 'issuer="kept"' in lines and 'issuer="dev"' not in lines, lines
