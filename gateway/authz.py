@@ -114,10 +114,19 @@ def evaluate(auth: AuthConfig, p: Principal, params: Mapping[str, str]) -> list[
         out.append(Verdict("roles", any(r in auth.roles for r in p.roles),
                            f"needs one of {', '.join(auth.roles)}; token has {', '.join(p.roles) or 'none'}"))
     for rule in auth.claims:
-        wanted = [_expected(v, params) for v in rule.values]
+        wanted = ", ".join(_describe(v, params) for v in rule.values)
         out.append(Verdict(f"claims.{rule.claim}", _claim_holds(rule, p, params),
-                           f"must be one of {wanted}; token has {_claim_values(rule.claim, p)}"))
+                           f"must be one of [{wanted}]; token has {_claim_values(rule.claim, p)}"))
     return out
+
+
+def _describe(value: str, params: Mapping[str, str]) -> str:
+    """One wanted value as `explain` says it: a binding whose segment can never bind says why."""
+    if value.startswith(_BINDING_PREFIX):
+        segment = params.get(value[len(_BINDING_PREFIX):-1])
+        if segment is not None and _bindable(segment) is None:
+            return f"{value} = {segment!r}, which never binds (it holds ';')"
+    return repr(_expected(value, params))
 
 
 def _expected(value: str, params: Mapping[str, str]) -> str | None:

@@ -60,12 +60,16 @@ async def test_plain_bindings_still_hold(gw: Any, issuer: DevIssuer) -> None:
     assert status == 403
 
 
-def test_explain_shows_no_expected_value_for_a_segment_with_params() -> None:
+def test_explain_says_a_segment_with_params_never_binds() -> None:
     auth = AuthConfig(claims=(ClaimRule(claim="tenant", values=("{path.tenant}",)),))
     p = Principal(issuer="dev", iss="http://dev", subject="alice", scopes=frozenset(), roles=(),
                   tenant="evil;acme", session=None, jti=None, iat=None, exp=None, aud=())
     (verdict,) = evaluate(auth, p, {"tenant": "evil;acme"})
-    assert not verdict.ok and "[None]" in verdict.detail
+    assert not verdict.ok
+    assert verdict.detail == ("must be one of [{path.tenant} = 'evil;acme', which never binds (it holds ';')]; "
+                              "token has ('evil;acme',)")
+    (verdict,) = evaluate(auth, p, {"tenant": "acme"})
+    assert not verdict.ok and verdict.detail == "must be one of ['acme']; token has ('evil;acme',)"
     for check in (Rules(auth).check, lambda p, params: authorize(auth, p, params)):
         with pytest.raises(InsufficientScope):
             check(p, {"tenant": "evil;acme"})
