@@ -316,11 +316,33 @@ class RouteTable:
     def _match(self, method: str, path: str, host: str) -> RouteMatch:
         path = normalize_path(path)
         found = self._find(method, path, host)
-        if ";" in path or "%3B" in path:  # normalize_path wrote escapes in upper case
-            self._refuse_if_params_reroute(method, path, host, found.route)
-        if path[-1] == "/" and len(path) > 1:
-            self._refuse_if_slash_reroute(method, path, host, found.route)
+        route = found.route
+        self._refuse_reroutes(method, path, host, route)
+        if method == "HEAD" and (route.methods is None or "GET" in route.methods):
+            self._refuse_if_head_reroute(path, host, route)
         return found
+
+    def _refuse_reroutes(self, method: str, path: str, host: str, route: RouteConfig) -> None:
+        if ";" in path or "%3B" in path:  # normalize_path wrote escapes in upper case
+            self._refuse_if_params_reroute(method, path, host, route)
+        if path[-1] == "/" and len(path) > 1:
+            self._refuse_if_slash_reroute(method, path, host, route)
+
+    def _refuse_if_head_reroute(self, path: str, host: str, route: RouteConfig) -> None:
+        """MethodNotAllowed when a route that takes GET, and not HEAD, on this path has other auth rules.
+
+        HEAD is not implied by GET here, so a HEAD on a `methods: [GET]` route falls through to the next
+        route that takes it, typically a broader catch-all. But nearly every server answers HEAD by running
+        its GET handler (RFC 9110 s9.3.2; Flask, Express, Spring MVC, Django, Go's ServeMux): the upstream
+        then serves the GET resource, its headers and side effects, under the catch-all's rules, the
+        tenant binding skipped. Refused where the two methods would be judged by different rules, as a
+        trailing slash or `;params` are; HEAD is also judged as the GET it will be served as (a trailing
+        slash, `;params`). A route that lists HEAD without GET was written for HEAD itself: exempt (the
+        caller checks only routes that take GET too, so any other GET route comes before this one)."""
+        other = self._find("GET", path, host).route  # `route` takes GET on this path: never NotFound
+        if other is not route and other.auth != route.auth:
+            raise MethodNotAllowed(tuple(sorted(other.methods or ())))
+        self._refuse_reroutes("GET", path, host, route)
 
     def _refuse_if_slash_reroute(self, method: str, path: str, host: str, route: RouteConfig) -> None:
         """BadPath when the path without its trailing slash belongs to a route with other auth rules.

@@ -71,6 +71,25 @@ async def test_a_trailing_slash_never_skips_the_templates_tenant_rule(gw: Any, i
     assert status == 200 and gw.ups["any"].hits == 1  # other methods are the catch-all's both ways
 
 
+@pytest.mark.parametrize("tail", ["", ";x", "/"])
+async def test_a_head_never_skips_a_get_only_templates_tenant_rule(issuer: DevIssuer, make_upstream: Any,
+                                                                   gateway_factory: Any, tail: str) -> None:
+    """With `methods: [GET]` (no HEAD) on the tenant-bound template, `HEAD /api/tenants/beta/orders/1` with
+    acme's token went to the catch-all: 200, and the upstream ran beta's order for it (servers answer HEAD
+    with their GET handler). Refused now, and nothing is forwarded."""
+    ups: dict[str, EchoUpstream] = {name: await make_upstream() for name in ("internal", "orders", "admin", "any")}
+    routes = ROUTES.replace("methods: [GET, HEAD]", "methods: [GET]")
+    async with gateway_factory(config_text(issuer.url, {n: [u.url] for n, u in ups.items()}, routes)) as gw:
+        gw.ups = ups
+        token = issuer.token(ACME)
+        status, headers, _ = await gw.request("HEAD", "/api/tenants/beta/orders/1" + tail, token=token)
+        assert status in (400, 405) and _hits(gw) == {"internal": 0, "orders": 0, "admin": 0, "any": 0}
+        if status == 405:
+            assert headers["Allow"] == "GET"
+        status, _, _ = await gw.request("HEAD", "/api/anything", token=token)
+        assert status == 200 and gw.ups["any"].hits == 1  # the catch-all's own paths keep HEAD
+
+
 async def test_the_bare_path_of_a_slash_prefix_is_that_prefixs(gw: Any, issuer: DevIssuer) -> None:
     """`path_prefix: /api/admin/` takes `/api/admin` (Envoy's path_separated_prefix): it is not the
     catch-all's to serve without the admin role."""

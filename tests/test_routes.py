@@ -296,6 +296,31 @@ def test_a_trailing_slash_that_would_leave_a_routes_rules_is_refused(raw: str) -
     assert table.match("GET", "/api/tenants/beta/orders/1/2/", "x").route.name == "api-any"  # same route both ways
 
 
+def test_a_head_that_would_leave_a_get_only_routes_rules_is_refused() -> None:
+    """HEAD is not implied by GET, so a HEAD on a `methods: [GET]` tenant-bound template fell through to
+    the catch-all behind it; its upstream (nearly every server runs the GET handler for HEAD) then served
+    another tenant's order under the catch-all's rules. Refused (405) where the rules differ; HEAD is also
+    judged as the GET it will be served as (a trailing slash, `;params`)."""
+    strict = route("orders-read", "/api/tenants/{tenant}/orders/{id}", methods=("GET",), auth=STRICT)
+    table = RouteTable([strict, route("api-any", prefix="/api/")])
+    with pytest.raises(MethodNotAllowed) as info:
+        table.match("HEAD", "/api/tenants/beta/orders/1", "x")
+    assert info.value.allow == ("GET",)
+    with pytest.raises(MethodNotAllowed):
+        table.match("HEAD", "/api/tenants/beta/orders/1;x", "x")
+    with pytest.raises(BadPath):
+        table.match("HEAD", "/api/tenants/beta/orders/1/", "x")
+    assert table.match("GET", "/api/tenants/beta/orders/1", "x").route.name == "orders-read"
+    assert table.match("HEAD", "/api/other", "x").route.name == "api-any"  # no GET route of other rules
+    assert table.match("POST", "/api/tenants/beta/orders/1", "x").route.name == "api-any"
+    # The same rules both ways, or a route written for HEAD itself: nothing changes.
+    same = RouteTable([route("o", "/o/{id}", methods=("GET",)), route("any", prefix="/o/")])
+    assert same.match("HEAD", "/o/1", "x").route.name == "any"
+    head = dataclasses.replace(strict, name="head", methods=("HEAD",), auth=AuthConfig(scopes=("orders:head",)))
+    table = RouteTable([strict, head, route("api-any", prefix="/api/")])
+    assert table.match("HEAD", "/api/tenants/beta/orders/1", "x").route.name == "head"
+
+
 def test_a_trailing_slash_keeps_its_route_where_the_rules_agree() -> None:
     """A protected `/orders/` prefix behind a public `/orders` path: `/orders/` stays the prefix's (taken
     by the public path it would lose its rules), so it is refused too; routes with equal auth (a `/docs`
