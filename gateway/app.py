@@ -313,7 +313,11 @@ class GatewayApp:
                     route = gateway.match(view).route
                     ex.route, ex.upstream = route.name, route.upstream
                     raise
-                if request.headers.get("Upgrade", "").lower() == "websocket" and self._websocket_route(gateway, view):
+                # RFC 6455 s4.1: only a GET is a handshake. The upstream's is always a GET (aiohttp's
+                # ws_connect): a DELETE or OPTIONS upgrade, judged by a broader websocket route that takes
+                # it, opened a GET-only route's WebSocket without that route's rules.
+                if (request.method == "GET" and request.headers.get("Upgrade", "").lower() == "websocket"
+                        and self._websocket_route(gateway, view)):
                     status = await self._websocket(gateway, aio, view, ex, out, self._current)
                     auth = "ok" if ex.authorized else "none"
                     return

@@ -230,9 +230,12 @@ class Gateway:
     def upstream_headers(self, view: RequestView, route: RouteConfig, request_id: str) -> CIMultiDict[str]:
         """The client's headers filtered and the forwarding headers; the identity (headers, or the minted
         token) is added by the caller (see _admit)."""
-        # Strip before add (Envoy extractor.cc): the client's Authorization and X-Auth-* never pass.
+        # Strip before add (Envoy extractor.cc): the client's Authorization and X-Auth-* never pass. Only a
+        # GET can be a WebSocket handshake (RFC 6455 s4.1): another method's Upgrade is stripped, so no
+        # upstream that skips the method check switches on one.
         return upstream_request_headers(
-            view.headers, strip_authorization=route.auth.required, keep_upgrade=route.websocket,
+            view.headers, strip_authorization=route.auth.required,
+            keep_upgrade=route.websocket and view.method == "GET",
             client_ip=view.client_ip, peer_ip=view.peer_ip, trusted_proxies=self._trusted,
             scheme=view.scheme, host=view.headers.get("Host", ""), request_id=request_id,
         )

@@ -631,6 +631,45 @@ async def test_a_client_gone_without_a_close_frame_is_told_to_the_upstream_as_go
     assert left == [], left
 
 
+WS_ADMIN_ROUTES = """\
+  - name: ws-admin
+    match: {path_prefix: /ws/admin/, methods: [GET], websocket: true}
+    upstream: ws
+    auth: {roles: [admin]}
+  - name: ws
+    match: {path_prefix: /ws/, websocket: true}
+    upstream: ws
+"""
+
+
+@pytest.mark.parametrize("method", ["OPTIONS", "DELETE", "PUT", "PATCH", "POST"])
+async def test_only_a_get_opens_a_websocket(issuer: DevIssuer, ws_upstream: WsUpstream, gateway_factory: Any,
+                                            method: str) -> None:
+    """RFC 6455 s4.1: a handshake is a GET. `OPTIONS /ws/admin/room` with the Upgrade headers skipped the
+    GET-only admin route for the broader websocket route behind it, and the gateway opened the upstream's
+    WebSocket with a GET (ws_connect's): 101, a session on the admin room without the admin role. Now any
+    other method is proxied as plain HTTP, its Upgrade stripped: no session, no handshake upstream."""
+    async with gateway_factory(gateway_yaml(issuer.url, [upstream_yaml("ws", ws_upstream.url)], WS_ADMIN_ROUTES)) as gw:
+        token = issuer.token({"sub": "mallory"})
+        c = await Conn.open(gw.app.public_port)
+        c.writer.write(f"{method} /ws/admin/room HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                       "Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+                       "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                       f"Authorization: Bearer {token}\r\n\r\n".encode())
+        status, _, _ = await c.response()
+        c.writer.close()
+        assert status != 101 and ws_upstream.upgrades == 0, status
+        with pytest.raises(aiohttp.WSServerHandshakeError) as info:  # the GET is the admin route's
+            await gw.session.ws_connect(gw.url.replace("http://", "ws://") + "/ws/admin/room",
+                                        headers={"Authorization": f"Bearer {token}"})
+        assert info.value.status == 403 and ws_upstream.upgrades == 0
+        async with gw.session.ws_connect(gw.url.replace("http://", "ws://") + "/ws/chat",
+                                         headers={"Authorization": f"Bearer {token}"}) as ws:
+            await ws.send_str("hi")
+            assert await ws.receive_str(timeout=2) == "mallory:hi"
+        assert ws_upstream.upgrades == 1
+
+
 async def test_an_upgrade_on_a_plain_route_is_proxied_as_plain_http(
         issuer: DevIssuer, make_upstream: MakeUpstream, gateway_factory: Any) -> None:
     """SPEC 4: `Upgrade` is a hop-by-hop header stripped unless the route proxies WebSockets; the request
