@@ -379,6 +379,10 @@ class RouteTable:
         plain = "/".join(seg.replace("%3B", ";").split(";", 1)[0] for seg in path.split("/"))
         if plain == path:
             return
+        if plain[-1] == "/" and len(plain) > 1:
+            # Spring 5 on Tomcat drops both: `/a/{id}`'s `/a;x/1/` is `/a/1` there, though neither the
+            # plain form (`/a/1/`) nor the slash-less one (`/a;x/1`) alone leaves this route.
+            self._refuse_if_slash_reroute(method, plain, host, route)
         try:
             other = self._find(method, plain, host).route
         except NotFound:

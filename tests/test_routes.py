@@ -321,6 +321,22 @@ def test_a_head_that_would_leave_a_get_only_routes_rules_is_refused() -> None:
     assert table.match("HEAD", "/api/tenants/beta/orders/1", "x").route.name == "head"
 
 
+@pytest.mark.parametrize("raw", ["/api/tenants/beta/orders;x/1/", "/api/tenants;x/beta/orders/1/",
+                                 "/api/tenants/beta/orders%3Bx/1;y/", "/api/tenants/beta/orders;x/1//"])
+def test_params_and_a_trailing_slash_together_never_leave_a_routes_rules(raw: str) -> None:
+    """Spring 5 on Tomcat drops `;params` and a trailing slash both: `/api/tenants/beta/orders;x/1/` is
+    the tenant-bound template's `/api/tenants/beta/orders/1` there. Each check alone let it through (the
+    plain form `.../1/` and the slash-less form `.../orders;x/1` are both the catch-all's), so it reached
+    the catch-all with another tenant's token. Refused, for HEAD too (judged as its GET)."""
+    strict = dataclasses.replace(TABLE_ROUTES[0], methods=("GET",), auth=STRICT)
+    table = RouteTable([strict, route("api-any", prefix="/api/")])
+    for method in ("GET", "HEAD"):
+        with pytest.raises(BadPath):
+            table.match(method, raw, "x")
+    assert table.match("PATCH", raw, "x").route.name == "api-any"  # the catch-all's both ways
+    assert table.match("GET", "/api/other;x/1/", "x").route.name == "api-any"
+
+
 def test_a_trailing_slash_keeps_its_route_where_the_rules_agree() -> None:
     """A protected `/orders/` prefix behind a public `/orders` path: `/orders/` stays the prefix's (taken
     by the public path it would lose its rules), so it is refused too; routes with equal auth (a `/docs`
