@@ -56,12 +56,16 @@ _RESPONSE_DROP = {False: HOP_BY_HOP, True: HOP_BY_HOP - {"upgrade"}}
 # set, which Spring, Django, Rails and rate limiters read as the client's address; and the rest of the
 # X-Forwarded-* family that frameworks read beside Proto and Host (Spring's ForwardedHeaderFilter:
 # Port, Prefix, Ssl; Rails and Rack: Ssl, Scheme, Port): a client could otherwise choose the address an
-# upstream audits or rate-limits, or the prefix and scheme of the links it builds. Kept from a trusted
-# proxy (`trusted_proxies`), which saw the client.
+# upstream audits or rate-limits, or the prefix and scheme of the links it builds. And the original
+# URI and host a proxy in front passes on after a rewrite, which forward-auth services read as the request
+# they decide on (Traefik's ForwardAuth and oauth2-proxy: X-Forwarded-Uri; nginx auth_request setups:
+# X-Original-URI; Envoy: X-Envoy-Original-Path): a client could name another path or host than the one
+# the gateway routed. Kept from a trusted proxy (`trusted_proxies`), which saw the client.
 _UNTRUSTED_DROP = frozenset({
     "forwarded", "x-real-ip", "true-client-ip", "x-client-ip", "x-cluster-client-ip", "cf-connecting-ip",
     "fastly-client-ip", "x-forwarded-port", "x-forwarded-prefix", "x-forwarded-ssl", "x-forwarded-scheme",
     "x-forwarded-server", "x-forwarded-protocol", "x-url-scheme", "front-end-https",
+    "x-forwarded-uri", "x-forwarded-path", "x-original-uri", "x-original-host", "x-host", "x-envoy-original-path",
 })
 _AUTH_PREFIX = "x-auth-"
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")

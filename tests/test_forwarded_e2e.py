@@ -45,7 +45,9 @@ FORWARDED_FAMILY = {
     "Fastly-Client-IP": "203.0.113.7", "X-Forwarded-Port": "8443", "X-Forwarded-Prefix": "/evil",
     "X-Forwarded-Ssl": "on", "X-Forwarded-Scheme": "https", "X-Forwarded-Server": "evil.example",
     "X-Forwarded-Protocol": "https", "X-Url-Scheme": "https", "Front-End-Https": "on",
-    "X_Real_IP": "203.0.113.7",
+    "X_Real_IP": "203.0.113.7", "X-Forwarded-Uri": "/admin/x", "X-Forwarded-Path": "/admin/x",
+    "X-Original-URI": "/admin/x", "X-Original-Host": "internal.example", "X-Host": "internal.example",
+    "X-Envoy-Original-Path": "/admin/x",
 }
 
 
