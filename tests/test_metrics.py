@@ -288,6 +288,16 @@ async def _send(url: str, ok: int, missing: int, unauth: int = 0) -> None:
     assert Tally(statuses) == Tally({200: ok, 404: missing, 401: unauth})
 
 
+async def _two_workers(gateway_processes: Any, path: Path, port: int, admin_port: int,
+                       mp_dir: Path) -> GatewayProcess:
+    """`gateway run --workers 2` with its samples in `mp_dir`, once both workers are up."""
+    group: GatewayProcess = gateway_processes(GatewayProcess(
+        path, port=port, admin_port=admin_port, args=("--workers", "2"), env={"PROMETHEUS_MULTIPROC_DIR": str(mp_dir)}))
+    await group.wait_ready()
+    await _both_workers_up(group.admin_url)
+    return group
+
+
 def _children(pid: int) -> list[int]:
     with open(f"/proc/{pid}/task/{pid}/children") as f:
         return [int(p) for p in f.read().split()]
@@ -303,10 +313,7 @@ async def test_two_workers_total_exactly_what_was_sent_and_restart_starts_from_z
     mp_dir = tmp_path / "mp"
     path, port, admin_port = _write_config(tmp_path, issuer, echo_upstream, redis_server)
     env = {"PROMETHEUS_MULTIPROC_DIR": str(mp_dir)}
-    two = gateway_processes(GatewayProcess(path, port=port, admin_port=admin_port, args=("--workers", "2"),
-                                           env=env))
-    await two.wait_ready()
-    await _both_workers_up(two.admin_url)
+    two = await _two_workers(gateway_processes, path, port, admin_port, mp_dir)
     assert two.proc is not None
     workers = _children(two.proc.pid)
     assert len(workers) == 2
@@ -372,10 +379,7 @@ async def test_two_workers_total_exactly_what_was_sent_and_restart_starts_from_z
     assert _db_files(mp_dir) == left
 
     # The same directory given again: the supervisor empties it, the old run's 40 do not come back.
-    again = gateway_processes(GatewayProcess(path, port=port, admin_port=admin_port, args=("--workers", "2"),
-                                             env=env))
-    await again.wait_ready()
-    await _both_workers_up(again.admin_url)
+    again = await _two_workers(gateway_processes, path, port, admin_port, mp_dir)
     m = await scrape(again.admin_url)
     assert m.total("gateway_requests_total") == 0
     # Before any request every SPEC family is there, named and typed, as one worker shows it (the
@@ -393,10 +397,7 @@ async def test_a_killed_worker_takes_the_group_down_and_its_live_gauges_go(
         tmp_path: Path) -> None:
     mp_dir = tmp_path / "mp"
     path, port, admin_port = _write_config(tmp_path, issuer, echo_upstream, redis_server)
-    group = gateway_processes(GatewayProcess(path, port=port, admin_port=admin_port, args=("--workers", "2"),
-                                             env={"PROMETHEUS_MULTIPROC_DIR": str(mp_dir)}))
-    await group.wait_ready()
-    await _both_workers_up(group.admin_url)
+    group = await _two_workers(gateway_processes, path, port, admin_port, mp_dir)
     assert group.proc is not None
     victim, other = _children(group.proc.pid)
     assert f"gauge_livesum_{victim}.db" in _db_files(mp_dir)
@@ -587,10 +588,7 @@ async def test_a_metrics_file_still_being_created_does_not_fail_the_scrape(
     # stands for that moment here, held still.
     mp_dir = tmp_path / "mp"
     path, port, admin_port = _write_config(tmp_path, issuer, echo_upstream, redis_server)
-    group = gateway_processes(GatewayProcess(path, port=port, admin_port=admin_port, args=("--workers", "2"),
-                                             env={"PROMETHEUS_MULTIPROC_DIR": str(mp_dir)}))
-    await group.wait_ready()
-    await _both_workers_up(group.admin_url)
+    group = await _two_workers(gateway_processes, path, port, admin_port, mp_dir)
     (mp_dir / "histogram_4194304.db").touch()
     await _send(group.url, ok=3, missing=0)
     for _ in range(4):  # both workers

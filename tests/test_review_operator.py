@@ -227,6 +227,12 @@ async def test_a_reload_serves_the_renewed_certificate_and_refuses_one_that_does
         assert await _handshake(port, second["ca"])
 
 
+def _listen_on(text: str, port: int) -> str:
+    """A config_text whose server.listen (127.0.0.1:0) names `port` instead."""
+    assert "  listen: 127.0.0.1:0" in text
+    return text.replace("  listen: 127.0.0.1:0", f"  listen: 127.0.0.1:{port}", 1)
+
+
 async def test_a_reload_that_moves_a_listener_says_it_takes_a_restart(
         issuer: DevIssuer, echo_upstream: EchoUpstream, gateway_factory: Any, tmp_path: Path,
         caplog: pytest.LogCaptureFixture) -> None:
@@ -235,7 +241,7 @@ async def test_a_reload_that_moves_a_listener_says_it_takes_a_restart(
     async with gateway_factory(text) as gw:
         moved = free_port()
         path = tmp_path / "next.yaml"
-        path.write_text(text.replace("  listen: 127.0.0.1:0", f"  listen: 127.0.0.1:{moved}", 1)
+        path.write_text(_listen_on(text, moved)
                         .replace("  workers: 1\n", "") .replace("server:\n", "server:\n  workers: 2\n", 1))
         assert await gw.app.reload(str(path)) is True
         assert (f"server.listen: changed from 127.0.0.1:0 to 127.0.0.1:{moved}, which takes a restart; "
@@ -255,8 +261,7 @@ async def test_a_reload_asking_for_as_many_workers_as_run_says_nothing_of_a_rest
     async with gateway_factory(text) as gw:
         path = tmp_path / "next.yaml"
         moved = free_port()
-        path.write_text(text.replace("  workers: 2\n", "  workers: 1\n", 1)
-                        .replace("  listen: 127.0.0.1:0", f"  listen: 127.0.0.1:{moved}", 1))
+        path.write_text(_listen_on(text.replace("  workers: 2\n", "  workers: 1\n", 1), moved))
         assert await gw.app.reload(str(path)) is True
         assert "server.listen: changed from 127.0.0.1:0" in caplog.text  # the warnings are heard here
         assert "server.workers" not in caplog.text
@@ -272,13 +277,13 @@ async def test_a_reload_compares_the_listeners_with_where_they_are_bound_not_wit
     async with gateway_factory(text) as gw:
         moved = free_port()
         path = tmp_path / "next.yaml"
-        path.write_text(text.replace("  listen: 127.0.0.1:0", f"  listen: 127.0.0.1:{moved}", 1))
+        path.write_text(_listen_on(text, moved))
         assert await gw.app.reload(str(path)) is True
         path.write_text(text)
         caplog.clear()
         assert await gw.app.reload(str(path)) is True
         assert "takes a restart" not in caplog.text
-        path.write_text(text.replace("  listen: 127.0.0.1:0", f"  listen: 127.0.0.1:{moved}", 1))
+        path.write_text(_listen_on(text, moved))
         assert await gw.app.reload(str(path)) is True
         assert (f"server.listen: changed from 127.0.0.1:0 to 127.0.0.1:{moved}, which takes a restart; "
                 "still 127.0.0.1:0") in caplog.text
