@@ -123,7 +123,7 @@ def evaluate(auth: AuthConfig, p: Principal, params: Mapping[str, str]) -> list[
 def _describe(value: str, params: Mapping[str, str]) -> str:
     """One wanted value as `explain` says it: a binding whose segment can never bind says why."""
     if value.startswith(_BINDING_PREFIX):
-        segment = params.get(value[len(_BINDING_PREFIX):-1])
+        segment = _segment(value, params)
         if segment is not None and _bindable(segment) is None:
             return f"{value} = {segment!r}, which never binds (it holds ';')"
     return repr(_expected(value, params))
@@ -131,8 +131,12 @@ def _describe(value: str, params: Mapping[str, str]) -> str:
 
 def _expected(value: str, params: Mapping[str, str]) -> str | None:
     if value.startswith(_BINDING_PREFIX):
-        return _bindable(params.get(value[len(_BINDING_PREFIX):-1]))  # "{path.NAME}" -> the NAME segment
+        return _bindable(_segment(value, params))
     return value
+
+
+def _segment(binding: str, params: Mapping[str, str]) -> str | None:
+    return params.get(binding[len(_BINDING_PREFIX):-1])  # "{path.NAME}" -> the NAME segment
 
 
 def _bindable(segment: str | None) -> str | None:

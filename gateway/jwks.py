@@ -238,13 +238,9 @@ class JwksCache:
 
     def forget_issuer(self) -> None:
         """The issuer left the configuration (a reload): its gateway_jwks_keys series goes, or it showed the
-        last count until restart. Set to 0 first: with --workers the value lives in the worker's file,
-        which remove() does not touch (a livemax gauge of 0 adds nothing). A fetch still running until
-        this cache is closed does not set it again."""
+        last count until restart. A fetch still running until this cache is closed does not set it again."""
         self._forgotten = True
-        self._keys_gauge.set(0)
-        with contextlib.suppress(KeyError):
-            metrics.jwks_keys.remove(self.issuer.name)
+        metrics.drop_series(metrics.jwks_keys, self.issuer.name)
 
     async def _fetch(self) -> tuple[list[jwt.PyJWK], float | None]:
         if self._jwks_uri is None:

@@ -10,6 +10,7 @@ samples from earlier processes (and a short-lived CLI command would leave its ze
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import struct
@@ -222,6 +223,15 @@ def _has_header(path: str) -> bool:
         return os.path.getsize(path) >= 8  # the used-bytes header; a sized file is zeros, then samples
     except FileNotFoundError:
         return False
+
+
+def drop_series(gauge: Gauge, *labels: str) -> None:
+    """A gauge's series whose subject left the configuration (an issuer, an upstream target): set to 0
+    first, since with --workers the value lives in the worker's file, which remove() does not touch (a
+    live gauge of 0 adds nothing to the aggregate); then removed from this process's exposition."""
+    gauge.labels(*labels).set(0)
+    with contextlib.suppress(KeyError):
+        gauge.remove(*labels)
 
 
 def render() -> tuple[bytes, str]:

@@ -20,7 +20,6 @@ aiohttp's ClientSession. `_map_error` is the one place where their exceptions be
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ssl
 import sys
 import time
@@ -409,16 +408,13 @@ class Upstreams:
     def retire(self, successor: Upstreams) -> None:
         """Replaced by a reload's `successor`, which owns the gauges of the targets both have (same labels):
         from now on this one's verdicts (requests still in flight on it) and timers leave them alone. A
-        target the successor does not have loses its series (set to 0 first: with --workers the value
-        lives in the worker's file, which remove() does not touch), or an open breaker of a target
-        removed from the config would say "open" until restart."""
+        target the successor does not have loses its series (metrics.drop_series), or an open breaker of a
+        target removed from the config would say "open" until restart."""
         kept = {g.labels for g in successor._gauges}
         for gauge in self._gauges:
             gauge.retire()
             if gauge.labels not in kept:
-                gauge.gauge.set(0)
-                with contextlib.suppress(KeyError):
-                    metrics.circuit_state.remove(*gauge.labels)
+                metrics.drop_series(metrics.circuit_state, *gauge.labels)
 
     async def close(self) -> None:
         for gauge in self._gauges:
